@@ -1,0 +1,50 @@
+# One command each: `make demo` (the local demo) and `make test` (the whole suite). Both install what they need.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+MODEL := model/.cache/pneumonia/pneumonia_xception.keras
+
+.PHONY: install model system-deps test-deps test lint demo rgw-start rgw-stop clean
+
+install: $(INSTALLED) $(MODEL)
+
+$(INSTALLED): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+model: $(MODEL)
+
+$(MODEL): model/fetch.py
+	$(PYTHON) model/fetch.py
+	touch $@
+
+# Debian's Ceph (mon, osd, radosgw) for the local RGW: installed when root and missing, else a clear message.
+system-deps:
+	$(PYTHON) tests/local_rgw.py ensure-packages
+
+# Tesseract is the tests' OCR oracle for anonymization; DejaVu fonts render test text.
+test-deps: system-deps
+	@if ! command -v tesseract >/dev/null || [ ! -d /usr/share/fonts/truetype/dejavu ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	      tesseract-ocr tesseract-ocr-eng fonts-dejavu-core >/dev/null; \
+	  else \
+	    echo "missing: run 'sudo apt-get install tesseract-ocr tesseract-ocr-eng fonts-dejavu-core'" >&2; exit 1; \
+	  fi; \
+	fi
+
+test: install test-deps
+	$(BIN)/ruff check service tests model
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(INSTALLED)
+	$(BIN)/ruff check service tests model
+
+demo: install system-deps
+	$(BIN)/python tests/local_rgw.py exec --dir .rgw/demo -- $(BIN)/xray-pipeline demo
+
+clean:
+	rm -rf $(VENV) .rgw demo-output .pytest_cache .ruff_cache

@@ -1,0 +1,112 @@
+"""The HTTP layer: turns requests into deliveries for the pipeline and errors into status codes.
+
+`POST /` is the Knative sink (and Ceph's HTTP push endpoint); `GET /healthz` says the process is alive and
+`GET /readyz` says the model is loaded and warm in the workers. All status decisions live here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from service.analysis import ImageLimits
+from service.errors import MalformedDelivery, PipelineError, UnprocessableObject
+from service.events import Transport, parse_delivery
+from service.inference import InferenceEngine
+from service.model_spec import ModelSpec
+from service.pipeline import DeliveryResult, Pipeline
+from service.settings import Settings, load_settings
+from service.storage import ObjectStore, make_s3_client
+
+logger = logging.getLogger(__name__)
+
+
+class RequestTooLarge(MalformedDelivery):
+    status_code = 413
+    reason = "request-too-large"
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app; the model loads in its lifespan, so the port opens only once workers are warm."""
+    settings = settings or load_settings()
+    spec = ModelSpec.load(settings.model_spec)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = InferenceEngine(
+            settings.model_spec,
+            workers=settings.workers,
+            threads_per_worker=settings.effective_worker_threads,
+            limits=ImageLimits(settings.max_image_bytes, settings.max_image_pixels),
+            start_timeout_s=settings.worker_start_timeout_s,
+        )
+        app.state.engine = engine
+        app.state.pipeline = Pipeline(settings, ObjectStore(make_s3_client(settings)), engine, spec)
+        await engine.start()
+        logger.info("ready: model %s %s in %d worker(s)", spec.name, spec.version, settings.workers)
+        try:
+            yield
+        finally:
+            await engine.stop()
+
+    app = FastAPI(title="xray-pipeline", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(PipelineError)
+    async def pipeline_error(_: Request, error: PipelineError) -> JSONResponse:
+        if error.status_code >= 500:
+            logger.warning("answering %d: %s", error.status_code, error.message)
+        return JSONResponse({"error": error.reason, "detail": error.message}, status_code=error.status_code)
+
+    @app.post("/")
+    async def receive_event(request: Request) -> JSONResponse:
+        body = await _read_body(request, settings.max_request_bytes)
+        delivery = parse_delivery(request.headers, body)
+        result = await request.app.state.pipeline.process_delivery(delivery)
+        return JSONResponse(_summary(result), status_code=_status_for(result, delivery.transport))
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "alive"}
+
+    @app.get("/readyz")
+    async def readyz(request: Request) -> JSONResponse:
+        engine: InferenceEngine | None = getattr(request.app.state, "engine", None)
+        if engine is None or not engine.ready:
+            return JSONResponse({"status": "not ready"}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    return app
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise RequestTooLarge(f"request body is larger than {limit} bytes")
+    chunks = []
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > limit:
+            raise RequestTooLarge(f"request body is larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _status_for(result: DeliveryResult, transport: Transport) -> int:
+    # Knative does not retry a 422 and hands the event to its dead-letter sink; Ceph's push retries every
+    # non-2xx at once and forever, so for it the durable failure record is the answer and 200 ends the retries.
+    if result.has_permanent_failure and transport is Transport.CLOUDEVENT:
+        return UnprocessableObject.status_code
+    return 200
+
+
+def _summary(result: DeliveryResult) -> dict[str, Any]:
+    summary: dict[str, Any] = {"records": [record.summary() for record in result.records]}
+    if result.note:
+        summary["note"] = result.note
+    return summary

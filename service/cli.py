@@ -1,0 +1,117 @@
+"""The `xray-pipeline` command: serve the sink, manage Ceph bucket notifications, run the local demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from service.errors import ConfigurationError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="xray-pipeline", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    commands.add_parser("serve", help="run the HTTP sink (settings from the environment; see README)")
+
+    notify = commands.add_parser("notify", help="manage Ceph bucket notifications (topic + rule)")
+    actions = notify.add_subparsers(dest="action", required=True)
+    create = actions.add_parser("create", help="create or update a topic and a bucket notification rule")
+    create.add_argument("--bucket", required=True, help="input bucket to watch")
+    create.add_argument("--topic", required=True, help="topic name")
+    create.add_argument("--endpoint", required=True, help="push endpoint: http(s)://, kafka:// or amqp:// URL")
+    create.add_argument("--id", default=None, help="notification rule id (default: <topic>)")
+    create.add_argument("--event", action="append", dest="events", help="event, repeatable (default: s3:ObjectCreated:*)")
+    create.add_argument("--prefix")
+    create.add_argument("--suffix")
+    create.add_argument("--regex", help="Ceph's key regex filter, e.g. '.*\\.(jpe?g|png)$'")
+    create.add_argument("--persistent", action=argparse.BooleanOptionalAction, default=True,
+                        help="persistent (at-least-once) delivery (default: on)")
+    create.add_argument("--kafka-ack-level", choices=["none", "broker"])
+    create.add_argument("--opaque-data")
+    create.add_argument("--no-verify-ssl", action="store_true")
+    listing = actions.add_parser("list", help="list a bucket's notification rules and the topics")
+    listing.add_argument("--bucket", required=True)
+    remove = actions.add_parser("remove", help="remove a bucket notification rule (and optionally its topic)")
+    remove.add_argument("--bucket", required=True)
+    remove.add_argument("--id", required=True, help="notification rule id")
+    remove.add_argument("--topic", help="also delete this topic")
+
+    demo = commands.add_parser("demo", help="the local demo (needs a running S3, see `make demo`)")
+    demo.add_argument("--images", default=None, help="folder of input images (default: the model's 16 X-rays)")
+    demo.add_argument("--out", default="demo-output", help="where to save the outputs (default: %(default)s)")
+    demo.add_argument("--bucket", default="xray-demo", help="input bucket (default: %(default)s)")
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve()
+        if args.command == "notify":
+            return _notify(args)
+        from service.demo import run_demo
+
+        return run_demo(images=args.images, out=args.out, bucket=args.bucket)
+    except ConfigurationError as error:
+        print(f"xray-pipeline: {error}", file=sys.stderr)
+        return 2
+
+
+def _serve() -> int:
+    import uvicorn
+
+    from service.app import create_app
+    from service.logs import configure_logging
+    from service.settings import load_settings
+
+    settings = load_settings()  # fail before anything starts, naming the variable
+    configure_logging(settings.log_level)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,  # keep configure_logging's handlers and probe filter
+        timeout_graceful_shutdown=60,
+    )
+    return 0
+
+
+def _notify(args: argparse.Namespace) -> int:
+    from service import notify
+    from service.settings import S3Settings, load_settings
+    from service.storage import make_s3_client
+
+    settings = load_settings(S3Settings)
+    s3 = make_s3_client(settings)
+    sns = notify.make_sns_client(settings)
+    output: Any
+    if args.action == "create":
+        options = notify.TopicOptions(
+            push_endpoint=args.endpoint,
+            persistent=args.persistent,
+            kafka_ack_level=args.kafka_ack_level,
+            opaque_data=args.opaque_data,
+            verify_ssl=not args.no_verify_ssl,
+        )
+        arn = notify.ensure_topic(sns, args.topic, options)
+        rule_id = args.id or args.topic
+        notify.ensure_notification(
+            s3, args.bucket, arn, notification_id=rule_id, events=args.events or notify.DEFAULT_EVENTS,
+            prefix=args.prefix, suffix=args.suffix, regex=args.regex,
+        )
+        output = {"topic_arn": arn, "bucket": args.bucket, "id": rule_id}
+    elif args.action == "list":
+        output = {"notifications": notify.list_notifications(s3, args.bucket), "topics": notify.list_topics(sns)}
+    else:
+        removed = notify.remove_notification(s3, args.bucket, args.id)
+        if args.topic:
+            notify.delete_topic(sns, next((arn for arn in notify.list_topics(sns) if arn.endswith(":" + args.topic)),
+                                          args.topic))
+        output = {"removed": removed}
+    print(json.dumps(output, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

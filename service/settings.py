@@ -1,0 +1,174 @@
+"""The service's one settings class, read from the environment and validated at start-up.
+
+Variable names are the public interface used by the Knative manifests and documented in the README.
+`S3Settings` is the part the S3-only tools (`xray-pipeline notify`) need; `Settings` is the whole service.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal, TypeVar
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from service.errors import ConfigurationError
+
+DEFAULT_MODEL_SPEC = Path(__file__).resolve().parent.parent / "model" / "pneumonia.yaml"
+PROCESSED_SUFFIX = "-processed"
+ANONYMIZED_SUFFIX = "-anonymized"
+# Used only when DEV_MODE is set explicitly: pseudonyms made with it are not secret.
+DEVELOPMENT_PSEUDONYM_KEY = "xray-pipeline-development-key-not-secret"
+
+
+class S3Settings(BaseSettings):
+    """How to reach the object store."""
+
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", populate_by_name=True)
+
+    s3_endpoint_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("S3_ENDPOINT_URL", "service_point", "SERVICE_POINT")
+    )
+    """S3 endpoint, e.g. http://rook-ceph-rgw-my-store.rook-ceph.svc (`service_point` is accepted too)."""
+    aws_access_key_id: str | None = None
+    """S3 access key; unset means boto3's usual credential chain."""
+    aws_secret_access_key: SecretStr | None = None
+    """S3 secret key."""
+    aws_default_region: str = "us-east-1"
+    """Region name sent to S3 (Ceph ignores it but signs with it)."""
+    s3_connect_timeout_s: float = Field(default=3.0, gt=0)
+    """Seconds to wait for a TCP connection to S3."""
+    s3_read_timeout_s: float = Field(default=20.0, gt=0)
+    """Seconds to wait for S3 to answer a request."""
+    s3_max_attempts: int = Field(default=3, ge=1, le=10)
+    """Attempts per S3 call (botocore's standard retry mode, with backoff) before answering 503."""
+
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _endpoint_is_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value or None
+
+
+class Settings(S3Settings):
+    """Everything the service reads from its environment."""
+
+    model_spec: Path = DEFAULT_MODEL_SPEC
+    """Path of the model spec file (YAML or JSON; see model/pneumonia.yaml)."""
+    port: int = Field(default=8080, ge=1, le=65535)
+    """HTTP port (Knative sets it)."""
+    host: str = "0.0.0.0"
+    """Interface to listen on."""
+    processed_bucket: str | None = None
+    """Bucket for stamped copies; default `<input bucket>-processed`."""
+    anonymized_bucket: str | None = None
+    """Bucket for anonymized copies; default `<input bucket>-anonymized`."""
+    input_buckets: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Comma-separated allow-list of input buckets; events for others get 403. Empty: any bucket."""
+    anonymize_when: Literal["positive", "always"] = "positive"
+    """`positive`: anonymize only images whose risk reaches the positive threshold; `always`: every image."""
+    pseudonym_key: SecretStr | None = None
+    """Secret for the keyed pseudonyms (HMAC) that replace object keys; required unless DEV_MODE is set."""
+    dev_mode: bool = False
+    """Development mode: allows running without PSEUDONYM_KEY (a fixed, non-secret key is used)."""
+    workers: int = Field(default=1, ge=1, le=64)
+    """Inference worker processes; each loads the model once."""
+    worker_threads: int | None = Field(default=None, ge=1)
+    """Threads per worker for TensorFlow; default: CPU cores / WORKERS (at least 1)."""
+    worker_start_timeout_s: float = Field(default=300.0, gt=0)
+    """Seconds the workers may take to load and warm the model at start-up."""
+    max_image_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
+    """Objects larger than this are refused (failure record) without being read."""
+    max_image_pixels: int = Field(default=100_000_000, gt=0)
+    """Images with more pixels than this are refused before decoding (decompression bombs)."""
+    max_request_bytes: int = Field(default=1024 * 1024, gt=0)
+    """Larger request bodies are refused with 413."""
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Log level of the service's own loggers."""
+
+    @field_validator("input_buckets", mode="before")
+    @classmethod
+    def _split_buckets(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("model_spec")
+    @classmethod
+    def _spec_exists(cls, value: Path) -> Path:
+        if not value.is_file():
+            raise ValueError(f"{value} does not exist")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.pseudonym_key is None and not self.dev_mode:
+            raise ValueError(
+                "PSEUDONYM_KEY is required (a long random secret); set DEV_MODE=true to run without one locally"
+            )
+        if self.pseudonym_key is not None and len(self.pseudonym_key.get_secret_value()) < 16:
+            raise ValueError("PSEUDONYM_KEY must be at least 16 characters")
+        outputs = [name for name in (self.processed_bucket, self.anonymized_bucket) if name]
+        if len(outputs) == 2 and outputs[0] == outputs[1]:
+            raise ValueError("PROCESSED_BUCKET and ANONYMIZED_BUCKET must differ")
+        clash = sorted(set(outputs) & set(self.input_buckets))
+        if clash:
+            raise ValueError(f"INPUT_BUCKETS must not contain an output bucket ({', '.join(clash)})")
+        return self
+
+    @property
+    def effective_pseudonym_key(self) -> bytes:
+        if self.pseudonym_key is not None:
+            return self.pseudonym_key.get_secret_value().encode()
+        return DEVELOPMENT_PSEUDONYM_KEY.encode()
+
+    @property
+    def effective_worker_threads(self) -> int:
+        if self.worker_threads is not None:
+            return self.worker_threads
+        cores = len(os.sched_getaffinity(0))
+        return max(1, cores // self.workers)
+
+    def processed_bucket_for(self, input_bucket: str) -> str:
+        return self.processed_bucket or input_bucket + PROCESSED_SUFFIX
+
+    def anonymized_bucket_for(self, input_bucket: str) -> str:
+        return self.anonymized_bucket or input_bucket + ANONYMIZED_SUFFIX
+
+    def is_output_bucket(self, bucket: str) -> bool:
+        """Loop guard: events about our own outputs are never processed."""
+        if bucket in (self.processed_bucket, self.anonymized_bucket):
+            return True
+        # With the default naming any `<x>-processed` / `<x>-anonymized` bucket may be one of ours.
+        if self.processed_bucket is None and bucket.endswith(PROCESSED_SUFFIX):
+            return True
+        return self.anonymized_bucket is None and bucket.endswith(ANONYMIZED_SUFFIX)
+
+
+SettingsT = TypeVar("SettingsT", bound=S3Settings)
+
+
+def _describe(error: ValidationError) -> str:
+    problems = []
+    for issue in error.errors():
+        # loc is the field or the alias that was read (e.g. service_point); model-level checks have none
+        # and name their variables in the message.
+        variable = str(issue["loc"][0]).upper() if issue["loc"] else ""
+        message = issue["msg"].removeprefix("Value error, ")
+        problems.append(f"{variable}: {message}" if variable else message)
+    return "invalid configuration: " + "; ".join(problems)
+
+
+def load_settings(settings_class: type[SettingsT] = Settings, **overrides: object) -> SettingsT:  # type: ignore[assignment]
+    """Read settings from the environment; any problem is a ConfigurationError naming the variable."""
+    try:
+        return settings_class(**overrides)
+    except ValidationError as error:
+        raise ConfigurationError(_describe(error)) from None

@@ -1,0 +1,134 @@
+"""The object store: fetching inputs and writing outputs on S3 (Ceph RGW, AWS, MinIO) with boto3.
+
+Every botocore failure is translated here into what it means for delivery: a missing input object is
+permanent (`UnprocessableObject`); anything that may heal (5xx, timeouts, refused connections, missing output
+bucket, denied access) is transient (`StorageUnavailable`, answered 503 and redelivered). Calls are blocking;
+the pipeline runs them in threads. Error messages name buckets and pseudonyms, never keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from service.errors import StorageUnavailable, UnprocessableObject
+from service.settings import S3Settings
+
+# Prefix-free names of the metadata this service writes (boto3 adds `x-amz-meta-`).
+SOURCE_ETAG = "source-etag"
+SOURCE_VERSION_ID = "source-version-id"
+_MISSING_OBJECT_CODES = {"NoSuchKey", "NoSuchVersion", "404", "NotFound"}
+# Safe characters for S3 user metadata, which travels in HTTP headers and must stay ASCII.
+_METADATA_SAFE = " !#$&'()*+,-./:;<=>?@[]^_`{|}~"
+
+
+@dataclass(frozen=True)
+class FetchedObject:
+    body: bytes
+    etag: str
+    version_id: str | None
+
+
+def make_s3_client(settings: S3Settings) -> Any:
+    """A path-style S3 client with bounded retries and timeouts (a stuck S3 must not hold an event forever)."""
+    config = Config(
+        s3={"addressing_style": "path"},
+        retries={"max_attempts": settings.s3_max_attempts, "mode": "standard"},
+        connect_timeout=settings.s3_connect_timeout_s,
+        read_timeout=settings.s3_read_timeout_s,
+        # Enough pooled connections for concurrent events, so connections are reused, not re-opened.
+        max_pool_connections=64,
+        # Ceph RGW 16 answers the newer default checksum headers inconsistently; only send them when required.
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+    )
+    secret = settings.aws_secret_access_key.get_secret_value() if settings.aws_secret_access_key else None
+    return boto3.session.Session().client(
+        "s3",
+        endpoint_url=settings.s3_endpoint_url,
+        aws_access_key_id=settings.aws_access_key_id,
+        aws_secret_access_key=secret,
+        region_name=settings.aws_default_region,
+        config=config,
+    )
+
+
+class ObjectStore:
+    """The few S3 operations the pipeline needs."""
+
+    def __init__(self, client: Any) -> None:
+        self._s3 = client
+
+    def fetch_object(self, bucket: str, key: str, version_id: str | None, *, max_bytes: int) -> FetchedObject:
+        """Read a whole input object, refusing (permanently) one larger than `max_bytes` before reading it."""
+        request: dict[str, Any] = {"Bucket": bucket, "Key": key}
+        if version_id:
+            request["VersionId"] = version_id
+        try:
+            response = self._s3.get_object(**request)
+            body = response["Body"]
+            try:
+                if response.get("ContentLength", 0) > max_bytes:
+                    raise UnprocessableObject(
+                        f"object is {response['ContentLength']} bytes, above the limit of {max_bytes}",
+                        reason="too-large",
+                    )
+                data = body.read(max_bytes + 1)
+            finally:
+                body.close()
+        except (ClientError, BotoCoreError) as error:
+            raise _translate(error, f"reading from bucket {bucket}", missing_is_permanent=True) from None
+        if len(data) > max_bytes:
+            raise UnprocessableObject(f"object is above the limit of {max_bytes} bytes", reason="too-large")
+        return FetchedObject(
+            body=data, etag=str(response.get("ETag", "")).strip('"'), version_id=response.get("VersionId")
+        )
+
+    def recorded_metadata(self, bucket: str, key: str) -> dict[str, str] | None:
+        """The user metadata of an output object, or None when it does not exist yet."""
+        try:
+            response = self._s3.head_object(Bucket=bucket, Key=key)
+        except ClientError as error:
+            if _error_code(error) in _MISSING_OBJECT_CODES:
+                return None
+            raise _translate(error, f"checking bucket {bucket}", missing_is_permanent=False) from None
+        except BotoCoreError as error:
+            raise _translate(error, f"checking bucket {bucket}", missing_is_permanent=False) from None
+        return dict(response.get("Metadata", {}))
+
+    def put_object(
+        self, bucket: str, key: str, body: bytes, *, content_type: str, metadata: Mapping[str, str]
+    ) -> None:
+        try:
+            self._s3.put_object(
+                Bucket=bucket,
+                Key=key,
+                Body=body,
+                ContentType=content_type,
+                Metadata={name: quote(value, safe=_METADATA_SAFE) for name, value in metadata.items()},
+            )
+        except (ClientError, BotoCoreError) as error:
+            raise _translate(error, f"writing to bucket {bucket}", missing_is_permanent=False) from None
+
+
+def _error_code(error: ClientError) -> str:
+    return str(error.response.get("Error", {}).get("Code", ""))
+
+
+def _translate(error: Exception, action: str, *, missing_is_permanent: bool) -> Exception:
+    if isinstance(error, ClientError):
+        code = _error_code(error)
+        if missing_is_permanent and code in _MISSING_OBJECT_CODES:
+            return UnprocessableObject(f"object does not exist ({action})", reason="missing-object")
+        if missing_is_permanent and code == "NoSuchBucket":
+            return UnprocessableObject(f"bucket does not exist ({action})", reason="missing-object")
+        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        # A missing output bucket or denied access is an operator's fix away: keep the event (503) until then.
+        return StorageUnavailable(f"S3 error {code or status} {action}")
+    return StorageUnavailable(f"S3 unreachable {action} ({type(error).__name__})")

@@ -1,0 +1,177 @@
+"""Shared fixtures: one real Ceph RGW per test session, a tiny Keras model, buckets and settings.
+
+Everything a fixture starts it stops, also when a test fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+from local_rgw import LocalRGW
+
+from service.analysis import ImageLimits
+from service.inference import InferenceEngine
+from service.model_spec import ModelSpec
+from service.pipeline import Pipeline
+from service.settings import Settings
+from service.storage import ObjectStore, make_s3_client
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_SPEC = ROOT / "model" / "pneumonia.yaml"
+VALIDATION_IMAGES = ROOT / "model" / ".cache" / "pneumonia" / "val"
+TEST_PSEUDONYM_KEY = "test-pseudonym-key-0123456789abcdef"
+# Keys as uploaders write them: spaces, '+', '%', non-ASCII, patient-like names and dates.
+HOSTILE_KEYS = [
+    "data/chest_xray/demo/PNEUMONIA/demo_Anna Mcgehee_3677_1941-11-26_2015-02-10.jpeg",
+    "scans/Mary+Ann O'Neil 100%25 done.jpg",
+    "Jürgen Groß/Ærø øre ünïcødé 1949-12-31.png",
+]
+_bucket_counter = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def rgw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRGW]:
+    cluster = LocalRGW(tmp_path_factory.mktemp("rgw"))
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def s3(rgw: LocalRGW) -> Any:
+    return rgw.s3_client()
+
+
+@pytest.fixture(scope="session")
+def tiny_spec(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("tiny-model")
+    subprocess.run([sys.executable, str(ROOT / "tests" / "tiny_model.py"), str(out)], check=True, timeout=120)
+    return out / "tiny.yaml"
+
+
+@pytest.fixture
+def input_bucket(s3: Any) -> str:
+    """A fresh input bucket with its default-named output buckets."""
+    name = f"in-{next(_bucket_counter)}-{uuid.uuid4().hex[:8]}"
+    for bucket in (name, f"{name}-processed", f"{name}-anonymized"):
+        s3.create_bucket(Bucket=bucket)
+    return name
+
+
+@pytest.fixture
+def make_settings(rgw: LocalRGW, tiny_spec: Path) -> Callable[..., Settings]:
+    def build(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "s3_endpoint_url": rgw.endpoint_url,
+            "aws_access_key_id": rgw.access_key,
+            "aws_secret_access_key": rgw.secret_key,
+            "aws_default_region": rgw.region,
+            "model_spec": tiny_spec,
+            "pseudonym_key": TEST_PSEUDONYM_KEY,
+            "s3_max_attempts": 1,
+            "s3_connect_timeout_s": 2,
+        }
+        return Settings(**(values | overrides))
+
+    return build
+
+
+class Harness:
+    """A started inference engine and a pipeline over the real RGW, driven from synchronous tests."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.settings = settings
+        self.spec = ModelSpec.load(settings.model_spec)
+        self.engine = InferenceEngine(
+            settings.model_spec,
+            workers=settings.workers,
+            threads_per_worker=1,
+            limits=ImageLimits(settings.max_image_bytes, settings.max_image_pixels),
+        )
+        self.loop.run_until_complete(self.engine.start())
+
+    def pipeline(self, settings: Settings | None = None) -> Pipeline:
+        settings = settings or self.settings
+        return Pipeline(settings, ObjectStore(make_s3_client(settings)), self.engine, self.spec)
+
+    def run(self, coroutine: Any) -> Any:
+        return self.loop.run_until_complete(coroutine)
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.engine.stop())
+        self.loop.close()
+
+
+@pytest.fixture(scope="module")
+def harness(rgw: LocalRGW, tiny_spec: Path) -> Iterator[Harness]:
+    settings = Settings(
+        s3_endpoint_url=rgw.endpoint_url,
+        aws_access_key_id=rgw.access_key,
+        aws_secret_access_key=rgw.secret_key,
+        aws_default_region=rgw.region,
+        model_spec=tiny_spec,
+        pseudonym_key=TEST_PSEUDONYM_KEY,
+        s3_max_attempts=1,
+    )
+    started = Harness(settings)
+    try:
+        yield started
+    finally:
+        started.close()
+
+
+def xray_like(brightness: int, size: tuple[int, int] = (480, 400), seed: int = 0) -> np.ndarray:
+    """A grey image with smooth structure and noise; the tiny model calls bright ones positive."""
+    height, width = size
+    rng = np.random.default_rng(seed)
+    ys, xs = np.mgrid[0:height, 0:width]
+    base = brightness + 25 * np.sin(xs / 37.0) * np.cos(ys / 53.0) + rng.normal(0, 4, size)
+    return np.clip(base, 0, 255).astype(np.uint8)
+
+
+def encode(pixels: np.ndarray, extension: str = ".jpg") -> bytes:
+    ok, encoded = cv2.imencode(extension, pixels)
+    assert ok
+    return encoded.tobytes()
+
+
+def ceph_record(bucket: str, key: str, *, etag: str = "", event_name: str = "ObjectCreated:Put",
+                size: int = 1, source: str = "ceph:s3") -> dict[str, Any]:
+    """One notification record in Ceph 16's shape (see tests/events/ for real captures)."""
+    return {
+        "eventVersion": "2.2",
+        "eventSource": source,
+        "awsRegion": "",
+        "eventTime": "2026-11-23T15:34:54.341830Z",
+        "eventName": event_name,
+        "s3": {
+            "s3SchemaVersion": "1.0",
+            "configurationId": "test",
+            "bucket": {"name": bucket, "arn": f"arn:aws:s3:::{bucket}"},
+            "object": {"key": key, "size": size, "eTag": etag, "versionId": "", "sequencer": "1"},
+        },
+        "eventId": f"test.{uuid.uuid4().hex}",
+        "opaqueData": "",
+    }
+
+
+def upload(s3: Any, bucket: str, key: str, body: bytes) -> str:
+    """Upload and return the eTag, as the notification would carry it."""
+    return str(s3.put_object(Bucket=bucket, Key=key, Body=body)["ETag"]).strip('"')
+
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

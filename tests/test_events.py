@@ -1,0 +1,158 @@
+"""Event intake: every delivery shape and record dialect, and a clear error for everything unusable."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from cloudevents.core.bindings.http import to_binary_event, to_structured_event
+from cloudevents.core.v1.event import CloudEvent
+from conftest import ceph_record
+
+from service.errors import MalformedDelivery
+from service.events import BATCH_CONTENT_TYPE, Transport, parse_delivery
+
+KEY = "data/demo/PNEUMONIA/demo_Anna Mcgehee_3677+x 100%.jpeg"
+
+
+def notification(*records: dict[str, Any]) -> dict[str, Any]:
+    return {"Records": list(records)}
+
+
+def kafkasource_headers(offset: int = 42) -> dict[str, str]:
+    """Exactly what a Knative KafkaSource sends for a Ceph record: binary mode, no Content-Type."""
+    return {
+        "ce-specversion": "1.0",
+        "ce-id": f"partition:0/offset:{offset}",
+        "ce-source": "/apis/v1/namespaces/xray/kafkasources/kafka-source#storage",
+        "ce-type": "dev.knative.kafka.event",
+        "ce-subject": f"partition:0#{offset}",
+        "ce-time": "2026-11-23T15:34:54.342Z",
+        "Prefer": "reply",
+        "Kn-Namespace": "xray",
+    }
+
+
+def test_plain_ceph_push() -> None:
+    body = json.dumps(notification(ceph_record("in", KEY, etag="abc"))).encode()
+    delivery = parse_delivery({"Content-Type": "application/json"}, body)
+    assert delivery.transport is Transport.PLAIN_PUSH
+    [record] = delivery.records
+    assert (record.bucket, record.key, record.etag, record.event_name) == ("in", KEY, "abc", "ObjectCreated:Put")
+    assert record.is_object_created
+
+
+def test_plain_push_without_content_type() -> None:
+    delivery = parse_delivery({}, json.dumps(notification(ceph_record("in", KEY))).encode())
+    assert delivery.transport is Transport.PLAIN_PUSH
+    assert delivery.records[0].key == KEY
+
+
+def test_kafkasource_binary_cloudevent_without_content_type() -> None:
+    body = json.dumps(notification(ceph_record("in", KEY))).encode()
+    delivery = parse_delivery(kafkasource_headers(), body)
+    assert delivery.transport is Transport.CLOUDEVENT
+    assert delivery.records[0].key == KEY
+    # Ceph records carry their own eventId; the CloudEvent id is the fallback.
+    assert delivery.records[0].event_id.startswith("test.")
+
+
+def test_binary_cloudevent_built_with_the_sdk() -> None:
+    data = notification(ceph_record("in", KEY, event_name="s3:ObjectCreated:Copy"))
+    event = CloudEvent(attributes={"type": "com.amazonaws.ObjectCreated:Copy", "source": "ceph"}, data=data)
+    message = to_binary_event(event)
+    delivery = parse_delivery(message.headers, message.body)
+    assert delivery.transport is Transport.CLOUDEVENT
+    assert delivery.records[0].event_name == "ObjectCreated:Copy"
+
+
+def test_structured_cloudevent_built_with_the_sdk() -> None:
+    data = notification(ceph_record("in", KEY), ceph_record("in", KEY + "2", event_name="ObjectRemoved:Delete"))
+    event = CloudEvent(attributes={"type": "dev.knative.kafka.event", "source": "/k", "id": "e1"}, data=data)
+    message = to_structured_event(event)
+    delivery = parse_delivery(message.headers, message.body)
+    assert delivery.transport is Transport.CLOUDEVENT
+    assert [r.is_object_created for r in delivery.records] == [True, False]
+
+
+def test_structured_cloudevent_with_base64_data() -> None:
+    data = json.dumps(notification(ceph_record("in", KEY))).encode()
+    event = CloudEvent(
+        attributes={"type": "t", "source": "/s", "id": "1", "datacontenttype": "application/octet-stream"},
+        data=data,
+    )
+    message = to_structured_event(event)
+    assert b"data_base64" in message.body
+    assert parse_delivery(message.headers, message.body).records[0].key == KEY
+
+
+def test_cloudevents_batch() -> None:
+    events = [
+        {"specversion": "1.0", "id": str(i), "source": "/s", "type": "t", "data": notification(ceph_record("in", f"k{i}"))}
+        for i in range(3)
+    ]
+    delivery = parse_delivery({"content-type": BATCH_CONTENT_TYPE}, json.dumps(events).encode())
+    assert [record.key for record in delivery.records] == ["k0", "k1", "k2"]
+    assert delivery.transport is Transport.CLOUDEVENT
+
+
+def test_every_record_of_a_multi_record_event() -> None:
+    body = json.dumps(notification(*(ceph_record("in", f"key {i}") for i in range(5)))).encode()
+    assert len(parse_delivery({}, body).records) == 5
+
+
+@pytest.mark.parametrize(
+    ("source", "wire_key", "expected"),
+    [
+        ("ceph:s3", "a b+c%20d/Ærø.jpg", "a b+c%20d/Ærø.jpg"),  # Ceph: raw, never decoded
+        ("aws:s3", "a+b%2Bc%2520d/%C3%86r%C3%B8.jpg", "a b+c%20d/Ærø.jpg"),  # AWS: form-encoded
+        ("minio:s3", "a%20b%2Bc%2520d/%C3%86r%C3%B8.jpg", "a b+c%20d/Ærø.jpg"),  # MinIO: query-escaped
+    ],
+)
+def test_key_encoding_per_producer(source: str, wire_key: str, expected: str) -> None:
+    body = json.dumps(notification(ceph_record("in", wire_key, source=source))).encode()
+    assert parse_delivery({}, body).records[0].key == expected
+
+
+def test_minio_shape_and_prefixed_event_names() -> None:
+    record = ceph_record("in", "x%20y.jpg", source="minio:s3", event_name="s3:ObjectCreated:Put")
+    record["s3"]["object"]["eTag"] = '"quoted"'
+    body = {"EventName": "s3:ObjectCreated:Put", "Key": "in/x%20y.jpg", "Records": [record]}
+    [parsed] = parse_delivery({}, json.dumps(body).encode()).records
+    assert (parsed.key, parsed.event_name, parsed.etag) == ("x y.jpg", "ObjectCreated:Put", "quoted")
+
+
+def test_aws_test_event_is_a_valid_delivery_without_records() -> None:
+    body = {"Service": "Amazon S3", "Event": "s3:TestEvent", "Time": "2026-01-01T00:00:00Z", "Bucket": "in"}
+    delivery = parse_delivery({}, json.dumps(body).encode())
+    assert (delivery.records, delivery.note) == ([], "test-event")
+
+
+@pytest.mark.parametrize(
+    ("headers", "body", "message"),
+    [
+        ({}, b"", "empty request body"),
+        ({}, b"not json {", "not valid JSON"),
+        ({}, b"\xff\xfe", "not valid JSON"),
+        ({}, b"[1, 2]", "must be a JSON object"),
+        ({}, b'{"hello": "world"}', "no Records"),
+        ({}, b'{"Records": []}', "non-empty list"),
+        ({}, b'{"Records": [{"s3": {}}]}', "Records[0].eventName is missing"),
+        ({}, b'{"Records": [{"eventName": "ObjectCreated:Put", "s3": {"object": {"key": "k"}}}]}',
+         "Records[0].s3.bucket is missing"),
+        ({}, b'{"Records": [{"eventName": "ObjectCreated:Put", "s3": {"bucket": {"name": "b"}, "object": {}}}]}',
+         "Records[0].s3.object.key is missing"),
+        ({"ce-specversion": "1.0", "ce-type": "t", "ce-source": "/s"}, b'{"Records": []}', "id"),
+        ({"ce-specversion": "1.0", "ce-id": "1", "ce-type": "t", "ce-source": "/s"}, b"\x00binary", "not valid JSON"),
+        ({"content-type": "application/cloudevents+json"}, b'{"id": "1"}', "invalid CloudEvent"),
+        ({"content-type": "application/cloudevents+json"}, b"nope", "invalid CloudEvent"),
+        ({"content-type": BATCH_CONTENT_TYPE}, b"{}", "non-empty JSON array"),
+        ({"content-type": BATCH_CONTENT_TYPE}, b"[1]", "batch item 0 is not a JSON object"),
+    ],
+)
+def test_malformed_deliveries_name_the_problem(headers: dict[str, str], body: bytes, message: str) -> None:
+    with pytest.raises(MalformedDelivery) as raised:
+        parse_delivery(headers, body)
+    assert message in raised.value.message
+    assert raised.value.status_code == 400

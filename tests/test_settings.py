@@ -1,0 +1,90 @@
+"""Settings: the documented variables, their defaults, and start-up errors that name the variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from service.errors import ConfigurationError
+from service.settings import Settings, load_settings
+
+KEY = "k" * 32
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ["S3_ENDPOINT_URL", "service_point", "SERVICE_POINT", "PSEUDONYM_KEY", "DEV_MODE", "INPUT_BUCKETS",
+                 "PROCESSED_BUCKET", "ANONYMIZED_BUCKET", "MODEL_SPEC", "WORKERS", "PORT", "ANONYMIZE_WHEN"]:
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PSEUDONYM_KEY", KEY)
+    settings = load_settings()
+    assert settings.port == 8080
+    assert settings.anonymize_when == "positive"
+    assert settings.processed_bucket_for("xray") == "xray-processed"
+    assert settings.anonymized_bucket_for("xray") == "xray-anonymized"
+    assert settings.model_spec.name == "pneumonia.yaml"
+
+
+def test_service_point_is_accepted_as_the_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PSEUDONYM_KEY", KEY)
+    monkeypatch.setenv("service_point", "http://rgw:8080")
+    assert load_settings().s3_endpoint_url == "http://rgw:8080"
+
+
+def test_pseudonym_key_required_unless_dev_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ConfigurationError, match="PSEUDONYM_KEY is required"):
+        load_settings()
+    monkeypatch.setenv("DEV_MODE", "true")
+    assert load_settings().effective_pseudonym_key
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("S3_ENDPOINT_URL", "rgw:8080", "S3_ENDPOINT_URL: must start with http"),
+        ("PORT", "http", "PORT:"),
+        ("WORKERS", "0", "WORKERS:"),
+        ("ANONYMIZE_WHEN", "sometimes", "ANONYMIZE_WHEN:"),
+        ("MODEL_SPEC", "/nonexistent/spec.yaml", "MODEL_SPEC: /nonexistent/spec.yaml does not exist"),
+        ("PSEUDONYM_KEY", "short", "PSEUDONYM_KEY must be at least 16"),
+    ],
+)
+def test_bad_values_name_the_variable(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, message: str
+) -> None:
+    monkeypatch.setenv("PSEUDONYM_KEY", KEY)
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigurationError) as raised:
+        load_settings()
+    assert message in str(raised.value)
+
+
+def test_output_bucket_equal_to_an_input_bucket_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PSEUDONYM_KEY", KEY)
+    monkeypatch.setenv("INPUT_BUCKETS", "scans, more")
+    monkeypatch.setenv("PROCESSED_BUCKET", "scans")
+    with pytest.raises(ConfigurationError, match="INPUT_BUCKETS must not contain an output bucket"):
+        load_settings()
+    monkeypatch.setenv("PROCESSED_BUCKET", "out")
+    monkeypatch.setenv("ANONYMIZED_BUCKET", "out")
+    with pytest.raises(ConfigurationError, match="must differ"):
+        load_settings()
+
+
+def test_loop_guard_recognises_output_buckets() -> None:
+    default = Settings(pseudonym_key=KEY)
+    assert default.is_output_bucket("xray-processed") and default.is_output_bucket("xray-anonymized")
+    assert not default.is_output_bucket("xray")
+    explicit = Settings(pseudonym_key=KEY, processed_bucket="done", anonymized_bucket="anon")
+    assert explicit.is_output_bucket("done") and explicit.is_output_bucket("anon")
+    assert not explicit.is_output_bucket("xray-processed")
+
+
+def test_every_setting_is_documented_in_the_readme() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for name in Settings.model_fields:
+        assert f"`{name.upper()}`" in readme, f"{name.upper()} is not documented in README.md"
