@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import unicodedata
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,7 +129,9 @@ def _upload(s3: Any, bucket: str, sources: list[Path], input_dir: Path) -> list[
         name, birth = FAKE_PATIENTS[index % len(FAKE_PATIENTS)]
         study = 3600 + index
         pixels = cv2.imread(str(source), cv2.IMREAD_UNCHANGED)
-        lines = [name, f"ID {study}  DOB {birth}"]
+        # Scanners burn ASCII; the key keeps the name as typed, accents and all.
+        printable = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
+        lines = [printable, f"ID {study}  DOB {birth}"]
         burned = burn_patient_text(pixels, lines, position=POSITIONS[index % len(POSITIONS)])
         ok, encoded = cv2.imencode(".jpeg", burned, [cv2.IMWRITE_JPEG_QUALITY, 95])
         assert ok

@@ -18,9 +18,11 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 from local_rgw import LocalRGW
 
 from service.analysis import ImageLimits
+from service.app import create_app
 from service.inference import InferenceEngine
 from service.model_spec import ModelSpec
 from service.pipeline import Pipeline
@@ -89,6 +91,18 @@ def make_settings(rgw: LocalRGW, tiny_spec: Path) -> Callable[..., Settings]:
     return build
 
 
+@pytest.fixture(scope="session")
+def client(rgw: LocalRGW, tiny_spec: Path) -> Iterator[TestClient]:
+    """The app with a started worker (tiny model), shared by the HTTP-level tests."""
+    settings = Settings(
+        s3_endpoint_url=rgw.endpoint_url, aws_access_key_id=rgw.access_key, aws_secret_access_key=rgw.secret_key,
+        aws_default_region=rgw.region, model_spec=tiny_spec, pseudonym_key=TEST_PSEUDONYM_KEY,
+        max_request_bytes=64 * 1024, s3_max_attempts=1, log_level="DEBUG",
+    )
+    with TestClient(create_app(settings)) as started:
+        yield started
+
+
 class Harness:
     """A started inference engine and a pipeline over the real RGW, driven from synchronous tests."""
 
@@ -149,8 +163,15 @@ def encode(pixels: np.ndarray, extension: str = ".jpg") -> bytes:
     return encoded.tobytes()
 
 
-def ceph_record(bucket: str, key: str, *, etag: str = "", event_name: str = "ObjectCreated:Put",
-                size: int = 1, source: str = "ceph:s3") -> dict[str, Any]:
+def ceph_record(
+    bucket: str,
+    key: str,
+    *,
+    etag: str = "",
+    event_name: str = "ObjectCreated:Put",
+    size: int = 1,
+    source: str = "ceph:s3",
+) -> dict[str, Any]:
     """One notification record in Ceph 16's shape (see tests/events/ for real captures)."""
     return {
         "eventVersion": "2.2",

@@ -40,6 +40,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+# What a person debugging a cluster reaches for too; ceph-authtool is not run here (the keys are made in
+# Python, one process fewer per entity) but ships in the same package as `ceph`.
 REQUIRED_BINARIES = (
     "ceph-mon",
     "ceph-osd",
@@ -515,10 +517,10 @@ def _runs_with_conf(pid: int, conf_path: str) -> bool:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    return conf_path.encode() in argv and not _is_gone(pid)
+    return conf_path.encode() in argv and not has_exited(pid)
 
 
-def _is_gone(pid: int) -> bool:
+def has_exited(pid: int) -> bool:
     """True when `pid` has exited; a zombie nobody reaps (detached daemons) counts as exited."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -531,17 +533,16 @@ def _is_gone(pid: int) -> bool:
 def _terminate_pid(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
-    if _wait_gone(pid, STOP_GRACE_SECONDS):
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-    if not _wait_gone(pid, STOP_GRACE_SECONDS):
-        raise RGWError(f"pid {pid} survived SIGKILL")
+    if not _wait_exited(pid, STOP_GRACE_SECONDS):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        if not _wait_exited(pid, STOP_GRACE_SECONDS):
+            raise RGWError(f"pid {pid} survived SIGKILL")
 
 
-def _wait_gone(pid: int, seconds: float) -> bool:
+def _wait_exited(pid: int, seconds: float) -> bool:
     deadline = time.monotonic() + seconds
-    while not _is_gone(pid):
+    while not has_exited(pid):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.02)

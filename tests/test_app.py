@@ -7,7 +7,6 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -23,19 +22,6 @@ from service.events import BATCH_CONTENT_TYPE
 pytestmark = pytest.mark.rgw
 
 
-@pytest.fixture(scope="module")
-def client(rgw: Any, tiny_spec: Any) -> Iterator[TestClient]:
-    from service.settings import Settings
-
-    settings = Settings(
-        s3_endpoint_url=rgw.endpoint_url, aws_access_key_id=rgw.access_key, aws_secret_access_key=rgw.secret_key,
-        aws_default_region=rgw.region, model_spec=tiny_spec, pseudonym_key="app-test-pseudonym-key-0123456789",
-        max_request_bytes=64 * 1024, s3_max_attempts=1, log_level="DEBUG",
-    )
-    with TestClient(create_app(settings)) as started:
-        yield started
-
-
 def notification(*records: dict[str, Any]) -> bytes:
     return json.dumps({"Records": list(records)}).encode()
 
@@ -48,16 +34,18 @@ def test_probes(client: TestClient) -> None:
 def test_kafkasource_delivery_is_processed(client: TestClient, s3: Any, input_bucket: str) -> None:
     key = HOSTILE_KEYS[0]
     etag = upload(s3, input_bucket, key, encode(xray_like(220)))
-    response = client.post("/", content=notification(ceph_record(input_bucket, key, etag=etag)),
-                           headers=kafkasource_headers())
+    response = client.post(
+        "/", content=notification(ceph_record(input_bucket, key, etag=etag)), headers=kafkasource_headers()
+    )
     assert response.status_code == 200
     [summary] = response.json()["records"]
     assert summary["outcome"] == "processed" and summary["label"] == "Pneumonia"
     assert summary["anonymized_bucket"] == f"{input_bucket}-anonymized"
     # The response carries the pseudonym, never the key.
     assert "Mcgehee" not in response.text and "chest_xray" not in response.text
-    again = client.post("/", content=notification(ceph_record(input_bucket, key, etag=etag)),
-                        headers=kafkasource_headers(43))
+    again = client.post(
+        "/", content=notification(ceph_record(input_bucket, key, etag=etag)), headers=kafkasource_headers(43)
+    )
     assert (again.status_code, again.json()["records"][0]["reason"]) == (200, "duplicate")
 
 
@@ -69,36 +57,50 @@ def test_structured_and_batch_cloudevents(client: TestClient, s3: Any, input_buc
     assert response.status_code == 200 and response.json()["records"][0]["label"] == "Normal"
 
     batch = [
-        {"specversion": "1.0", "id": f"b{i}", "source": "/s", "type": "t",
-         "data": json.loads(notification(ceph_record(input_bucket, f"s{i}.png", etag=etags[i])))}
+        {
+            "specversion": "1.0",
+            "id": f"b{i}",
+            "source": "/s",
+            "type": "t",
+            "data": json.loads(notification(ceph_record(input_bucket, f"s{i}.png", etag=etags[i]))),
+        }
         for i in (1, 2)
     ]
     response = client.post("/", content=json.dumps(batch), headers={"content-type": BATCH_CONTENT_TYPE})
     assert [r["outcome"] for r in response.json()["records"]] == ["processed", "processed"]
 
 
-def test_permanent_failure_status_depends_on_the_transport(client: TestClient, s3: Any, input_bucket: str) -> None:
+def test_permanent_failure_status_depends_on_the_transport(
+    client: TestClient, s3: Any, input_bucket: str
+) -> None:
     upload(s3, input_bucket, "bad.jpg", b"this is not an image")
     body = notification(ceph_record(input_bucket, "bad.jpg", etag="e"))
     # Knative: 422 is not retried and goes to the dead-letter sink.
     as_cloudevent = client.post("/", content=body, headers=kafkasource_headers())
     assert as_cloudevent.status_code == 422
     assert as_cloudevent.json()["records"][0] | {"pseudonym": "p"} == {
-        "outcome": "failed", "reason": "not-an-image", "pseudonym": "p"
+        "outcome": "failed",
+        "reason": "not-an-image",
+        "pseudonym": "p",
     }
     # Ceph's push retries every non-2xx forever: the failure record is the answer.
     as_push = client.post("/", content=body, headers={"Content-Type": "application/json"})
     assert as_push.status_code == 200 and as_push.json()["records"][0]["outcome"] == "failed"
-    missing = client.post("/", content=notification(ceph_record(input_bucket, "never-there.jpg")),
-                          headers=kafkasource_headers())
+    missing = client.post(
+        "/", content=notification(ceph_record(input_bucket, "never-there.jpg")), headers=kafkasource_headers()
+    )
     assert missing.status_code == 422 and missing.json()["records"][0]["reason"] == "missing-object"
 
 
 @pytest.mark.parametrize(
     ("headers", "body"),
-    [({}, b"{not json"), ({"content-type": "text/plain"}, b"hello"), ({}, b'{"Records": []}'),
-     ({}, b'{"Records": [{"eventName": "ObjectCreated:Put", "s3": {"bucket": {"name": "b"}}}]}'),
-     (kafkasource_headers() | {"ce-specversion": "0.1"}, b"{}")],
+    [
+        ({}, b"{not json"),
+        ({"content-type": "text/plain"}, b"hello"),
+        ({}, b'{"Records": []}'),
+        ({}, b'{"Records": [{"eventName": "ObjectCreated:Put", "s3": {"bucket": {"name": "b"}}}]}'),
+        (kafkasource_headers() | {"ce-specversion": "0.1"}, b"{}"),
+    ],
 )
 def test_malformed_requests_get_400_json(client: TestClient, headers: dict[str, str], body: bytes) -> None:
     response = client.post("/", content=body, headers=headers)
@@ -112,8 +114,10 @@ def test_oversized_request_gets_413(client: TestClient) -> None:
 
 
 def test_skipped_events_are_2xx(client: TestClient, input_bucket: str) -> None:
-    body = notification(ceph_record(input_bucket, "a.jpg", event_name="ObjectRemoved:Delete"),
-                        ceph_record(f"{input_bucket}-processed", "a-processed.jpg"))
+    body = notification(
+        ceph_record(input_bucket, "a.jpg", event_name="ObjectRemoved:Delete"),
+        ceph_record(f"{input_bucket}-processed", "a-processed.jpg"),
+    )
     response = client.post("/", content=body, headers=kafkasource_headers())
     assert response.status_code == 200
     assert [r["reason"] for r in response.json()["records"]] == ["not-object-created", "output-bucket"]
@@ -124,8 +128,15 @@ def test_skipped_events_are_2xx(client: TestClient, input_bucket: str) -> None:
 def test_storage_unreachable_is_503(rgw: Any, tiny_spec: Any) -> None:
     from service.settings import Settings
 
-    settings = Settings(s3_endpoint_url="http://127.0.0.1:9", aws_access_key_id="a", aws_secret_access_key="b",
-                        model_spec=tiny_spec, dev_mode=True, s3_max_attempts=1, s3_connect_timeout_s=0.5)
+    settings = Settings(
+        s3_endpoint_url="http://127.0.0.1:9",
+        aws_access_key_id="a",
+        aws_secret_access_key="b",
+        model_spec=tiny_spec,
+        dev_mode=True,
+        s3_max_attempts=1,
+        s3_connect_timeout_s=0.5,
+    )
     with TestClient(create_app(settings)) as unreachable:
         response = unreachable.post("/", content=notification(ceph_record("in", "a.jpg", etag="e")))
     assert response.status_code == 503 and response.json()["error"] == "storage-unavailable"
@@ -151,8 +162,9 @@ def test_dead_worker_answers_503_then_recovers(client: TestClient, s3: Any, inpu
     assert response.status_code == 200 and response.json()["records"][0]["outcome"] == "processed"
 
 
-def test_debug_logs_never_contain_keys(client: TestClient, s3: Any, input_bucket: str,
-                                       caplog: pytest.LogCaptureFixture) -> None:
+def test_debug_logs_never_contain_keys(
+    client: TestClient, s3: Any, input_bucket: str, caplog: pytest.LogCaptureFixture
+) -> None:
     from service.logs import configure_logging
 
     configure_logging("DEBUG")
@@ -175,7 +187,8 @@ def test_debug_logs_never_contain_keys(client: TestClient, s3: Any, input_bucket
 def test_binary_cloudevent_from_the_sdk(client: TestClient, s3: Any, input_bucket: str) -> None:
     etag = upload(s3, input_bucket, "sdk.jpg", encode(xray_like(220)))
     data = json.loads(notification(ceph_record(input_bucket, "sdk.jpg", etag=etag)))
-    message = to_binary_event(CloudEvent(attributes={"type": "com.amazonaws.ObjectCreated:Put", "source": "/c"},
-                                         data=data))
+    message = to_binary_event(
+        CloudEvent(attributes={"type": "com.amazonaws.ObjectCreated:Put", "source": "/c"}, data=data)
+    )
     response = client.post("/", content=message.body, headers=message.headers)
     assert response.status_code == 200 and response.json()["records"][0]["outcome"] == "processed"

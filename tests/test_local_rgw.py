@@ -18,7 +18,7 @@ from typing import Any
 import boto3
 import pytest
 from botocore.config import Config
-from local_rgw import LocalRGW, RGWError, _is_gone
+from local_rgw import LocalRGW, RGWError, has_exited
 
 pytestmark = pytest.mark.rgw
 
@@ -100,7 +100,7 @@ def test_s3_topics_and_http_push_then_stop_leaves_no_process(tmp_path: Path) -> 
         assert len(pids) == 3
 
     assert rgw.pids() == {}
-    assert [pid for pid in pids if not _is_gone(pid)] == []
+    assert [pid for pid in pids if not has_exited(pid)] == []
     rgw.stop()  # idempotent
 
 
@@ -117,7 +117,7 @@ def test_two_clusters_side_by_side_one_detached_by_the_cli(tmp_path: Path) -> No
             )
             assert detached_env["S3_ENDPOINT_URL"] != in_process.endpoint_url
             assert len(detached_pids) == 3
-            assert not any(_is_gone(pid) for pid in detached_pids)
+            assert not any(has_exited(pid) for pid in detached_pids)
 
             # The same bucket name in both proves they are separate clusters.
             with (
@@ -132,10 +132,10 @@ def test_two_clusters_side_by_side_one_detached_by_the_cli(tmp_path: Path) -> No
         finally:
             stopped = run_cli("stop", "--dir", str(cli_dir))
         assert stopped.returncode == 0, stopped.stderr
-        assert [pid for pid in detached_pids if not _is_gone(pid)] == []
+        assert [pid for pid in detached_pids if not has_exited(pid)] == []
 
         # Stopping the other cluster left this one alone.
-        assert not any(_is_gone(pid) for pid in in_process.pids().values())
+        assert not any(has_exited(pid) for pid in in_process.pids().values())
         with contextlib.closing(in_process.s3_client()) as own:
             assert [bucket["Name"] for bucket in own.list_buckets()["Buckets"]] == ["shared-name"]
 
@@ -155,7 +155,7 @@ def processes_using(conf_path: Path) -> list[int]:
     """Live pids whose command line names `conf_path`, whoever started them."""
     pids = []
     for proc in Path("/proc").iterdir():
-        if proc.name.isdigit() and not _is_gone(int(proc.name)):
+        if proc.name.isdigit() and not has_exited(int(proc.name)):
             with contextlib.suppress(OSError):
                 if str(conf_path).encode() in (proc / "cmdline").read_bytes().split(b"\0"):
                     pids.append(int(proc.name))

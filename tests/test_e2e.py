@@ -1,0 +1,217 @@
+"""End to end: real Ceph bucket notifications (HTTP push) to `xray-pipeline serve` with the default model.
+
+Uploads real chest X-rays with fake patient text burned in, under keys full of spaces, `+`, `%` and non-ASCII;
+checks both output buckets, that OCR reads no patient text on the anonymized copies, that the service's DEBUG log
+holds no key fragment, that TensorFlow never loaded in the web process, and that the risks through the service
+equal the model run directly with the spec's preprocessing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytesseract
+import pytest
+from conftest import ROOT, VALIDATION_IMAGES
+
+from service.object_keys import anonymized_key, processed_key, pseudonym
+from service.patient_text import burn_patient_text
+
+pytestmark = [pytest.mark.rgw, pytest.mark.model]
+
+E2E_KEY = "e2e-pseudonym-key-0123456789abcdef"
+PATIENTS = [
+    ("Anna Mcgehee", "ID 3677 DOB 1941-11-26", "ward 3/Anna Mcgehee_3677_1941-11-26 100%.jpeg", "top-left"),
+    ("Jurgen Gross", "ID 4821 DOB 1949-12-31", "Jürgen Groß+Ærø/scan 4821 1949-12-31.png", "bottom-right"),
+    ("Maria Lopez", "ID 5120 DOB 1962-08-14", "x/Maria+Lopez %41 5120.jpg", "top-right"),
+]
+ORACLE = """
+import json, os, sys
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+import keras, numpy as np
+from PIL import Image
+model = keras.saving.load_model(sys.argv[1], compile=False)
+risks = {}
+for path in sys.argv[2:]:
+    image = Image.open(path).convert("RGB").resize((150, 150), Image.Resampling.NEAREST)
+    logits = model.predict_on_batch(np.asarray(image, np.float32)[None] / 127.5 - 1.0)[0]
+    e = np.exp(logits - logits.max())
+    risks[os.path.basename(path)] = float(e[1] / e.sum())
+print(json.dumps(risks))
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def service(rgw: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    if not (VALIDATION_IMAGES.is_dir() and len(list(VALIDATION_IMAGES.glob("*.jpeg"))) == 16):
+        pytest.fail("the default model is not fetched: run `make model` (make test does)")
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("service") / "service.log"
+    env = os.environ | rgw.env() | {
+        "PORT": str(port), "HOST": "127.0.0.1", "PSEUDONYM_KEY": E2E_KEY, "LOG_LEVEL": "DEBUG",
+        "ANONYMIZE_WHEN": "always", "WORKER_THREADS": "2",
+    }
+    env.pop("MODEL_SPEC", None)
+    with log_path.open("wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=env, stdout=log,
+                                   stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert process.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, "service did not become ready"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.3)
+        yield {"port": port, "pid": process.pid, "log": log_path, "env": env, "process": process}
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+@pytest.fixture(scope="module")
+def notified_bucket(service: dict[str, Any], s3: Any) -> str:
+    bucket = "e2e-scans"
+    for name in (bucket, f"{bucket}-processed", f"{bucket}-anonymized"):
+        s3.create_bucket(Bucket=name)
+    # Set up exactly as a user would, with the CLI. Non-persistent: Ceph pushes inside each upload.
+    subprocess.run(
+        [sys.executable, "-m", "service.cli", "notify", "create", "--bucket", bucket, "--topic", "e2e",
+         "--endpoint", f"http://127.0.0.1:{service['port']}/", "--no-persistent", "--regex", r".*\.(jpe?g|png)$"],
+        env=service["env"], check=True, capture_output=True,
+    )
+    return bucket
+
+
+def wait_for(s3: Any, bucket: str, key: str, timeout_s: float = 60) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return s3.get_object(Bucket=bucket, Key=key)  # type: ignore[no-any-return]
+        except s3.exceptions.NoSuchKey:
+            assert time.monotonic() < deadline, f"no output in {bucket}"
+            time.sleep(0.2)
+
+
+def read_text(image: np.ndarray) -> str:
+    """OCR as an attacker would: plain, sharpened and upscaled."""
+    gray = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+    blurred = cv2.GaussianBlur(gray, (0, 0), 3)
+    sharpened = cv2.addWeighted(gray, 2.0, blurred, -1.0, 0)
+    texts = []
+    for candidate in (gray, sharpened, cv2.resize(sharpened, None, fx=2, fy=2, interpolation=cv2.INTER_CUBIC)):
+        texts.append(pytesseract.image_to_string(candidate, config="--psm 11"))
+    return " ".join(texts)
+
+
+def decode(body: bytes) -> np.ndarray:
+    return cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_UNCHANGED)
+
+
+def test_tensorflow_only_in_workers(service: dict[str, Any]) -> None:
+    web_maps = Path(f"/proc/{service['pid']}/maps").read_text()
+    assert "tensorflow" not in web_maps, "TensorFlow was loaded into the web process"
+    children = Path(f"/proc/{service['pid']}/task/{service['pid']}/children").read_text().split()
+    worker_maps = [Path(f"/proc/{child}/maps").read_text() for child in children]
+    assert any("tensorflow" in maps for maps in worker_maps), "no worker process holds TensorFlow"
+
+
+def test_uploads_end_as_stamped_and_anonymized_copies(service: dict[str, Any], notified_bucket: str,
+                                                      s3: Any) -> None:
+    sources = sorted(VALIDATION_IMAGES.glob("person*.jpeg"))
+    for (name, line, key, position), source in zip(PATIENTS, sources, strict=False):
+        pixels = cv2.imread(str(source), cv2.IMREAD_GRAYSCALE)
+        burned = burn_patient_text(pixels, [name, line], position=position, size_px=max(20, pixels.shape[0] // 40))
+        assert name.split()[1].lower() in read_text(burned).lower(), "the OCR oracle must read the burned text"
+        ok, encoded = cv2.imencode(Path(key).suffix, burned)
+        assert ok
+        s3.put_object(Bucket=notified_bucket, Key=key, Body=encoded.tobytes())
+
+    for name, line, key, _ in PATIENTS:
+        processed = wait_for(s3, f"{notified_bucket}-processed", processed_key(key))
+        metadata = processed["Metadata"]
+        assert metadata["label"] in {"Pneumonia", "Normal", "Unsure"} and 0 <= float(metadata["risk"]) <= 1
+        alias = pseudonym(E2E_KEY.encode(), notified_bucket, key)
+        assert metadata["pseudonym"] == alias
+        stamped = decode(processed["Body"].read())
+        assert "risk" in read_text(stamped).lower(), "the stamp must be legible on the processed copy"
+
+        extension = ".png" if key.endswith(".png") else (".jpeg" if key.endswith(".jpeg") else ".jpg")
+        anonymized = wait_for(s3, f"{notified_bucket}-anonymized", anonymized_key(alias, key, "jpeg"))
+        assert anonymized_key(alias, key, "jpeg").endswith(extension)
+        assert json.dumps(anonymized["Metadata"]).count(name.split()[0]) == 0
+        text = read_text(decode(anonymized["Body"].read())).lower()
+        for token in [*name.split(), *line.split()]:
+            if len(token) >= 4:
+                assert token.lower() not in text, f"OCR read {token!r} on the anonymized copy"
+
+
+def test_service_log_holds_no_key_fragment(service: dict[str, Any],
+                                           notified_bucket: str) -> None:
+    log = service["log"].read_text()
+    assert " DEBUG " in log and "processed" in log
+    for _, _, key, _ in PATIENTS:
+        for fragment in key.replace("/", " ").replace("_", " ").split():
+            if len(fragment) >= 4:
+                assert fragment not in log, f"the service log contains {fragment!r}"
+
+
+def test_risks_equal_the_model_run_directly(service: dict[str, Any], s3: Any) -> None:
+    bucket = "e2e-parity"
+    for name in (bucket, f"{bucket}-processed", f"{bucket}-anonymized"):
+        s3.create_bucket(Bucket=name)
+    images = sorted(VALIDATION_IMAGES.glob("*.jpeg"))
+    records = []
+    for path in images:
+        etag = s3.put_object(Bucket=bucket, Key=path.name, Body=path.read_bytes())["ETag"].strip('"')
+        records.append({"eventName": "ObjectCreated:Put", "eventSource": "ceph:s3",
+                        "s3": {"bucket": {"name": bucket}, "object": {"key": path.name, "eTag": etag}}})
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{service['port']}/", data=json.dumps({"Records": records}).encode(), method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=300) as response:
+        assert response.status == 200
+    through_service = {
+        path.name: float(s3.head_object(Bucket=f"{bucket}-processed", Key=processed_key(path.name))["Metadata"]["risk"])
+        for path in images
+    }
+    oracle = subprocess.run(
+        [sys.executable, "-c", ORACLE, str(VALIDATION_IMAGES.parent / "pneumonia_xception.keras"),
+         *map(str, images)], capture_output=True, text=True, check=True, timeout=600,
+    )
+    direct = json.loads(oracle.stdout.strip().splitlines()[-1])
+    assert through_service.keys() == direct.keys()
+    for name, risk in direct.items():
+        assert through_service[name] == pytest.approx(risk, abs=1e-4), name
+
+
+def test_sigterm_stops_cleanly(service: dict[str, Any]) -> None:
+    process = service["process"]
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 0
