@@ -62,6 +62,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             logger.warning("answering %d: %s", error.status_code, error.message)
         return JSONResponse({"error": error.reason, "detail": error.message}, status_code=error.status_code)
 
+    @app.exception_handler(Exception)
+    async def unexpected_error(_: Request, error: Exception) -> JSONResponse:
+        # A bug, not a verdict on the event: 500 is retried by Knative and Ceph, so the event is not lost.
+        logger.exception("unexpected %s while handling an event", type(error).__name__)
+        return JSONResponse({"error": "internal", "detail": "unexpected error; see the service log"}, status_code=500)
+
     @app.post("/")
     async def receive_event(request: Request) -> JSONResponse:
         body = await _read_body(request, settings.max_request_bytes)

@@ -78,37 +78,32 @@ def _serve() -> int:
 
 
 def _notify(args: argparse.Namespace) -> int:
-    from service import notify
+    from service.notify import DEFAULT_EVENTS, NotificationAdmin, TopicOptions
     from service.settings import S3Settings, load_settings
-    from service.storage import make_s3_client
 
-    settings = load_settings(S3Settings)
-    s3 = make_s3_client(settings)
-    sns = notify.make_sns_client(settings)
+    admin = NotificationAdmin(load_settings(S3Settings))
     output: Any
     if args.action == "create":
-        options = notify.TopicOptions(
+        options = TopicOptions(
             push_endpoint=args.endpoint,
             persistent=args.persistent,
             kafka_ack_level=args.kafka_ack_level,
             opaque_data=args.opaque_data,
             verify_ssl=not args.no_verify_ssl,
         )
-        arn = notify.ensure_topic(sns, args.topic, options)
+        arn = admin.ensure_topic(args.topic, options)
         rule_id = args.id or args.topic
-        notify.ensure_notification(
-            s3, args.bucket, arn, notification_id=rule_id, events=args.events or notify.DEFAULT_EVENTS,
+        admin.ensure_notification(
+            args.bucket, arn, notification_id=rule_id, events=args.events or DEFAULT_EVENTS,
             prefix=args.prefix, suffix=args.suffix, regex=args.regex,
         )
         output = {"topic_arn": arn, "bucket": args.bucket, "id": rule_id}
     elif args.action == "list":
-        output = {"notifications": notify.list_notifications(s3, args.bucket), "topics": notify.list_topics(sns)}
+        output = {"notifications": admin.list_notifications(args.bucket), "topics": admin.list_topics()}
     else:
-        removed = notify.remove_notification(s3, args.bucket, args.id)
+        output = {"removed": admin.remove_notification(args.bucket, args.id)}
         if args.topic:
-            notify.delete_topic(sns, next((arn for arn in notify.list_topics(sns) if arn.endswith(":" + args.topic)),
-                                          args.topic))
-        output = {"removed": removed}
+            admin.delete_topic(args.topic)
     print(json.dumps(output, indent=2))
     return 0
 

@@ -24,11 +24,10 @@ from typing import Any
 import cv2
 
 from service.errors import ConfigurationError
-from service.notify import TopicOptions, ensure_notification, ensure_topic, make_sns_client
+from service.notify import NotificationAdmin, TopicOptions
 from service.object_keys import processed_key
 from service.patient_text import burn_patient_text
 from service.settings import ANONYMIZED_SUFFIX, PROCESSED_SUFFIX, S3Settings, load_settings
-from service.storage import make_s3_client
 
 DEFAULT_IMAGES = Path(__file__).resolve().parent.parent / "model" / ".cache" / "pneumonia" / "val"
 # Invented people: the demo shows that names like these never leave the processed bucket.
@@ -57,7 +56,8 @@ def run_demo(*, images: str | None, out: str, bucket: str) -> int:
     output_dir = Path(out)
     shutil.rmtree(output_dir, ignore_errors=True)
     (output_dir / "input").mkdir(parents=True)
-    s3 = make_s3_client(settings)
+    admin = NotificationAdmin(settings)
+    s3 = admin.s3
     for name in (bucket, bucket + PROCESSED_SUFFIX, bucket + ANONYMIZED_SUFFIX):
         _create_bucket(s3, name)
 
@@ -65,13 +65,12 @@ def run_demo(*, images: str | None, out: str, bucket: str) -> int:
     service = _start_service(port, output_dir / "service.log")
     try:
         _wait_ready(service, port)
-        arn = ensure_topic(
-            make_sns_client(settings),
+        arn = admin.ensure_topic(
             "xray-demo",
             # Non-persistent: Ceph pushes inside each upload, which keeps the demo quick and ordered.
             TopicOptions(push_endpoint=f"http://127.0.0.1:{port}/", persistent=False, opaque_data="xray-demo"),
         )
-        ensure_notification(s3, bucket, arn, notification_id="xray-demo", regex=r".*\.(jpe?g|png)$")
+        admin.ensure_notification(bucket, arn, notification_id="xray-demo", regex=r".*\.(jpe?g|png)$")
         uploads = _upload(s3, bucket, sources, output_dir / "input")
         rows = _collect(s3, bucket, uploads, output_dir)
     finally:

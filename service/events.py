@@ -75,10 +75,12 @@ def parse_delivery(headers: Mapping[str, str], body: bytes) -> Delivery:
     if content_type == BATCH_CONTENT_TYPE:
         return _parse_batch(body)
     if content_type == STRUCTURED_CONTENT_TYPE:
-        event = _read_cloudevent(lambda: from_structured_event(HTTPMessage(headers=dict(lowered), body=body)))
-        return _delivery_from_events([event])
-    if "ce-specversion" in lowered or any(name.startswith("ce-") for name in lowered):
-        event = _read_cloudevent(lambda: from_binary_event(HTTPMessage(headers=dict(lowered), body=body)))
+        return _delivery_from_events([_structured_event(_load_json(body, "CloudEvent"), "CloudEvent", body)])
+    if any(name.startswith("ce-") for name in lowered):
+        # The SDK invents an id when none is sent; a received event without one cannot be deduplicated.
+        if not lowered.get("ce-id"):
+            raise MalformedDelivery("invalid CloudEvent: the ce-id header is missing")
+        event = _read_cloudevent(lambda: from_binary_event(HTTPMessage(headers=lowered, body=body)))
         return _delivery_from_events([event])
     records, note = _records_from_notification(_load_json(body, "request body"), fallback_event_id="")
     return Delivery(transport=Transport.PLAIN_PUSH, records=records, note=note)
@@ -88,20 +90,19 @@ def _parse_batch(body: bytes) -> Delivery:
     items = _load_json(body, "CloudEvents batch")
     if not isinstance(items, list) or not items:
         raise MalformedDelivery("a CloudEvents batch must be a non-empty JSON array")
-    events = []
-    for index, item in enumerate(items):
-        if not isinstance(item, dict):
-            raise MalformedDelivery(f"batch item {index} is not a JSON object")
-        encoded = json.dumps(item).encode()
-        events.append(
-            _read_cloudevent(
-                lambda encoded=encoded: from_structured_event(
-                    HTTPMessage(headers={"content-type": STRUCTURED_CONTENT_TYPE}, body=encoded)
-                ),
-                where=f"batch item {index}",
-            )
-        )
-    return _delivery_from_events(events)
+    return _delivery_from_events(
+        [_structured_event(item, f"batch item {index}") for index, item in enumerate(items)]
+    )
+
+
+def _structured_event(item: Any, where: str, encoded: bytes | None = None) -> BaseCloudEvent:
+    if not isinstance(item, dict):
+        raise MalformedDelivery(f"{where} is not a JSON object")
+    if not item.get("id"):
+        raise MalformedDelivery(f"invalid {where}: the id attribute is missing")
+    body = encoded if encoded is not None else json.dumps(item).encode()
+    message = HTTPMessage(headers={"content-type": STRUCTURED_CONTENT_TYPE}, body=body)
+    return _read_cloudevent(lambda: from_structured_event(message), where)
 
 
 def _read_cloudevent(read: Any, where: str = "CloudEvent") -> BaseCloudEvent:

@@ -1,7 +1,9 @@
 """Ceph bucket notifications: the SNS-style topic with a push endpoint, and the bucket's notification rules.
 
 Replaces the separate tool and the Postman collection the original demos needed. Every call is idempotent:
-creating what exists updates it in place; removing what is absent is not an error.
+creating what exists updates it in place; removing what is absent is not an error. Ceph (Pacific) differs from
+AWS here: a PUT of a notification configuration merges rules by Id instead of replacing the set, and a single rule
+is removed with `DELETE /<bucket>?notification=<id>`, which boto3 has no call for.
 """
 
 from __future__ import annotations
@@ -9,6 +11,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
+
+import boto3
+from botocore.auth import S3SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
+from botocore.httpsession import URLLib3Session
+
+from service.settings import S3Settings
+from service.storage import make_s3_client
 
 DEFAULT_EVENTS = ("s3:ObjectCreated:*",)
 
@@ -38,74 +50,84 @@ class TopicOptions:
         return attributes
 
 
-def ensure_topic(sns: Any, name: str, options: TopicOptions) -> str:
-    """Create or update the topic; returns its ARN (Ceph's CreateTopic overwrites an existing topic)."""
-    return str(sns.create_topic(Name=name, Attributes=options.attributes())["TopicArn"])
+class NotificationAdmin:
+    """Topics and bucket notification rules on one S3 endpoint."""
 
-
-def delete_topic(sns: Any, topic_arn: str) -> None:
-    sns.delete_topic(TopicArn=topic_arn)
-
-
-def list_topics(sns: Any) -> list[str]:
-    return [topic["TopicArn"] for topic in sns.list_topics().get("Topics", [])]
-
-
-def ensure_notification(
-    s3: Any,
-    bucket: str,
-    topic_arn: str,
-    *,
-    notification_id: str,
-    events: Sequence[str] = DEFAULT_EVENTS,
-    prefix: str | None = None,
-    suffix: str | None = None,
-    regex: str | None = None,
-) -> None:
-    """Add or replace the rule `notification_id` on `bucket`, keeping the bucket's other rules."""
-    rules = [
-        {"Name": name, "Value": value}
-        for name, value in (("prefix", prefix), ("suffix", suffix), ("regex", regex))
-        if value
-    ]
-    rule: dict[str, Any] = {"Id": notification_id, "TopicArn": topic_arn, "Events": list(events)}
-    if rules:
-        rule["Filter"] = {"Key": {"FilterRules": rules}}
-    others = [existing for existing in list_notifications(s3, bucket) if existing["Id"] != notification_id]
-    s3.put_bucket_notification_configuration(
-        Bucket=bucket, NotificationConfiguration={"TopicConfigurations": [*others, rule]}
-    )
-
-
-def list_notifications(s3: Any, bucket: str) -> list[dict[str, Any]]:
-    configuration = s3.get_bucket_notification_configuration(Bucket=bucket)
-    return list(configuration.get("TopicConfigurations", []))
-
-
-def remove_notification(s3: Any, bucket: str, notification_id: str) -> bool:
-    """Remove one rule; returns whether it existed."""
-    existing = list_notifications(s3, bucket)
-    kept = [rule for rule in existing if rule["Id"] != notification_id]
-    if len(kept) == len(existing):
-        return False
-    # Ceph drops all of a bucket's notifications on an empty configuration, then re-adds the kept ones.
-    s3.put_bucket_notification_configuration(Bucket=bucket, NotificationConfiguration={})
-    if kept:
-        s3.put_bucket_notification_configuration(
-            Bucket=bucket, NotificationConfiguration={"TopicConfigurations": kept}
+    def __init__(self, settings: S3Settings) -> None:
+        self._settings = settings
+        self.s3 = make_s3_client(settings)
+        secret = settings.aws_secret_access_key.get_secret_value() if settings.aws_secret_access_key else None
+        # Ceph serves its topic API on the S3 endpoint, with the SNS protocol.
+        self.sns = boto3.session.Session().client(
+            "sns",
+            endpoint_url=settings.s3_endpoint_url,
+            aws_access_key_id=settings.aws_access_key_id,
+            aws_secret_access_key=secret,
+            region_name=settings.aws_default_region,
         )
-    return True
 
+    def ensure_topic(self, name: str, options: TopicOptions) -> str:
+        """Create or update the topic; returns its ARN (Ceph's CreateTopic overwrites an existing topic)."""
+        return str(self.sns.create_topic(Name=name, Attributes=options.attributes())["TopicArn"])
 
-def make_sns_client(settings: Any) -> Any:
-    """Ceph serves its topic API on the S3 endpoint, with the SNS protocol."""
-    import boto3
+    def list_topics(self) -> list[str]:
+        return [topic["TopicArn"] for topic in self.sns.list_topics().get("Topics", [])]
 
-    secret = settings.aws_secret_access_key.get_secret_value() if settings.aws_secret_access_key else None
-    return boto3.session.Session().client(
-        "sns",
-        endpoint_url=settings.s3_endpoint_url,
-        aws_access_key_id=settings.aws_access_key_id,
-        aws_secret_access_key=secret,
-        region_name=settings.aws_default_region,
-    )
+    def delete_topic(self, name_or_arn: str) -> None:
+        arn = next((arn for arn in self.list_topics() if arn.split(":")[-1] == name_or_arn), name_or_arn)
+        self.sns.delete_topic(TopicArn=arn)
+
+    def ensure_notification(
+        self,
+        bucket: str,
+        topic_arn: str,
+        *,
+        notification_id: str,
+        events: Sequence[str] = DEFAULT_EVENTS,
+        prefix: str | None = None,
+        suffix: str | None = None,
+        regex: str | None = None,
+    ) -> None:
+        """Add or replace the rule `notification_id` on `bucket`, keeping the bucket's other rules."""
+        rules = [
+            {"Name": name, "Value": value}
+            for name, value in (("prefix", prefix), ("suffix", suffix), ("regex", regex))
+            if value
+        ]
+        rule: dict[str, Any] = {"Id": notification_id, "TopicArn": topic_arn, "Events": list(events)}
+        if rules:
+            rule["Filter"] = {"Key": {"FilterRules": rules}}
+        # Sending the other rules too keeps them on AWS (which replaces the set) and is a no-op on Ceph (merges).
+        others = [existing for existing in self.list_notifications(bucket) if existing["Id"] != notification_id]
+        self.s3.put_bucket_notification_configuration(
+            Bucket=bucket, NotificationConfiguration={"TopicConfigurations": [*others, rule]}
+        )
+
+    def list_notifications(self, bucket: str) -> list[dict[str, Any]]:
+        configuration = self.s3.get_bucket_notification_configuration(Bucket=bucket)
+        return list(configuration.get("TopicConfigurations", []))
+
+    def remove_notification(self, bucket: str, notification_id: str) -> bool:
+        """Remove one rule; returns whether it existed."""
+        existing = self.list_notifications(bucket)
+        kept = [rule for rule in existing if rule["Id"] != notification_id]
+        if len(kept) == len(existing):
+            return False
+        if not self._ceph_delete_notification(bucket, notification_id):
+            self.s3.put_bucket_notification_configuration(
+                Bucket=bucket, NotificationConfiguration={"TopicConfigurations": kept}
+            )
+        return True
+
+    def _ceph_delete_notification(self, bucket: str, notification_id: str) -> bool:
+        """Ceph's extension; returns False where it is not understood (AWS), so the caller falls back."""
+        settings = self._settings
+        endpoint = (settings.s3_endpoint_url or "https://s3.amazonaws.com").rstrip("/")
+        request = AWSRequest(
+            method="DELETE", url=f"{endpoint}/{quote(bucket)}?notification={quote(notification_id, safe='')}"
+        )
+        secret = settings.aws_secret_access_key.get_secret_value() if settings.aws_secret_access_key else ""
+        credentials = Credentials(settings.aws_access_key_id or "", secret)
+        S3SigV4Auth(credentials, "s3", settings.aws_default_region).add_auth(request)
+        response = URLLib3Session(timeout=int(settings.s3_read_timeout_s)).send(request.prepare())
+        return 200 <= response.status_code < 300

@@ -48,8 +48,12 @@ def burn_patient_text(
 
     margin = cap_height
     block_h, block_w = coverage.shape
-    top = {"top": margin, "bottom": height - margin - block_h}.get(position.split("-")[0], (height - block_h) // 2)
-    left = {"left": margin, "right": width - margin - block_w}.get(position.split("-")[-1], (width - block_w) // 2)
+    top = {"top": margin, "bottom": height - margin - block_h}.get(
+        position.split("-")[0], (height - block_h) // 2
+    )
+    left = {"left": margin, "right": width - margin - block_w}.get(
+        position.split("-")[-1], (width - block_w) // 2
+    )
     # Clip the text block to the image: a long line on a small image is cut off, as a console would.
     y0, x0 = max(top, 0), max(left, 0)
     y1, x1 = min(top + block_h, height), min(left + block_w, width)
@@ -76,8 +80,7 @@ def _render_coverage(lines: tuple[str, ...], font: str, cap_height: int) -> np.n
 
 
 def _render_hershey(lines: tuple[str, ...], cap_height: int) -> np.ndarray:
-    (_, unit_cap), _ = cv2.getTextSize("H", _HERSHEY, 1.0, 1)
-    scale = cap_height / unit_cap
+    scale = cap_height / _hershey_cap_height_at_unit_scale()
     thickness = max(1, round(cap_height / 11))
     pitch = round(cap_height * _LINE_PITCH)
     widths = [cv2.getTextSize(line, _HERSHEY, scale, thickness)[0][0] for line in lines]
@@ -99,6 +102,16 @@ def _render_truetype(lines: tuple[str, ...], path: Path, cap_height: int) -> np.
     for index, line in enumerate(lines):
         draw.text((pad, pad + cap_height + index * pitch), line, fill=255, font=face, anchor="ls")
     return np.asarray(canvas)
+
+
+@lru_cache(maxsize=1)
+def _hershey_cap_height_at_unit_scale() -> float:
+    # getTextSize reports the font's ascent, not the ink of a capital (OpenCV 5 draws these names with a
+    # TrueType face), so measure the ink once.
+    probe = np.zeros((200, 200), np.uint8)
+    cv2.putText(probe, "H", (20, 150), _HERSHEY, 4.0, 255, 1, cv2.LINE_8)
+    rows = np.flatnonzero(probe.any(axis=1))
+    return (rows[-1] - rows[0] + 1) / 4.0
 
 
 @lru_cache(maxsize=64)

@@ -10,49 +10,57 @@ from typing import Any
 import pytest
 from conftest import ROOT
 
-from service import notify
+from service.notify import NotificationAdmin, TopicOptions
+from service.settings import S3Settings
 
 pytestmark = pytest.mark.rgw
 
 
-def test_create_is_idempotent_and_keeps_other_rules(rgw: Any, s3: Any, input_bucket: str) -> None:
-    sns = rgw.sns_client()
-    options = notify.TopicOptions(push_endpoint="http://127.0.0.1:9/", persistent=False, opaque_data="o")
-    arn = notify.ensure_topic(sns, "t-idem", options)
-    assert notify.ensure_topic(sns, "t-idem", options) == arn
-    notify.ensure_notification(s3, input_bucket, arn, notification_id="jpeg", suffix=".jpeg")
-    notify.ensure_notification(s3, input_bucket, arn, notification_id="png", suffix=".png")
-    notify.ensure_notification(s3, input_bucket, arn, notification_id="jpeg", suffix=".jpeg")
-    rules = {rule["Id"]: rule for rule in notify.list_notifications(s3, input_bucket)}
-    assert set(rules) == {"jpeg", "png"}
-    assert rules["png"]["Filter"]["Key"]["FilterRules"] == [{"Name": "suffix", "Value": ".png"}]
-    assert rules["jpeg"]["Events"] == ["s3:ObjectCreated:*"]
-    assert arn in notify.list_topics(sns)
+@pytest.fixture
+def admin(rgw: Any) -> NotificationAdmin:
+    return NotificationAdmin(S3Settings(s3_endpoint_url=rgw.endpoint_url, aws_access_key_id=rgw.access_key,
+                                        aws_secret_access_key=rgw.secret_key, aws_default_region=rgw.region))
 
-    assert notify.remove_notification(s3, input_bucket, "jpeg") is True
-    assert [rule["Id"] for rule in notify.list_notifications(s3, input_bucket)] == ["png"]
-    assert notify.remove_notification(s3, input_bucket, "jpeg") is False
-    notify.delete_topic(sns, arn)
-    assert arn not in notify.list_topics(sns)
+
+def test_create_is_idempotent_and_keeps_other_rules(admin: NotificationAdmin, input_bucket: str) -> None:
+    options = TopicOptions(push_endpoint="http://127.0.0.1:9/", persistent=False, opaque_data="o")
+    arn = admin.ensure_topic("t-idem", options)
+    assert admin.ensure_topic("t-idem", options) == arn
+    admin.ensure_notification(input_bucket, arn, notification_id="jpeg", suffix=".jpeg")
+    admin.ensure_notification(input_bucket, arn, notification_id="png", suffix=".png")
+    admin.ensure_notification(input_bucket, arn, notification_id="jpeg", suffix=".jpg")
+    rules = {rule["Id"]: rule for rule in admin.list_notifications(input_bucket)}
+    assert set(rules) == {"jpeg", "png"}
+    assert rules["jpeg"]["Filter"]["Key"]["FilterRules"] == [{"Name": "suffix", "Value": ".jpg"}]
+    assert rules["png"]["Events"] == ["s3:ObjectCreated:*"]
+    assert arn in admin.list_topics()
+
+    assert admin.remove_notification(input_bucket, "jpeg") is True
+    assert [rule["Id"] for rule in admin.list_notifications(input_bucket)] == ["png"]
+    assert admin.remove_notification(input_bucket, "jpeg") is False
+    assert admin.remove_notification(input_bucket, "png") is True
+    assert admin.list_notifications(input_bucket) == []
+    admin.delete_topic("t-idem")
+    assert arn not in admin.list_topics()
 
 
 def test_bad_endpoint_is_refused() -> None:
     with pytest.raises(ValueError, match="push endpoint"):
-        notify.TopicOptions(push_endpoint="ftp://x").attributes()
+        TopicOptions(push_endpoint="ftp://x").attributes()
 
 
 def test_cli_round_trip(rgw: Any, input_bucket: str) -> None:
     def cli(*args: str) -> dict[str, Any]:
-        done = subprocess.run([sys.executable, "-m", "service.cli", "notify", *args], env=rgw.env() | {"PATH": ""},
-                              capture_output=True, text=True, cwd=ROOT)
+        done = subprocess.run([sys.executable, "-m", "service.cli", "notify", *args], env=rgw.env(),
+                              capture_output=True, text=True, cwd=ROOT, timeout=60)
         assert done.returncode == 0, done.stderr
         return json.loads(done.stdout)  # type: ignore[no-any-return]
 
     created = cli("create", "--bucket", input_bucket, "--topic", "cli-topic", "--endpoint", "http://127.0.0.1:9/",
                   "--regex", r".*\.(jpe?g|png)$", "--opaque-data", "x", "--kafka-ack-level", "broker")
     assert created["topic_arn"].endswith(":cli-topic") and created["id"] == "cli-topic"
-    listed = cli("list", "--bucket", input_bucket)
-    [rule] = listed["notifications"]
+    [rule] = cli("list", "--bucket", input_bucket)["notifications"]
     assert rule["Filter"]["Key"]["FilterRules"] == [{"Name": "regex", "Value": r".*\.(jpe?g|png)$"}]
     assert cli("remove", "--bucket", input_bucket, "--id", "cli-topic", "--topic", "cli-topic") == {"removed": True}
-    assert cli("list", "--bucket", input_bucket)["notifications"] == []
+    listed = cli("list", "--bucket", input_bucket)
+    assert listed["notifications"] == [] and not any(arn.endswith(":cli-topic") for arn in listed["topics"])
