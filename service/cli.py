@@ -23,7 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     create.add_argument("--topic", required=True, help="topic name")
     create.add_argument("--endpoint", required=True, help="push endpoint: http(s)://, kafka:// or amqp:// URL")
     create.add_argument("--id", default=None, help="notification rule id (default: <topic>)")
-    create.add_argument("--event", action="append", dest="events", help="event, repeatable (default: s3:ObjectCreated:*)")
+    create.add_argument("--event", action="append", dest="events",
+                        help="event, repeatable (default: s3:ObjectCreated:*)")
     create.add_argument("--prefix")
     create.add_argument("--suffix")
     create.add_argument("--regex", help="Ceph's key regex filter, e.g. '.*\\.(jpe?g|png)$'")

@@ -8,6 +8,7 @@ images for viewing.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -77,15 +78,14 @@ def run_demo(*, images: str | None, out: str, bucket: str) -> int:
         service.terminate()
         service.wait(timeout=60)
     _print_table(rows)
-    print(f"\nimages saved under {output_dir}/ (input/, processed/, anonymized/); service log: {output_dir}/service.log")
+    print(f"\nimages saved under {output_dir}/ (input/, processed/, anonymized/)")
+    print(f"service log: {output_dir}/service.log")
     return 0 if all(row["label"] != "-" for row in rows) else 1
 
 
 def _create_bucket(s3: Any, name: str) -> None:
-    try:
+    with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
         s3.create_bucket(Bucket=name)
-    except s3.exceptions.BucketAlreadyOwnedByYou:
-        pass
 
 
 def _free_port() -> int:

@@ -41,9 +41,10 @@ _ACCEPTED_CONTAINERS = {
     "BMP": "bmp",
     "WEBP": "webp",
 }
-#: Containers Pillow may sniff. Listing them keeps Pillow's lenient parsers for headerless formats (TGA...)
-#: from claiming random bytes; GIF is listed only to answer "unsupported format" rather than "not an image".
-_SNIFFED_CONTAINERS = (*_ACCEPTED_CONTAINERS, "GIF")
+#: Containers Pillow may sniff (its JPEG reader reports MPO by itself). Listing them keeps Pillow's lenient
+#: parsers for headerless formats (TGA...) from claiming random bytes; GIF is listed only to answer
+#: "unsupported format" rather than "not an image".
+_SNIFFED_CONTAINERS = ("JPEG", "PNG", "TIFF", "BMP", "WEBP", "GIF")
 
 #: EXIF orientation -> the transform that makes the pixels upright (as in PIL.ImageOps.exif_transpose).
 _UPRIGHT_BY_ORIENTATION: dict[int, Callable[[np.ndarray], np.ndarray]] = {
@@ -201,9 +202,12 @@ _MIN_LINE_ASPECT = 1.5
 _MIN_LINE_FILL = 0.45
 _MIN_LINE_INK = 0.15
 _MIN_STROKE_CROSSINGS_PER_ROW = 6
-#: A faint word next to an accepted one, in the same row and at most this many line heights away, belongs
-#: to the same line (a name often mixes high- and low-contrast glyphs over a varying background).
-_SAME_LINE_GAP = 1.5
+#: A faint blob next to an accepted line, in its row, no taller than this many line heights and at most
+#: this many times the lower of the two heights away, belongs to the line: a name often mixes high- and
+#: low-contrast glyphs over a varying background. Measuring the gap by the lower height keeps a line from
+#: hopping along small anatomy blobs (vertebrae, vessels) in its row.
+_SAME_LINE_GAP = 2.0
+_MAX_SAME_LINE_HEIGHT = 1.6
 #: Padding around each line, as a fraction of its height, and at least this many pixels: enough that no
 #: antialiased stroke edge survives outside the box.
 _PAD_FRACTION = 0.45
@@ -340,11 +344,13 @@ def _extend_along_rows(lines: np.ndarray, candidates: np.ndarray) -> np.ndarray:
     cand_height = candidates[None, :, 3]
     # Rows stay those of the original lines, so a line cannot snowball up or down over anatomy.
     overlap = np.minimum(row_bottom, cand_bottom) - np.maximum(row_top, cand_top)
-    in_row = (overlap >= 0.5 * np.minimum(row_height, cand_height)) & (cand_height <= 1.6 * row_height)
+    in_row = (overlap >= 0.5 * np.minimum(row_height, cand_height)) & (
+        cand_height <= _MAX_SAME_LINE_HEIGHT * row_height
+    )
     taken = np.zeros(len(candidates), bool)
     while True:
         gap = np.maximum(cand_left - grown[:, 2:3], grown[:, 0:1] - cand_right)
-        joins = in_row & (gap <= _SAME_LINE_GAP * np.maximum(row_height, cand_height)) & ~taken[None, :]
+        joins = in_row & (gap <= _SAME_LINE_GAP * np.minimum(row_height, cand_height)) & ~taken[None, :]
         if not joins.any():
             break
         for line, candidate in zip(*np.nonzero(joins), strict=True):

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from service import __version__
@@ -31,7 +31,7 @@ from service.storage import SOURCE_ETAG, SOURCE_VERSION_ID, ObjectStore
 logger = logging.getLogger(__name__)
 
 
-class Outcome(str, Enum):
+class Outcome(StrEnum):
     PROCESSED = "processed"
     SKIPPED = "skipped"
     FAILED = "failed"

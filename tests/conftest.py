@@ -35,11 +35,17 @@ VALIDATION_IMAGES = ROOT / "model" / ".cache" / "pneumonia" / "val"
 TEST_PSEUDONYM_KEY = "test-pseudonym-key-0123456789abcdef"
 # Keys as uploaders write them: spaces, '+', '%', non-ASCII, patient-like names and dates.
 HOSTILE_KEYS = [
-    "data/chest_xray/demo/PNEUMONIA/demo_Anna Mcgehee_3677_1941-11-26_2015-02-10.jpeg",
+    "ward 7/Anna Mcgehee_3677_1941-11-26_2015-02-10.jpeg",
     "scans/Mary+Ann O'Neil 100%25 done.jpg",
     "Jürgen Groß/Ærø øre ünïcødé 1949-12-31.png",
 ]
 _bucket_counter = itertools.count()
+
+
+def key_fragments(key: str, min_length: int = 4) -> list[str]:
+    """The pieces of a key that identify a patient; none may appear in a log line, response or record."""
+    pieces = key.replace("/", " ").replace("_", " ").replace(".", " ").split()
+    return [piece for piece in pieces if len(piece) >= min_length and piece.lower() not in {"jpeg", "scan"}]
 
 
 @pytest.fixture(scope="session")

@@ -89,7 +89,8 @@ def test_structured_cloudevent_with_base64_data() -> None:
 
 def test_cloudevents_batch() -> None:
     events = [
-        {"specversion": "1.0", "id": str(i), "source": "/s", "type": "t", "data": notification(ceph_record("in", f"k{i}"))}
+        {"specversion": "1.0", "id": str(i), "source": "/s", "type": "t",
+         "data": notification(ceph_record("in", f"k{i}"))}
         for i in range(3)
     ]
     delivery = parse_delivery({"content-type": BATCH_CONTENT_TYPE}, json.dumps(events).encode())

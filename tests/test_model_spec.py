@@ -61,7 +61,7 @@ def test_invalid_specs_are_configuration_errors(tmp_path: Path, change: tuple[st
 
 
 def test_missing_weights_and_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(ConfigurationError, match="weights file .* does not exist"):
+    with pytest.raises(ConfigurationError, match=r"weights file .* does not exist"):
         ModelSpec.load(write_spec(tmp_path, BINARY, weights=False))
     with pytest.raises(ConfigurationError, match="cannot read"):
         ModelSpec.load(tmp_path / "absent.yaml")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import HOSTILE_KEYS
+from conftest import HOSTILE_KEYS, key_fragments
 
 from service.object_keys import anonymized_key, failure_key, processed_key, pseudonym
 
@@ -39,9 +39,8 @@ def test_anonymized_key_keeps_only_the_extension(key: str) -> None:
     assert anonymized.startswith(alias)
     suffix = anonymized.removeprefix(alias)
     assert suffix in {".jpg", ".jpeg", ".png"}
-    for fragment in key.replace("/", " ").replace("_", " ").split():
-        if len(fragment) > 4 and fragment.lower() not in suffix:
-            assert fragment not in anonymized
+    for fragment in key_fragments(key):
+        assert fragment not in anonymized
 
 
 def test_unknown_extensions_are_replaced_by_the_format() -> None:
