@@ -139,8 +139,9 @@ def _upload(s3: Any, bucket: str, sources: list[Path], input_dir: Path) -> list[
         s3.put_object(Bucket=bucket, Key=key, Body=encoded.tobytes(), ContentType="image/jpeg")
         (input_dir / f"{index:02d}.jpeg").write_bytes(encoded.tobytes())
         uploads.append(DemoUpload(source, key, truth))
-        print(f"uploaded {index + 1}/{len(sources)}", end="\r", flush=True)
-    print()
+        if sys.stdout.isatty():
+            print(f"uploaded {index + 1}/{len(sources)}", end="\r", flush=True)
+    print(f"uploaded {len(sources)} X-rays with fake patient text burned in; waiting for the outputs ...")
     return uploads
 
 

@@ -126,6 +126,9 @@ def _frame_count(header: Image.Image) -> int:
 
 
 def _exif_orientation(header: Image.Image) -> int:
+    """The orientation still to apply to what OpenCV decodes (1: none)."""
+    if header.format == "TIFF":
+        return 1  # OpenCV's TIFF reader (libtiff) already applies the orientation tag
     # Pillow's PNG reader would decode the whole image to look for an eXIf chunk stored after the pixel data;
     # only the (usual) eXIf chunk ahead of the pixels is honoured.
     if header.format == "PNG" and "exif" not in header.info:
@@ -420,7 +423,7 @@ def _erase_text(region: np.ndarray) -> np.ndarray:
     blocks = cv2.resize(
         background, (max(1, width // block), max(1, height // block)), interpolation=cv2.INTER_AREA
     )
-    return cv2.resize(blocks, (width, height), interpolation=cv2.INTER_LINEAR).reshape(region.shape)
+    return cv2.resize(blocks, (width, height), interpolation=cv2.INTER_LINEAR)
 
 
 # --------------------------------------------------------------------------------------------------- stamping

@@ -145,6 +145,17 @@ def test_exif_orientation_is_applied(orientation: int) -> None:
         assert decoded.pixels.shape[:2] == (70, 40)
 
 
+@pytest.mark.parametrize(
+    ("fmt", "options"), [("TIFF", {"tiffinfo": {0x0112: 6}}), ("WEBP", {"lossless": True})]
+)
+def test_orientation_of_tiff_and_webp_is_applied_once(fmt: str, options: dict) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored = _gradient(20, 30, 3)
+    data = _pil_bytes(Image.fromarray(stored[:, :, ::-1]), fmt, exif=exif, **options)
+    np.testing.assert_array_equal(_decode(data).pixels, cv2.rotate(stored, cv2.ROTATE_90_CLOCKWISE))
+
+
 def test_exif_orientation_of_png_is_applied() -> None:
     exif = Image.Exif()
     exif[0x0112] = 6
