@@ -72,6 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def receive_event(request: Request) -> JSONResponse:
         body = await _read_body(request, settings.max_request_bytes)
         delivery = parse_delivery(request.headers, body)
+        logger.debug("delivery: %s with %d record(s)", delivery.transport.value, len(delivery.records))
         result = await request.app.state.pipeline.process_delivery(delivery)
         return JSONResponse(_summary(result), status_code=_status_for(result, delivery.transport))
 

@@ -195,6 +195,13 @@ _MAX_LINE_HEIGHT_PX = 110
 #: box, at the next threshold: text touching anatomy separates from it once the threshold passes the anatomy's
 #: contrast, and text on a plain background is found at the first threshold.
 _CONTRAST_LEVELS = (32, 50, 80, 128, 200)
+#: The first search goes below the first level where the background is smooth: its threshold is a few times
+#: the local texture (the mean contrast in cells of this size, in reduced pixels), but never below the faintest
+#: contrast. Faint grey text on a smooth background is found; lung texture keeps the first level.
+_NOISE_CELL_PX = 8
+_NOISE_NEIGHBOURHOOD_CELLS = 7
+_NOISE_MULTIPLE = 4.0
+_FAINTEST_CONTRAST = 14
 #: Blobs with pixels this far from their background are accepted at any shape: X-ray anatomy is soft and
 #: rarely that sharp, while text, lead markers, rulers and wires are (and they may all be blurred).
 _SHARP_CONTRAST = 90
@@ -282,19 +289,20 @@ class _LineSearch:
         """Accepted line blobs, and every line-sized blob as a candidate to extend them with."""
         accepted: list[np.ndarray] = [np.zeros((0, 4), np.int64)]
         candidates: list[np.ndarray] = [np.zeros((0, 4), np.int64)]
-        self._scan(contrast, 0, 0, 0, accepted, candidates)
+        strokes = np.bitwise_and(cv2.compare(contrast, _first_thresholds(contrast), cv2.CMP_GE), 1)
+        self._scan(contrast, strokes, 0, 0, 0, accepted, candidates)
         return np.concatenate(accepted), np.concatenate(candidates)
 
     def _scan(
         self,
         contrast: np.ndarray,
+        strokes: np.ndarray,
         level: int,
         left: int,
         top: int,
         accepted: list[np.ndarray],
         candidates: list[np.ndarray],
     ) -> None:
-        strokes = cv2.threshold(contrast, _CONTRAST_LEVELS[level] - 1, 1, cv2.THRESH_BINARY)[1]
         blobs_mask = cv2.morphologyEx(strokes, cv2.MORPH_CLOSE, self.closing_kernel)
         contours, _ = cv2.findContours(blobs_mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         if not contours:
@@ -304,7 +312,9 @@ class _LineSearch:
         too_tall = blobs[:, 3] > self.max_height
         if level + 1 < len(_CONTRAST_LEVELS):
             for x, y, w, h in blobs[too_tall]:
-                self._scan(contrast[y : y + h, x : x + w], level + 1, left + x, top + y, accepted, candidates)
+                region = contrast[y : y + h, x : x + w]
+                region_strokes = cv2.threshold(region, _CONTRAST_LEVELS[level + 1] - 1, 1, cv2.THRESH_BINARY)[1]
+                self._scan(region, region_strokes, level + 1, left + x, top + y, accepted, candidates)
         blobs = blobs[~too_tall]
         if not len(blobs):
             return
@@ -330,6 +340,20 @@ class _LineSearch:
         offset = np.array([left, top, 0, 0])
         accepted.append(blobs[sharp | line_like] + offset)
         candidates.append(blobs + offset)
+
+
+def _first_thresholds(contrast: np.ndarray) -> np.ndarray:
+    """Per-pixel threshold of the first search: a few times the local texture, within the first levels."""
+    height, width = contrast.shape
+    cell = _NOISE_CELL_PX
+    # The strongest contrast in each cell: lung texture puts a vessel or a rib edge in nearly every cell,
+    # a smooth background only noise.
+    cells = cv2.dilate(contrast, np.ones((cell, cell), np.uint8), anchor=(0, 0))[::cell, ::cell]
+    # The quietest cell nearby is the background's texture, even right next to (or inside) a block of text.
+    quietest = cv2.erode(cells, np.ones((_NOISE_NEIGHBOURHOOD_CELLS,) * 2, np.uint8))
+    thresholds = np.clip(quietest.astype(np.float32) * _NOISE_MULTIPLE, _FAINTEST_CONTRAST, _CONTRAST_LEVELS[0])
+    upscaled = cv2.resize(thresholds.astype(np.uint8), None, fx=cell, fy=cell, interpolation=cv2.INTER_NEAREST)
+    return upscaled[:height, :width]
 
 
 def _extend_along_rows(lines: np.ndarray, candidates: np.ndarray) -> np.ndarray:

@@ -129,6 +129,8 @@ class Pipeline:
         output_key = processed_key(record.key)
         recorded = await asyncio.to_thread(self._store.recorded_metadata, processed_bucket, output_key)
         recorded_etag = (recorded or {}).get(SOURCE_ETAG)
+        logger.debug("record %s: %s in %s, processed eTag on record: %s", alias, record.event_name, record.bucket,
+                     recorded_etag or "none")
         if record.etag and recorded_etag == record.etag:
             return self._finish(RecordResult(Outcome.SKIPPED, alias, reason="duplicate"), started)
         try:
@@ -137,6 +139,7 @@ class Pipeline:
             fetched = await asyncio.to_thread(
                 self._store.fetch_object, record.bucket, record.key, None, max_bytes=self._settings.max_image_bytes
             )
+            logger.debug("record %s: fetched %d bytes, eTag %s", alias, len(fetched.body), fetched.etag)
             if recorded_etag and recorded_etag == fetched.etag:
                 return self._finish(RecordResult(Outcome.SKIPPED, alias, reason="duplicate"), started)
             analysis = await self._engine.analyze(
@@ -146,6 +149,8 @@ class Pipeline:
             await self._write_failure_record(record, alias, processed_bucket, error)
             return self._finish(RecordResult(Outcome.FAILED, alias, reason=error.reason), started, error.message)
 
+        logger.debug("record %s: %s image, %d text region(s) found", alias, analysis.image_format,
+                     analysis.text_regions)
         metadata = self._output_metadata(analysis, fetched.etag)
         anonymized_bucket = anonymized_name = None
         if analysis.anonymized is not None:

@@ -1,0 +1,89 @@
+"""The tests' privacy oracle: Tesseract OCR used as an attacker would use it on an anonymized image.
+
+Each region is read plain, after a strong unsharp mask, upscaled and sharpened, and with its strokes pulled off
+the background; a token counts as leaked if any of these views yields it. Tesseract is a test oracle only.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import cv2
+import numpy as np
+import pytesseract
+
+Box = tuple[int, int, int, int]
+#: A gray image and the Tesseract page segmentation mode to read it with.
+View = tuple[np.ndarray, int]
+
+
+def normalised(text: str) -> str:
+    return re.sub(r"[^A-Z0-9]", "", text.upper())
+
+
+def sharpened(gray: np.ndarray) -> np.ndarray:
+    """What an attacker tries first: a strong unsharp mask, then a full contrast stretch."""
+    blurred = cv2.GaussianBlur(gray, (0, 0), 2.0)
+    sharp = cv2.addWeighted(gray, 3.0, blurred, -2.0, 0)
+    return cv2.normalize(sharp, None, 0, 255, cv2.NORM_MINMAX)
+
+
+def text_isolated(gray: np.ndarray) -> np.ndarray:
+    """Bright and dark strokes pulled off their background (top-hat + black-hat), as dark text on white."""
+    kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (25, 25))
+    strokes = cv2.max(
+        cv2.morphologyEx(gray, cv2.MORPH_TOPHAT, kernel), cv2.morphologyEx(gray, cv2.MORPH_BLACKHAT, kernel)
+    )
+    return 255 - cv2.normalize(strokes, None, 0, 255, cv2.NORM_MINMAX)
+
+
+def attack_views(gray: np.ndarray) -> list[np.ndarray]:
+    upscaled = cv2.resize(gray, None, fx=2, fy=2, interpolation=cv2.INTER_CUBIC)
+    return [gray, sharpened(gray), sharpened(upscaled), text_isolated(upscaled)]
+
+
+def ocr(gray: np.ndarray, psm: int) -> str:
+    padded = cv2.copyMakeBorder(gray, 12, 12, 12, 12, cv2.BORDER_REPLICATE)
+    return normalised(pytesseract.image_to_string(padded, config=f"--psm {psm}"))
+
+
+def tokens_read(view_groups: Sequence[Sequence[View]], tokens: Iterable[str]) -> list[set[str]]:
+    """For each group of views, the tokens Tesseract finds in any of them (Tesseract subprocesses in parallel)."""
+    tokens = [normalised(token) for token in tokens]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        texts = iter(list(pool.map(lambda view: ocr(*view), [view for group in view_groups for view in group])))
+    found = []
+    for group in view_groups:
+        group_texts = [next(texts) for _ in group]
+        found.append({token for token in tokens if any(token in text for text in group_texts)})
+    return found
+
+
+def crop(pixels: np.ndarray, box: Box, margin: int) -> np.ndarray:
+    x, y, w, h = box
+    return pixels[max(0, y - margin) : y + h + margin, max(0, x - margin) : x + w + margin]
+
+
+def ink_box(ink: np.ndarray) -> Box:
+    """Bounding box of the non-zero pixels of a mask (where text was burned)."""
+    ys, xs = np.nonzero(ink)
+    return int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)
+
+
+def changed_box(before: np.ndarray, after: np.ndarray, threshold: int = 60) -> Box:
+    """Where `after` differs strongly from `before` (the stamp), ignoring lossy re-encoding noise."""
+    height = min(before.shape[0], after.shape[0])
+    changed = np.zeros(after.shape[:2], bool)
+    changed[:height] = cv2.absdiff(before[:height], after[:height]) > threshold
+    changed[height:] = True  # a band added below the image
+    return ink_box(changed)
+
+
+def read_stamp(before: np.ndarray, after: np.ndarray) -> str:
+    """OCR of the label stamped onto `after` (light text on a dark box), scaled to Tesseract's liking."""
+    label = crop(after, changed_box(before, after), 0)
+    scale = max(1.0, 60 / label.shape[0])
+    label = cv2.resize(label, None, fx=scale, fy=scale, interpolation=cv2.INTER_CUBIC)
+    return ocr(255 - label, psm=6)
