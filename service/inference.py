@@ -153,7 +153,10 @@ def _load_keras(spec: ModelSpec, threads: int) -> PredictBatch:
     model = keras.saving.load_model(spec.weights, compile=False)
     signature = tf.TensorSpec([None, spec.input.height, spec.input.width, spec.input.channels], tf.float32)
     # One trace for every batch size: a compiled graph instead of an eager call per request.
-    compiled = tf.function(lambda batch: model(batch, training=False), input_signature=[signature])
+    # No Python control flow to convert: autograph off (it would also litter /tmp with generated files).
+    compiled = tf.function(
+        lambda batch: model(batch, training=False), input_signature=[signature], autograph=False
+    )
 
     def predict(batch: np.ndarray) -> np.ndarray:
         return np.asarray(compiled(tf.constant(batch, dtype=tf.float32)))

@@ -8,9 +8,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import struct
 import subprocess
 import sys
 import uuid
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -194,6 +196,17 @@ def ceph_record(
         "eventId": f"test.{uuid.uuid4().hex}",
         "opaqueData": "",
     }
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A few dozen bytes declaring a huge grey PNG: a decompression bomb must be refused from its header."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    pixels = zlib.compress(b"\0" * 64)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
 
 
 def upload(s3: Any, bucket: str, key: str, body: bytes) -> str:

@@ -17,6 +17,7 @@ from conftest import (
     ceph_record,
     encode,
     key_fragments,
+    png_header_only,
     upload,
     xray_like,
 )
@@ -116,7 +117,8 @@ def test_new_content_under_the_same_key_is_processed_again(harness: Harness, s3:
 @pytest.mark.parametrize(
     ("body", "reason", "limit"),
     [(None, "missing-object", None), (b"Anna Mcgehee, not an image", "not-an-image", None),
-     (encode(xray_like(200))[:3000], "corrupt-image", None), (b"x" * 5000, "too-large", 1000)],
+     (encode(xray_like(200))[:3000], "corrupt-image", None), (b"x" * 5000, "too-large", 1000),
+     (png_header_only(30_000, 30_000), "too-many-pixels", None)],
 )
 def test_unprocessable_objects_leave_a_failure_record(harness: Harness, make_settings: Any, s3: Any,
                                                       input_bucket: str, body: bytes | None, reason: str,
