@@ -56,13 +56,12 @@ class NotificationAdmin:
     def __init__(self, settings: S3Settings) -> None:
         self._settings = settings
         self.s3 = make_s3_client(settings)
-        secret = settings.aws_secret_access_key.get_secret_value() if settings.aws_secret_access_key else None
         # Ceph serves its topic API on the S3 endpoint, with the SNS protocol.
         self.sns = boto3.session.Session().client(
             "sns",
             endpoint_url=settings.s3_endpoint_url,
             aws_access_key_id=settings.aws_access_key_id,
-            aws_secret_access_key=secret,
+            aws_secret_access_key=settings.secret_access_key,
             region_name=settings.aws_default_region,
         )
 
@@ -126,8 +125,7 @@ class NotificationAdmin:
         request = AWSRequest(
             method="DELETE", url=f"{endpoint}/{quote(bucket)}?notification={quote(notification_id, safe='')}"
         )
-        secret = settings.aws_secret_access_key.get_secret_value() if settings.aws_secret_access_key else ""
-        credentials = Credentials(settings.aws_access_key_id or "", secret)
+        credentials = Credentials(settings.aws_access_key_id or "", settings.secret_access_key or "")
         S3SigV4Auth(credentials, "s3", settings.aws_default_region).add_auth(request)
         response = URLLib3Session(timeout=int(settings.s3_read_timeout_s)).send(request.prepare())
         return 200 <= response.status_code < 300

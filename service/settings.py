@@ -44,6 +44,10 @@ class S3Settings(BaseSettings):
     s3_max_attempts: int = Field(default=3, ge=1, le=10)
     """Attempts per S3 call (botocore's standard retry mode, with backoff) before answering 503."""
 
+    @property
+    def secret_access_key(self) -> str | None:
+        return self.aws_secret_access_key.get_secret_value() if self.aws_secret_access_key else None
+
     @field_validator("s3_endpoint_url")
     @classmethod
     def _endpoint_is_url(cls, value: str | None) -> str | None:

@@ -48,12 +48,11 @@ def make_s3_client(settings: S3Settings) -> Any:
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
     )
-    secret = settings.aws_secret_access_key.get_secret_value() if settings.aws_secret_access_key else None
     return boto3.session.Session().client(
         "s3",
         endpoint_url=settings.s3_endpoint_url,
         aws_access_key_id=settings.aws_access_key_id,
-        aws_secret_access_key=secret,
+        aws_secret_access_key=settings.secret_access_key,
         region_name=settings.aws_default_region,
         config=config,
     )
