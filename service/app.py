@@ -44,6 +44,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             threads_per_worker=settings.effective_worker_threads,
             limits=ImageLimits(settings.max_image_bytes, settings.max_image_pixels),
             start_timeout_s=settings.worker_start_timeout_s,
+            batch_max_size=settings.batch_max_size,
+            batch_max_wait_ms=settings.batch_max_wait_ms,
         )
         app.state.engine = engine
         app.state.pipeline = Pipeline(settings, ObjectStore(make_s3_client(settings)), engine, spec)

@@ -1,30 +1,58 @@
-"""The inference pool: spawned worker processes that each load the model once and analyze images.
+"""The inference engine: supervised worker processes behind an adaptive micro-batcher.
 
-TensorFlow is imported only inside workers (started with `spawn`, never forked from a process that holds it),
-so the web process stays small and fast. Workers receive encoded image bytes and return encoded outputs.
-The standard library's ProcessPoolExecutor breaks as a whole when one worker dies; the engine then reports
-not-ready, answers the affected requests with `ModelNotReady` (503, redelivered) and rebuilds the pool.
+Workers are spawned (never forked from a process that holds TensorFlow), load the model once, warm it, and then
+analyze whole batches: one round trip per batch, encoded bytes in, encoded outputs back. Concurrent requests are
+gathered into a batch that is released when it is full (`BATCH_MAX_SIZE`) or when its first request has waited
+`BATCH_MAX_WAIT_MS`; while every worker is busy, requests keep gathering, so batches grow with load.
+
+Each worker has its own pipe, so a worker that dies (SIGKILL, OOM, segfault) fails only the batch it held: those
+requests get `ModelNotReady` (503, redelivered), a replacement is spawned and takes work once warm. The engine is
+ready while at least one worker is warm. TensorFlow is imported only inside workers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import logging
 import multiprocessing
 import os
-from concurrent.futures import BrokenExecutor, Future, ProcessPoolExecutor
+import threading
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from service.analysis import Analysis, ImageLimits, PredictBatch, analyze_image
-from service.errors import ModelNotReady
+from service.analysis import Analysis, AnalysisOutcome, AnalysisRequest, ImageLimits, PredictBatch, analyze_batch
+from service.errors import ModelNotReady, PipelineError
 from service.model_spec import ModelSpec
 
 logger = logging.getLogger(__name__)
+_SPAWN = multiprocessing.get_context("spawn")
+
+
+@dataclass
+class _Pending:
+    request: AnalysisRequest
+    future: asyncio.Future[AnalysisOutcome]
+    queued_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class _Worker:
+    """The parent's handle on one worker process."""
+
+    process: Any
+    connection: Connection
+    warm: bool = False
+    #: The batch this worker holds, if any (failed with ModelNotReady if the worker dies).
+    batch: list[_Pending] | None = None
 
 
 class InferenceEngine:
-    """Owns the worker pool; `ready` only while every worker has loaded and warmed the model."""
+    """Owns the workers and the batcher; `ready` while at least one worker is warm."""
 
     def __init__(
         self,
@@ -34,111 +62,231 @@ class InferenceEngine:
         threads_per_worker: int,
         limits: ImageLimits,
         start_timeout_s: float = 300.0,
+        batch_max_size: int = 8,
+        batch_max_wait_ms: float = 5.0,
     ) -> None:
         self._spec_path = spec_path
-        self._workers = workers
+        self._worker_count = workers
         self._threads = threads_per_worker
         self._limits = limits
         self._start_timeout_s = start_timeout_s
-        self._pool: ProcessPoolExecutor | None = None
-        self._ready = False
-        self._rebuild: asyncio.Task[None] | None = None
+        self._batch_max_size = batch_max_size
+        self._batch_max_wait_s = batch_max_wait_ms / 1000
+        self._workers: list[_Worker] = []
+        self._queue: collections.deque[_Pending] = collections.deque()
+        self._work_arrived = asyncio.Event()
+        self._worker_freed = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
+        #: Sizes of the batches dispatched so far (for tests and, later, metrics).
+        self.batch_sizes: list[int] = []
+        self.restarts = 0
 
     @property
     def ready(self) -> bool:
-        return self._ready
-
-    async def start(self) -> None:
-        """Start the workers and wait until each has loaded and warmed the model; raise if any cannot."""
-        self._pool = await self._start_pool()
-        self._ready = True
-
-    async def analyze(self, data: bytes, *, anonymize_always: bool) -> Analysis:
-        pool = self._pool
-        if not self._ready or pool is None:
-            raise ModelNotReady("the model is not loaded yet")
-        try:
-            future = pool.submit(worker_analyze, data, anonymize_always)
-            return await asyncio.wrap_future(future)
-        except BrokenExecutor:
-            self._replace_broken(pool)
-            raise ModelNotReady("an inference worker died; the pool is being restarted") from None
-
-    async def stop(self) -> None:
-        self._stopping = True
-        self._ready = False
-        if self._rebuild is not None:
-            self._rebuild.cancel()
-        if self._pool is not None:
-            pool, self._pool = self._pool, None
-            await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
+        return not self._stopping and any(worker.warm for worker in self._workers)
 
     def worker_pids(self) -> list[int]:
-        """Process ids of the live workers (for tests and diagnostics)."""
-        processes = getattr(self._pool, "_processes", None) or {}
-        return sorted(pid for pid, process in processes.items() if process.is_alive())
+        return sorted(worker.process.pid for worker in self._workers if worker.process.is_alive())
 
-    async def _start_pool(self) -> ProcessPoolExecutor:
-        pool = ProcessPoolExecutor(
-            max_workers=self._workers,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=worker_initialize,
-            initargs=(str(self._spec_path), self._threads, self._limits),
-        )
+    async def start(self) -> None:
+        """Spawn every worker in parallel and wait until all are warm; raise if any cannot load the model."""
+        self._loop = asyncio.get_running_loop()
+        self._work_arrived = asyncio.Event()
+        self._worker_freed = asyncio.Event()
         try:
-            await asyncio.wait_for(self._wait_until_all_warm(pool), timeout=self._start_timeout_s)
+            await asyncio.wait_for(
+                asyncio.gather(*(self._spawn_worker() for _ in range(self._worker_count))),
+                timeout=self._start_timeout_s,
+            )
         except BaseException as error:
-            pool.shutdown(wait=False, cancel_futures=True)
-            if isinstance(error, BrokenExecutor):
-                raise RuntimeError("an inference worker failed to load the model (see its error above)") from None
+            await self.stop()
             if isinstance(error, TimeoutError):
                 raise RuntimeError(f"workers did not load the model within {self._start_timeout_s:.0f} s") from None
             raise
-        return pool
+        self._background(self._dispatch_forever())
 
-    async def _wait_until_all_warm(self, pool: ProcessPoolExecutor) -> None:
-        # The executor spawns one process per concurrent submission, and a worker answers the probe only after
-        # its initializer loaded and warmed the model; re-probe until every worker has answered.
-        answered: set[int] = set()
-        while len(answered) < self._workers:
-            probes: list[Future[int]] = [pool.submit(worker_probe) for _ in range(self._workers)]
-            answered.update(await asyncio.gather(*(asyncio.wrap_future(probe) for probe in probes)))
-            if len(answered) < self._workers:
-                await asyncio.sleep(0.05)  # a warm worker answered for one still loading: ask again shortly
+    async def analyze(self, data: bytes, *, anonymize_always: bool) -> Analysis:
+        if not self.ready:
+            raise ModelNotReady("the model is not loaded yet")
+        future: asyncio.Future[AnalysisOutcome] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(AnalysisRequest(data, anonymize_always), future))
+        self._work_arrived.set()
+        outcome = await future
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
 
-    def _replace_broken(self, broken: ProcessPoolExecutor) -> None:
-        if broken is not self._pool or self._stopping:
-            return  # another request already started the replacement
-        self._ready = False
-        logger.error("inference pool broken (a worker died); restarting it")
-        broken.shutdown(wait=False, cancel_futures=True)
-        self._rebuild = asyncio.get_running_loop().create_task(self._restart())
+    async def stop(self) -> None:
+        self._stopping = True
+        for task in self._tasks:
+            task.cancel()
+        self._fail_queued(ModelNotReady("the service is shutting down"))
+        workers, self._workers = self._workers, []
+        for worker in workers:
+            with contextlib.suppress(OSError, ValueError):
+                worker.connection.send(None)  # finish and exit
+        await asyncio.gather(*(asyncio.to_thread(self._reap, worker) for worker in workers))
 
-    async def _restart(self) -> None:
+    # --- supervision ------------------------------------------------------------------------------------
+
+    async def _spawn_worker(self) -> None:
+        parent_end, child_end = _SPAWN.Pipe()
+        process = _SPAWN.Process(
+            target=worker_main,
+            args=(child_end, str(self._spec_path), self._threads, self._limits),
+            name="xray-inference-worker",
+            daemon=True,  # never outlive the web process
+        )
+        process.start()
+        child_end.close()
+        worker = _Worker(process, parent_end)
+        self._workers.append(worker)
+        hello = await asyncio.to_thread(_receive, parent_end)
+        if not (isinstance(hello, tuple) and hello[0] == "ready"):
+            self._workers.remove(worker)
+            await asyncio.to_thread(self._reap, worker)
+            reason = hello[1] if isinstance(hello, tuple) else "it exited while loading"
+            raise RuntimeError(f"an inference worker failed to load the model: {reason}")
+        worker.warm = True
+        threading.Thread(target=self._read_results, args=(worker,), daemon=True, name="worker-reader").start()
+        self._worker_freed.set()
+
+    def _read_results(self, worker: _Worker) -> None:
+        """One thread per worker: blocking reads keep large results off the event loop."""
+        assert self._loop is not None
+        while True:
+            message = _receive(worker.connection)
+            try:
+                if message is None:
+                    self._loop.call_soon_threadsafe(self._on_worker_exit, worker)
+                    return
+                self._loop.call_soon_threadsafe(self._on_results, worker, message)
+            except RuntimeError:
+                return  # the event loop is closed: the engine was stopped
+
+    def _on_results(self, worker: _Worker, outcomes: list[AnalysisOutcome]) -> None:
+        batch, worker.batch = worker.batch or [], None
+        for pending, outcome in zip(batch, outcomes, strict=True):
+            if not pending.future.done():
+                pending.future.set_result(outcome)
+        self._worker_freed.set()
+
+    def _on_worker_exit(self, worker: _Worker) -> None:
+        if worker not in self._workers:
+            return  # stopped on purpose
+        self._workers.remove(worker)
+        exit_code = worker.process.exitcode
+        held = len(worker.batch or [])
+        logger.error("inference worker %d died (exit code %s) holding %d request(s); replacing it",
+                     worker.process.pid, exit_code, held)
+        for pending in worker.batch or []:
+            if not pending.future.done():
+                pending.future.set_result(ModelNotReady("the inference worker died; retry"))
+        worker.batch = None
+        if not self.ready:
+            # Nobody can take the queued work soon: answer 503 now rather than hold requests for a reload.
+            self._fail_queued(ModelNotReady("no inference worker is ready"))
+        if not self._stopping:
+            self.restarts += 1
+            self._background(self._replace_worker())
+
+    async def _replace_worker(self) -> None:
         delay = 1.0
         while not self._stopping:
             try:
-                self._pool = await self._start_pool()
-                self._ready = True
-                logger.info("inference pool restarted")
+                await self._spawn_worker()
+                logger.info("replacement inference worker is warm")
                 return
             except Exception:
-                logger.exception("restarting the inference pool failed; retrying in %.0f s", delay)
+                logger.exception("starting a replacement worker failed; retrying in %.0f s", delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
+
+    @staticmethod
+    def _reap(worker: _Worker) -> None:
+        worker.process.join(timeout=10)
+        if worker.process.is_alive():
+            worker.process.kill()
+            worker.process.join(timeout=5)
+        worker.connection.close()
+
+    # --- batching -----------------------------------------------------------------------------------
+
+    async def _dispatch_forever(self) -> None:
+        while True:
+            while not self._queue:
+                self._work_arrived.clear()
+                await self._work_arrived.wait()
+            worker = await self._idle_worker()
+            # Gather until full or until the oldest request has waited long enough.
+            deadline = self._queue[0].queued_at + self._batch_max_wait_s
+            while len(self._queue) < self._batch_max_size and (remaining := deadline - time.monotonic()) > 0:
+                self._work_arrived.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._work_arrived.wait(), remaining)
+            if worker not in self._workers or not self._queue:
+                continue  # it died, or the queue was failed, while the batch gathered
+            size = min(len(self._queue), self._batch_max_size)
+            batch = [self._queue.popleft() for _ in range(size)]
+            worker.batch = batch
+            self.batch_sizes.append(size)
+            # If the worker died meanwhile, its reader thread reports the exit and fails the batch.
+            with contextlib.suppress(OSError, ValueError):
+                await asyncio.to_thread(worker.connection.send, [pending.request for pending in batch])
+
+    async def _idle_worker(self) -> _Worker:
+        while True:
+            for worker in self._workers:
+                if worker.warm and worker.batch is None:
+                    return worker
+            self._worker_freed.clear()
+            await self._worker_freed.wait()
+
+    def _fail_queued(self, error: PipelineError) -> None:
+        while self._queue:
+            pending = self._queue.popleft()
+            if not pending.future.done():
+                pending.future.set_result(error)
+
+    def _background(self, coroutine: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+def _receive(connection: Connection) -> Any:
+    try:
+        return connection.recv()
+    except (EOFError, OSError):
+        return None
 
 
 # --- Everything below runs inside worker processes. ------------------------------------------------------
 
-_worker: dict[str, Any] = {}
 
-
-def worker_initialize(spec_path: str, threads: int, limits: ImageLimits) -> None:
-    """Load the model once per worker and warm its compiled call, before the worker takes any work."""
+def worker_main(connection: Connection, spec_path: str, threads: int, limits: ImageLimits) -> None:
+    """Load and warm the model, say so, then analyze batches until told to stop or the parent goes away."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    spec = ModelSpec.load(spec_path)
-    _worker.update(spec=spec, limits=limits, predict=_load_keras(spec, threads))
+    try:
+        spec = ModelSpec.load(spec_path)
+        predict = _load_keras(spec, threads)
+    except Exception as error:
+        connection.send(("failed", f"{type(error).__name__}: {error}"))
+        return
+    connection.send(("ready", os.getpid()))
+    while (requests := _receive(connection)) is not None:
+        outcomes = analyze_batch(requests, spec=spec, predict=predict, limits=limits)
+        connection.send([_picklable(outcome) for outcome in outcomes])
+
+
+def _picklable(outcome: AnalysisOutcome) -> AnalysisOutcome:
+    # Our errors pickle by design; any other exception is reduced to its text so one odd error cannot
+    # break the pipe for the whole batch.
+    if isinstance(outcome, Exception) and not isinstance(outcome, PipelineError):
+        return RuntimeError(f"{type(outcome).__name__}: {outcome}")
+    return outcome
 
 
 def _load_keras(spec: ModelSpec, threads: int) -> PredictBatch:
@@ -163,18 +311,3 @@ def _load_keras(spec: ModelSpec, threads: int) -> PredictBatch:
 
     predict(np.zeros((1, spec.input.height, spec.input.width, spec.input.channels), np.float32))
     return predict
-
-
-def worker_probe() -> int:
-    """Answered only once the initializer has finished: proof that this worker is warm."""
-    return os.getpid()
-
-
-def worker_analyze(data: bytes, anonymize_always: bool) -> Analysis:
-    return analyze_image(
-        data,
-        spec=_worker["spec"],
-        predict=_worker["predict"],
-        limits=_worker["limits"],
-        anonymize_always=anonymize_always,
-    )

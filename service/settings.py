@@ -81,6 +81,10 @@ class Settings(S3Settings):
     """Inference worker processes; each loads the model once."""
     worker_threads: int | None = Field(default=None, ge=1)
     """Threads per worker for TensorFlow; default: CPU cores / WORKERS (at least 1)."""
+    batch_max_size: int = Field(default=8, ge=1, le=256)
+    """Most images analyzed in one model call; concurrent events are gathered up to this."""
+    batch_max_wait_ms: float = Field(default=5.0, ge=0, le=1000)
+    """Longest a request waits for others to join its batch while a worker is free."""
     worker_start_timeout_s: float = Field(default=300.0, gt=0)
     """Seconds the workers may take to load and warm the model at start-up."""
     max_image_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
