@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
-from conftest import ROOT, encode, xray_like
+from conftest import ROOT, encode, upload, xray_like
+from test_pipeline import record_for
 
 from service.analysis import ImageLimits
-from service.errors import UnprocessableObject
+from service.errors import ModelNotReady, UnprocessableObject
 from service.inference import InferenceEngine
+from service.model_spec import ModelSpec
+from service.object_keys import processed_key
+from service.pipeline import Outcome, Pipeline
+from service.storage import ObjectStore, make_s3_client
 
 LIMITS = ImageLimits(max_bytes=10**7, max_pixels=10**7)
 
@@ -60,3 +68,86 @@ def test_unloadable_model_fails_start_up_clearly(tiny_spec: Path, tmp_path: Path
     with pytest.raises(RuntimeError, match="failed to load the model"):
         asyncio.run(engine.start())
     assert not engine.ready
+
+
+def test_concurrent_requests_are_batched_and_errors_stay_with_their_item(tiny_spec: Path) -> None:
+    engine = InferenceEngine(tiny_spec, workers=1, threads_per_worker=1, limits=LIMITS,
+                             batch_max_size=4, batch_max_wait_ms=200)
+
+    async def scenario() -> list[object]:
+        await engine.start()
+        try:
+            images = [encode(xray_like(230)), b"not an image", encode(xray_like(20)), encode(xray_like(230))]
+            return await asyncio.gather(
+                *(engine.analyze(image, anonymize_always=True) for image in images), return_exceptions=True
+            )
+        finally:
+            await engine.stop()
+
+    outcomes = asyncio.run(scenario())
+    assert engine.batch_sizes == [4], "four concurrent requests travel as one batch, in one round trip"
+    assert isinstance(outcomes[1], UnprocessableObject) and outcomes[1].reason == "not-an-image"
+    labels = [outcome.prediction.label for outcome in outcomes if not isinstance(outcome, BaseException)]
+    assert labels == ["Pneumonia", "Normal", "Pneumonia"]
+
+
+def test_a_full_batch_leaves_without_waiting_for_the_deadline(tiny_spec: Path) -> None:
+    engine = InferenceEngine(tiny_spec, workers=1, threads_per_worker=1, limits=LIMITS,
+                             batch_max_size=2, batch_max_wait_ms=60_000)
+
+    async def scenario() -> None:
+        await engine.start()
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*(engine.analyze(encode(xray_like(200)), anonymize_always=False) for _ in range(4))),
+                timeout=30,
+            )
+        finally:
+            await engine.stop()
+
+    asyncio.run(scenario())
+    assert engine.batch_sizes == [2, 2]
+
+
+@pytest.mark.rgw
+def test_worker_killed_during_a_burst_fails_only_its_batch_and_nothing_is_written_twice(
+    tiny_spec: Path, make_settings: Any, s3: Any, input_bucket: str
+) -> None:
+    """Every event ends processed after redelivery of the 503s, and each output is written exactly once."""
+    s3.put_bucket_versioning(Bucket=f"{input_bucket}-processed", VersioningConfiguration={"Status": "Enabled"})
+    keys = [f"burst/{index:02d}.jpg" for index in range(16)]
+    etags = {key: upload(s3, input_bucket, key, encode(xray_like(200, seed=index))) for index, key in enumerate(keys)}
+    settings = make_settings()
+    engine = InferenceEngine(tiny_spec, workers=2, threads_per_worker=1, limits=LIMITS,
+                             batch_max_size=2, batch_max_wait_ms=1)
+    pipeline = Pipeline(settings, ObjectStore(make_s3_client(settings)), engine, ModelSpec.load(tiny_spec))
+
+    async def deliver(key: str) -> tuple[Outcome, int]:
+        for attempt in range(1, 60):
+            try:
+                result = await pipeline.process_record(record_for(input_bucket, key, etags[key]))
+                return result.outcome, attempt
+            except ModelNotReady:
+                await asyncio.sleep(0.5)  # Knative's retry, compressed
+        raise AssertionError("never processed")
+
+    async def burst() -> tuple[list[tuple[Outcome, int]], int]:
+        await engine.start()
+        try:
+            deliveries = [asyncio.ensure_future(deliver(key)) for key in keys]
+            while not engine.batch_sizes:  # kill while work is in flight
+                await asyncio.sleep(0.001)
+            victim = engine.worker_pids()[0]
+            os.kill(victim, signal.SIGKILL)
+            results = await asyncio.gather(*deliveries)
+            assert victim not in engine.worker_pids()
+            return results, engine.restarts
+        finally:
+            await engine.stop()
+
+    results, restarts = asyncio.run(burst())
+    assert restarts == 1
+    assert {outcome for outcome, _ in results} == {Outcome.PROCESSED}
+    assert any(attempts > 1 for _, attempts in results), "the killed worker's batch must have been answered 503"
+    versions = s3.list_object_versions(Bucket=f"{input_bucket}-processed")["Versions"]
+    assert sorted(version["Key"] for version in versions) == sorted(processed_key(key) for key in keys)
