@@ -141,8 +141,7 @@ class Settings(S3Settings):
     def effective_worker_threads(self) -> int:
         if self.worker_threads is not None:
             return self.worker_threads
-        cores = len(os.sched_getaffinity(0))
-        return max(1, cores // self.workers)
+        return max(1, available_cpus() // self.workers)
 
     def processed_bucket_for(self, input_bucket: str) -> str:
         return self.processed_bucket or input_bucket + PROCESSED_SUFFIX
@@ -161,6 +160,28 @@ class Settings(S3Settings):
 
 
 SettingsT = TypeVar("SettingsT", bound=S3Settings)
+
+
+def available_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """CPUs this process may use: the affinity mask, capped by a container's CPU limit (cgroup v2 or v1).
+
+    A pod limited to 2 CPUs on a 64-core node sees 64 cores; sizing threads by that oversubscribes it badly.
+    """
+    cpus = len(os.sched_getaffinity(0))
+    quota = period = None
+    try:
+        quota_text, period_text = (cgroup_root / "cpu.max").read_text().split()
+        if quota_text != "max":
+            quota, period = int(quota_text), int(period_text)
+    except (OSError, ValueError):
+        try:
+            quota = int((cgroup_root / "cpu" / "cpu.cfs_quota_us").read_text())
+            period = int((cgroup_root / "cpu" / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            pass
+    if quota is not None and period and quota > 0:
+        cpus = min(cpus, max(1, quota // period))
+    return cpus
 
 
 def _describe(error: ValidationError) -> str:

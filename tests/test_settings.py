@@ -88,3 +88,23 @@ def test_every_setting_is_documented_in_the_readme() -> None:
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     for name in Settings.model_fields:
         assert f"`{name.upper()}`" in readme, f"{name.upper()} is not documented in README.md"
+
+
+def test_available_cpus_respects_a_container_cpu_limit(tmp_path: Path) -> None:
+    import os
+
+    from service.settings import available_cpus
+
+    machine = len(os.sched_getaffinity(0))
+    assert available_cpus(tmp_path) == machine  # no cgroup files: the affinity mask
+    (tmp_path / "cpu.max").write_text("100000 100000\n")
+    assert available_cpus(tmp_path) == 1
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert available_cpus(tmp_path) == machine
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("50000\n")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert available_cpus(tmp_path) == 1  # half a CPU still gets one thread
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert available_cpus(tmp_path) == machine
