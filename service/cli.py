@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -40,6 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     remove.add_argument("--id", required=True, help="notification rule id")
     remove.add_argument("--topic", help="also delete this topic")
 
+    model = commands.add_parser("model", help="model tools")
+    model_actions = model.add_subparsers(dest="action", required=True)
+    export = model_actions.add_parser("export", help="convert a Keras model spec to another backend")
+    export.add_argument("--onnx", action="store_true", required=True, help="export to ONNX (ONNX Runtime backend)")
+    export.add_argument("--spec", default=None, help="model spec to export (default: MODEL_SPEC or the default model)")
+    export.add_argument("--out", default=None, help="output folder (default: beside the spec)")
+
     demo = commands.add_parser("demo", help="the local demo (needs a running S3, see `make demo`)")
     demo.add_argument("--images", default=None, help="folder of input images (default: the model's 16 X-rays)")
     demo.add_argument("--out", default="demo-output", help="where to save the outputs (default: %(default)s)")
@@ -51,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
             return _serve()
         if args.command == "notify":
             return _notify(args)
+        if args.command == "model":
+            return _export_model(args)
         from service.demo import run_demo
 
         return run_demo(images=args.images, out=args.out, bucket=args.bucket)
@@ -75,6 +85,18 @@ def _serve() -> int:
         log_config=None,  # keep configure_logging's handlers and probe filter
         timeout_graceful_shutdown=60,
     )
+    return 0
+
+
+def _export_model(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from service.export import export_onnx
+    from service.settings import DEFAULT_MODEL_SPEC
+
+    spec = Path(args.spec or os.environ.get("MODEL_SPEC") or DEFAULT_MODEL_SPEC)
+    written = export_onnx(spec, Path(args.out) if args.out else spec.parent)
+    print(f"wrote {written} (MODEL_SPEC={written} selects it)")
     return 0
 
 

@@ -25,7 +25,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from service.analysis import Analysis, AnalysisOutcome, AnalysisRequest, ImageLimits, PredictBatch, analyze_batch
+from service.analysis import Analysis, AnalysisOutcome, AnalysisRequest, ImageLimits, analyze_batch
+from service.backends import load_predict
 from service.errors import ModelNotReady, PipelineError
 from service.model_spec import ModelSpec
 
@@ -271,7 +272,7 @@ def worker_main(connection: Connection, spec_path: str, threads: int, limits: Im
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         spec = ModelSpec.load(spec_path)
-        predict = _load_keras(spec, threads)
+        predict = load_predict(spec, threads)
     except Exception as error:
         connection.send(("failed", f"{type(error).__name__}: {error}"))
         return
@@ -287,27 +288,3 @@ def _picklable(outcome: AnalysisOutcome) -> AnalysisOutcome:
     if isinstance(outcome, Exception) and not isinstance(outcome, PipelineError):
         return RuntimeError(f"{type(outcome).__name__}: {outcome}")
     return outcome
-
-
-def _load_keras(spec: ModelSpec, threads: int) -> PredictBatch:
-    import numpy as np
-    import tensorflow as tf
-
-    # Threads must be set before TensorFlow runs anything; workers x threads should not exceed the cores.
-    tf.config.threading.set_intra_op_parallelism_threads(threads)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
-    import keras
-
-    model = keras.saving.load_model(spec.weights, compile=False)
-    signature = tf.TensorSpec([None, spec.input.height, spec.input.width, spec.input.channels], tf.float32)
-    # One trace for every batch size: a compiled graph instead of an eager call per request.
-    # No Python control flow to convert: autograph off (it would also litter /tmp with generated files).
-    compiled = tf.function(
-        lambda batch: model(batch, training=False), input_signature=[signature], autograph=False
-    )
-
-    def predict(batch: np.ndarray) -> np.ndarray:
-        return np.asarray(compiled(tf.constant(batch, dtype=tf.float32)))
-
-    predict(np.zeros((1, spec.input.height, spec.input.width, spec.input.channels), np.float32))
-    return predict

@@ -127,7 +127,8 @@ class ModelSpec(_StrictModel):
 
     name: str
     version: str = "unversioned"
-    backend: Literal["keras"] = "keras"
+    #: keras: a `.keras` file run by TensorFlow; onnx: an exported `.onnx` file run by ONNX Runtime.
+    backend: Literal["keras", "onnx"] = "keras"
     weights: Path
     input: InputSpec
     output: OutputSpec

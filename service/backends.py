@@ -1,0 +1,64 @@
+"""Model backends behind one interface: load a spec's weights into a compiled batch call.
+
+`keras` runs the `.keras` file with TensorFlow (a `tf.function` with a fixed input signature); `onnx` runs an
+exported `.onnx` file with ONNX Runtime and never imports TensorFlow. Both are imported lazily, inside workers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from service.analysis import PredictBatch
+from service.errors import ConfigurationError
+from service.model_spec import ModelSpec
+
+
+def load_predict(spec: ModelSpec, threads: int) -> PredictBatch:
+    """Load the model once and warm it; returns the batch call (float32 NHWC in, raw outputs out)."""
+    loaders = {"keras": _load_keras, "onnx": _load_onnx}
+    predict = loaders[spec.backend](spec, threads)
+    predict(np.zeros((1, spec.input.height, spec.input.width, spec.input.channels), np.float32))
+    return predict
+
+
+def _load_keras(spec: ModelSpec, threads: int) -> PredictBatch:
+    try:
+        import tensorflow as tf
+    except ImportError:
+        raise ConfigurationError("MODEL_SPEC: the keras backend needs TensorFlow (pip install '.[keras]')") from None
+
+    # Threads must be set before TensorFlow runs anything; workers x threads should not exceed the cores.
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    import keras
+
+    model = keras.saving.load_model(spec.weights, compile=False)
+    signature = tf.TensorSpec([None, spec.input.height, spec.input.width, spec.input.channels], tf.float32)
+    # One trace for every batch size: a compiled graph instead of an eager call per request.
+    # No Python control flow to convert: autograph off (it would also litter /tmp with generated files).
+    compiled = tf.function(
+        lambda batch: model(batch, training=False), input_signature=[signature], autograph=False
+    )
+
+    def predict(batch: np.ndarray) -> np.ndarray:
+        return np.asarray(compiled(tf.constant(batch, dtype=tf.float32)))
+
+    return predict
+
+
+def _load_onnx(spec: ModelSpec, threads: int) -> PredictBatch:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ConfigurationError("MODEL_SPEC: the onnx backend needs ONNX Runtime (pip install '.[onnx]')") from None
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = onnxruntime.InferenceSession(str(spec.weights), options, providers=["CPUExecutionProvider"])
+    input_name = session.get_inputs()[0].name
+
+    def predict(batch: np.ndarray) -> np.ndarray:
+        return np.asarray(session.run(None, {input_name: batch.astype(np.float32, copy=False)})[0])
+
+    return predict
