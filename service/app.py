@@ -34,12 +34,12 @@ class RequestTooLarge(MalformedDelivery):
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; the model loads in its lifespan, so the port opens only once workers are warm."""
     settings = settings or load_settings()
-    spec = ModelSpec.load(settings.model_spec)
+    spec = ModelSpec.load(settings.model_spec).for_backend(settings.model_backend)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = InferenceEngine(
-            settings.model_spec,
+            spec,
             workers=settings.workers,
             threads_per_worker=settings.effective_worker_threads,
             limits=ImageLimits(settings.max_image_bytes, settings.max_image_pixels),

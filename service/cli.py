@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     export = model_actions.add_parser("export", help="convert a Keras model spec to another backend")
     export.add_argument("--onnx", action="store_true", required=True, help="export to ONNX (ONNX Runtime backend)")
     export.add_argument("--spec", default=None, help="model spec to export (default: MODEL_SPEC or the default model)")
-    export.add_argument("--out", default=None, help="output folder (default: beside the spec)")
+    export.add_argument("--out", default=None, help="folder for the new spec (default: beside the spec)")
 
     demo = commands.add_parser("demo", help="the local demo (needs a running S3, see `make demo`)")
     demo.add_argument("--images", default=None, help="folder of input images (default: the model's 16 X-rays)")

@@ -1,7 +1,8 @@
 """Model export: a Keras spec's model converted to ONNX, with a matching spec beside it.
 
-`xray-pipeline model export --onnx` writes `<name>.onnx` and `<name>.onnx.yaml`; the new spec differs only in
-backend and weights, so preprocessing and labels stay identical. Uses Keras' own exporter (tf2onnx underneath).
+`xray-pipeline model export --onnx` writes the `.onnx` file beside the `.keras` weights (where MODEL_BACKEND=onnx
+looks for it) and `<name>.onnx.yaml`; the new spec differs only in backend and weights, so preprocessing and labels
+stay identical. Uses Keras' own exporter (tf2onnx underneath).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import numpy as np
 import yaml
 
 from service.errors import ConfigurationError
-from service.model_spec import ModelSpec
+from service.model_spec import BACKEND_SUFFIXES, ModelSpec
 
 
 def export_onnx(spec_path: Path, out_dir: Path) -> Path:
@@ -27,10 +28,12 @@ def export_onnx(spec_path: Path, out_dir: Path) -> Path:
     model = keras.saving.load_model(spec.weights, compile=False)
     # Keras only exports a model whose input shapes are known from a call.
     model(np.zeros((1, spec.input.height, spec.input.width, spec.input.channels), np.float32))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    onnx_path = out_dir / f"{spec.name}.onnx"
+    # Beside the Keras weights, so MODEL_BACKEND=onnx finds it from the original spec too.
+    onnx_path = spec.weights.with_suffix(BACKEND_SUFFIXES["onnx"])
     model.export(str(onnx_path), format="onnx", verbose=False)
-    exported = spec.model_copy(update={"backend": "onnx", "weights": Path(onnx_path.name)})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    relative = Path(os.path.relpath(onnx_path, out_dir.resolve()))
+    exported = spec.model_copy(update={"backend": "onnx", "weights": relative})
     spec_out = out_dir / f"{spec.name}.onnx.yaml"
     spec_out.write_text(
         f"# Exported from {spec_path.name} by `xray-pipeline model export --onnx`.\n"

@@ -22,7 +22,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any
 
 from service.analysis import Analysis, AnalysisOutcome, AnalysisRequest, ImageLimits, analyze_batch
@@ -57,7 +56,7 @@ class InferenceEngine:
 
     def __init__(
         self,
-        spec_path: Path,
+        spec: ModelSpec,
         *,
         workers: int,
         threads_per_worker: int,
@@ -66,7 +65,7 @@ class InferenceEngine:
         batch_max_size: int = 8,
         batch_max_wait_ms: float = 5.0,
     ) -> None:
-        self._spec_path = spec_path
+        self._spec = spec
         self._worker_count = workers
         self._threads = threads_per_worker
         self._limits = limits
@@ -136,7 +135,7 @@ class InferenceEngine:
         parent_end, child_end = _SPAWN.Pipe()
         process = _SPAWN.Process(
             target=worker_main,
-            args=(child_end, str(self._spec_path), self._threads, self._limits),
+            args=(child_end, self._spec, self._threads, self._limits),
             name="xray-inference-worker",
             daemon=True,  # never outlive the web process
         )
@@ -267,11 +266,10 @@ def _receive(connection: Connection) -> Any:
 # --- Everything below runs inside worker processes. ------------------------------------------------------
 
 
-def worker_main(connection: Connection, spec_path: str, threads: int, limits: ImageLimits) -> None:
+def worker_main(connection: Connection, spec: ModelSpec, threads: int, limits: ImageLimits) -> None:
     """Load and warm the model, say so, then analyze batches until told to stop or the parent goes away."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
-        spec = ModelSpec.load(spec_path)
         predict = load_predict(spec, threads)
     except Exception as error:
         connection.send(("failed", f"{type(error).__name__}: {error}"))

@@ -30,6 +30,7 @@ _INTERPOLATIONS = {
     "area": cv2.INTER_AREA,
     "cubic": cv2.INTER_CUBIC,
 }
+BACKEND_SUFFIXES = {"keras": ".keras", "onnx": ".onnx"}
 _NUMBER = r"\d+(?:\.\d+)?"
 _SCALE_PATTERN = re.compile(rf"^x(?:\s*([/*])\s*({_NUMBER}))?(?:\s*([+-])\s*({_NUMBER}))?$")
 
@@ -166,6 +167,16 @@ class ModelSpec(_StrictModel):
             hint = " (run `make model` to fetch the default model)" if "pneumonia" in spec.name else ""
             raise ConfigurationError(f"MODEL_SPEC: {path}: weights file {weights} does not exist{hint}")
         return spec.model_copy(update={"weights": weights})
+
+    def for_backend(self, backend: str | None) -> ModelSpec:
+        """The same model on another backend: its weights beside the spec's own, with that backend's suffix."""
+        if backend is None or backend == self.backend:
+            return self
+        weights = self.weights.with_suffix(BACKEND_SUFFIXES[backend])
+        if not weights.is_file():
+            hint = " (run `xray-pipeline model export --onnx`)" if backend == "onnx" else ""
+            raise ConfigurationError(f"MODEL_BACKEND: {backend} needs {weights}, which does not exist{hint}")
+        return self.model_copy(update={"backend": backend, "weights": weights})
 
     def preprocess(self, bgr8: np.ndarray) -> np.ndarray:
         """HxWx3 uint8 BGR image -> float32 tensor (height, width, channels) as the model expects."""

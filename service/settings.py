@@ -61,6 +61,8 @@ class Settings(S3Settings):
 
     model_spec: Path = DEFAULT_MODEL_SPEC
     """Path of the model spec file (YAML or JSON; see model/pneumonia.yaml)."""
+    model_backend: Literal["keras", "onnx"] | None = None
+    """Overrides the spec's backend; the weights are then the spec's file with `.keras`/`.onnx` as suffix."""
     port: int = Field(default=8080, ge=1, le=65535)
     """HTTP port (Knative sets it)."""
     host: str = "0.0.0.0"

@@ -119,7 +119,7 @@ class Harness:
         self.settings = settings
         self.spec = ModelSpec.load(settings.model_spec)
         self.engine = InferenceEngine(
-            settings.model_spec,
+            self.spec,
             workers=settings.workers,
             threads_per_worker=1,
             limits=ImageLimits(settings.max_image_bytes, settings.max_image_pixels),

@@ -11,6 +11,7 @@ import pytest
 from conftest import ROOT, encode, xray_like
 
 from service.analysis import ImageLimits
+from service.errors import ConfigurationError
 from service.inference import InferenceEngine
 from service.model_spec import ModelSpec
 
@@ -27,8 +28,8 @@ def onnx_spec(tiny_spec: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 
 def risks(spec_path: Path, images: list[bytes]) -> list[float]:
-    engine = InferenceEngine(spec_path, workers=1, threads_per_worker=1, limits=ImageLimits(10**7, 10**7),
-                             batch_max_size=4)
+    engine = InferenceEngine(ModelSpec.load(spec_path), workers=1, threads_per_worker=1,
+                             limits=ImageLimits(10**7, 10**7), batch_max_size=4)
 
     async def run() -> list[float]:
         await engine.start()
@@ -65,3 +66,17 @@ def test_onnx_backend_never_imports_tensorflow(onnx_spec: Path) -> None:
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr[-2000:]
+
+
+def test_model_backend_switches_to_the_exported_weights(tiny_spec: Path, onnx_spec: Path) -> None:
+    keras_spec = ModelSpec.load(tiny_spec)
+    switched = keras_spec.for_backend("onnx")
+    assert switched.backend == "onnx" and switched.weights == ModelSpec.load(onnx_spec).weights
+    assert keras_spec.for_backend(None) is keras_spec and keras_spec.for_backend("keras") is keras_spec
+
+
+def test_model_backend_without_exported_weights_names_the_fix(tmp_path: Path, tiny_spec: Path) -> None:
+    (tmp_path / "tiny.keras").write_bytes((tiny_spec.parent / "tiny.keras").read_bytes())
+    (tmp_path / "tiny.yaml").write_text(tiny_spec.read_text())
+    with pytest.raises(ConfigurationError, match=r"MODEL_BACKEND: onnx needs .*tiny\.onnx.*model export --onnx"):
+        ModelSpec.load(tmp_path / "tiny.yaml").for_backend("onnx")

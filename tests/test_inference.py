@@ -38,7 +38,7 @@ def test_web_modules_do_not_import_tensorflow() -> None:
 
 
 def test_two_workers_warm_up_and_analyze(tiny_spec: Path) -> None:
-    engine = InferenceEngine(tiny_spec, workers=2, threads_per_worker=1, limits=LIMITS)
+    engine = InferenceEngine(ModelSpec.load(tiny_spec), workers=2, threads_per_worker=1, limits=LIMITS)
 
     async def scenario() -> tuple[list[int], list[str]]:
         await engine.start()
@@ -64,14 +64,14 @@ def test_two_workers_warm_up_and_analyze(tiny_spec: Path) -> None:
 def test_unloadable_model_fails_start_up_clearly(tiny_spec: Path, tmp_path: Path) -> None:
     shutil.copy(tiny_spec, tmp_path / "tiny.yaml")
     (tmp_path / "tiny.keras").write_bytes(b"not a keras archive")
-    engine = InferenceEngine(tmp_path / "tiny.yaml", workers=1, threads_per_worker=1, limits=LIMITS)
+    engine = InferenceEngine(ModelSpec.load(tmp_path / "tiny.yaml"), workers=1, threads_per_worker=1, limits=LIMITS)
     with pytest.raises(RuntimeError, match="failed to load the model"):
         asyncio.run(engine.start())
     assert not engine.ready
 
 
 def test_concurrent_requests_are_batched_and_errors_stay_with_their_item(tiny_spec: Path) -> None:
-    engine = InferenceEngine(tiny_spec, workers=1, threads_per_worker=1, limits=LIMITS,
+    engine = InferenceEngine(ModelSpec.load(tiny_spec), workers=1, threads_per_worker=1, limits=LIMITS,
                              batch_max_size=4, batch_max_wait_ms=200)
 
     async def scenario() -> list[object]:
@@ -92,7 +92,7 @@ def test_concurrent_requests_are_batched_and_errors_stay_with_their_item(tiny_sp
 
 
 def test_a_full_batch_leaves_without_waiting_for_the_deadline(tiny_spec: Path) -> None:
-    engine = InferenceEngine(tiny_spec, workers=1, threads_per_worker=1, limits=LIMITS,
+    engine = InferenceEngine(ModelSpec.load(tiny_spec), workers=1, threads_per_worker=1, limits=LIMITS,
                              batch_max_size=2, batch_max_wait_ms=60_000)
 
     async def scenario() -> None:
@@ -118,7 +118,7 @@ def test_worker_killed_during_a_burst_fails_only_its_batch_and_nothing_is_writte
     keys = [f"burst/{index:02d}.jpg" for index in range(16)]
     etags = {key: upload(s3, input_bucket, key, encode(xray_like(200, seed=index))) for index, key in enumerate(keys)}
     settings = make_settings()
-    engine = InferenceEngine(tiny_spec, workers=2, threads_per_worker=1, limits=LIMITS,
+    engine = InferenceEngine(ModelSpec.load(tiny_spec), workers=2, threads_per_worker=1, limits=LIMITS,
                              batch_max_size=2, batch_max_wait_ms=1)
     pipeline = Pipeline(settings, ObjectStore(make_s3_client(settings)), engine, ModelSpec.load(tiny_spec))
 

@@ -180,8 +180,9 @@ def test_engine_not_started_is_transient(make_settings: Any, tiny_spec: Any, s3:
     from service.storage import ObjectStore, make_s3_client
 
     settings: Settings = make_settings()
-    engine = InferenceEngine(tiny_spec, workers=1, threads_per_worker=1, limits=ImageLimits(10**6, 10**6))
-    pipeline = Pipeline(settings, ObjectStore(make_s3_client(settings)), engine, ModelSpec.load(tiny_spec))
+    spec = ModelSpec.load(tiny_spec)
+    engine = InferenceEngine(spec, workers=1, threads_per_worker=1, limits=ImageLimits(10**6, 10**6))
+    pipeline = Pipeline(settings, ObjectStore(make_s3_client(settings)), engine, spec)
     etag = upload(s3, input_bucket, "a.jpg", encode(xray_like(220)))
     with pytest.raises(ModelNotReady):
         asyncio.run(pipeline.process_record(record_for(input_bucket, "a.jpg", etag)))
