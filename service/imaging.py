@@ -182,26 +182,26 @@ def _to_gray8(pixels: np.ndarray) -> np.ndarray:
 # The search runs on a copy reduced 2x (3x above 6 MP) so a 2-megapixel image costs about 10 ms of CPU.
 # The copy is max-pooled for bright text and min-pooled for dark text: averaging would halve the contrast of
 # the one-pixel strokes of small text, pooling keeps it whole.
-_FULL_RESOLUTION_MAX_PIXELS = 1_000_000
+_FULL_RESOLUTION_MAX_PIXELS = 400_000
 _HALF_RESOLUTION_MAX_PIXELS = 6_000_000
 #: Top-hat kernel, wider than the thickest stroke of 60 px bold text, so every stroke stands out whole.
 _STROKE_KERNEL_PX = 19
-#: Horizontal closing that joins the characters of a word (and of most lines) into one blob.
-_CHARACTER_GAP_PX = 14
+#: Horizontal closing that joins the characters of a word into one blob, even in a large, widely spaced font.
+_CHARACTER_GAP_PX = 22
 #: Heights of a text line's blob: from 10 px text up to 60 px text with descenders and merged accents.
 _MIN_LINE_HEIGHT_PX = 10
 _MAX_LINE_HEIGHT_PX = 110
-#: Contrast thresholds tried in turn. A blob taller than a text line is searched again, inside its bounding
-#: box, at the next threshold: text touching anatomy separates from it once the threshold passes the anatomy's
-#: contrast, and text on a plain background is found at the first threshold.
+#: The first search thresholds the contrast at a few times the local texture (the strongest contrast in each
+#: cell of this many reduced pixels, then the quietest cell around), clamped between the faintest contrast
+#: and the first level: faint grey text on a smooth background is found, while lung texture, with a vessel
+#: or rib edge in nearly every cell, keeps the first level.
+_TEXTURE_CELL_PX = 8
+_TEXTURE_NEIGHBOURHOOD_CELLS = 5
+_TEXTURE_MULTIPLE = 4.0
+_FAINTEST_CONTRAST = 18
+#: A blob taller than a text line is searched again, inside its bounding box, at the next of these levels:
+#: text touching anatomy separates from it once the threshold passes the anatomy's contrast.
 _CONTRAST_LEVELS = (32, 50, 80, 128, 200)
-#: The first search goes below the first level where the background is smooth: its threshold is a few times
-#: the local texture (the mean contrast in cells of this size, in reduced pixels), but never below the faintest
-#: contrast. Faint grey text on a smooth background is found; lung texture keeps the first level.
-_NOISE_CELL_PX = 8
-_NOISE_NEIGHBOURHOOD_CELLS = 7
-_NOISE_MULTIPLE = 4.0
-_FAINTEST_CONTRAST = 14
 #: Blobs with pixels this far from their background are accepted at any shape: X-ray anatomy is soft and
 #: rarely that sharp, while text, lead markers, rulers and wires are (and they may all be blurred).
 _SHARP_CONTRAST = 90
@@ -289,6 +289,7 @@ class _LineSearch:
         """Accepted line blobs, and every line-sized blob as a candidate to extend them with."""
         accepted: list[np.ndarray] = [np.zeros((0, 4), np.int64)]
         candidates: list[np.ndarray] = [np.zeros((0, 4), np.int64)]
+        # cv2.compare gives 0/255; the masks are counted through integral images, so they hold 0/1.
         strokes = np.bitwise_and(cv2.compare(contrast, _first_thresholds(contrast), cv2.CMP_GE), 1)
         self._scan(contrast, strokes, 0, 0, 0, accepted, candidates)
         return np.concatenate(accepted), np.concatenate(candidates)
@@ -297,12 +298,13 @@ class _LineSearch:
         self,
         contrast: np.ndarray,
         strokes: np.ndarray,
-        level: int,
+        next_level: int,
         left: int,
         top: int,
         accepted: list[np.ndarray],
         candidates: list[np.ndarray],
     ) -> None:
+        """Blobs of `strokes` (a thresholded `contrast`); those too tall for a line are searched again."""
         blobs_mask = cv2.morphologyEx(strokes, cv2.MORPH_CLOSE, self.closing_kernel)
         contours, _ = cv2.findContours(blobs_mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         if not contours:
@@ -310,11 +312,12 @@ class _LineSearch:
         blobs = np.array([cv2.boundingRect(contour) for contour in contours], np.int64)
         blobs = blobs[(blobs[:, 3] >= 2) & (blobs[:, 2] * blobs[:, 3] >= 3)]
         too_tall = blobs[:, 3] > self.max_height
-        if level + 1 < len(_CONTRAST_LEVELS):
+        if next_level < len(_CONTRAST_LEVELS):
+            threshold = _CONTRAST_LEVELS[next_level]
             for x, y, w, h in blobs[too_tall]:
                 region = contrast[y : y + h, x : x + w]
-                region_strokes = cv2.threshold(region, _CONTRAST_LEVELS[level + 1] - 1, 1, cv2.THRESH_BINARY)[1]
-                self._scan(region, region_strokes, level + 1, left + x, top + y, accepted, candidates)
+                region_strokes = cv2.threshold(region, threshold - 1, 1, cv2.THRESH_BINARY)[1]
+                self._scan(region, region_strokes, next_level + 1, left + x, top + y, accepted, candidates)
         blobs = blobs[~too_tall]
         if not len(blobs):
             return
@@ -343,17 +346,18 @@ class _LineSearch:
 
 
 def _first_thresholds(contrast: np.ndarray) -> np.ndarray:
-    """Per-pixel threshold of the first search: a few times the local texture, within the first levels."""
+    """Per-pixel threshold of the first search (see _TEXTURE_CELL_PX)."""
     height, width = contrast.shape
-    cell = _NOISE_CELL_PX
-    # The strongest contrast in each cell: lung texture puts a vessel or a rib edge in nearly every cell,
-    # a smooth background only noise.
-    cells = cv2.dilate(contrast, np.ones((cell, cell), np.uint8), anchor=(0, 0))[::cell, ::cell]
-    # The quietest cell nearby is the background's texture, even right next to (or inside) a block of text.
-    quietest = cv2.erode(cells, np.ones((_NOISE_NEIGHBOURHOOD_CELLS,) * 2, np.uint8))
-    thresholds = np.clip(quietest.astype(np.float32) * _NOISE_MULTIPLE, _FAINTEST_CONTRAST, _CONTRAST_LEVELS[0])
-    upscaled = cv2.resize(thresholds.astype(np.uint8), None, fx=cell, fy=cell, interpolation=cv2.INTER_NEAREST)
-    return upscaled[:height, :width]
+    cell = _TEXTURE_CELL_PX
+    strongest = np.ascontiguousarray(
+        cv2.dilate(contrast, np.ones((cell, cell), np.uint8), anchor=(0, 0))[::cell, ::cell]
+    )
+    # The quietest cell around is the background's texture, even right next to (or inside) a block of text.
+    texture = cv2.erode(strongest, np.ones((_TEXTURE_NEIGHBOURHOOD_CELLS,) * 2, np.uint8))
+    thresholds = np.clip(texture * _TEXTURE_MULTIPLE, _FAINTEST_CONTRAST, _CONTRAST_LEVELS[0]).astype(
+        np.uint8
+    )
+    return cv2.resize(thresholds, None, fx=cell, fy=cell, interpolation=cv2.INTER_NEAREST)[:height, :width]
 
 
 def _extend_along_rows(lines: np.ndarray, candidates: np.ndarray) -> np.ndarray:

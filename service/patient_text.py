@@ -34,7 +34,7 @@ def burn_patient_text(
 ) -> np.ndarray:
     """Return a copy of `pixels` with `lines` burned in at `position`.
 
-    `font` is "hershey" (OpenCV's vector font) or a TrueType file: a path, or a DejaVu name such as
+    `font` is "hershey" (cv2.putText's built-in face) or a TrueType file: a path, or a DejaVu name such as
     "DejaVuSans-Bold". `size_px` is the height of a capital letter in pixels (default: 1/40 of the
     shorter side, at least 12). Works on gray, BGR and BGRA images of dtype uint8 or uint16.
     """
@@ -42,6 +42,8 @@ def burn_patient_text(
         raise ValueError(f"position must be one of {POSITIONS}, not {position!r}")
     if color not in COLOR_LEVELS:
         raise ValueError(f"color must be one of {tuple(COLOR_LEVELS)}, not {color!r}")
+    if not lines:
+        return pixels.copy()
     height, width = pixels.shape[:2]
     cap_height = size_px or max(12, round(min(height, width) / 40))
     coverage = _render_coverage(tuple(lines), font, cap_height)
