@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from service.analysis import ImageLimits
+from service.backends import check_backend_installed
 from service.errors import MalformedDelivery, PipelineError, UnprocessableObject
 from service.events import Transport, parse_delivery
 from service.inference import InferenceEngine
@@ -35,6 +36,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; the model loads in its lifespan, so the port opens only once workers are warm."""
     settings = settings or load_settings()
     spec = ModelSpec.load(settings.model_spec).for_backend(settings.model_backend)
+    check_backend_installed(spec)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

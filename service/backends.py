@@ -6,11 +6,24 @@ exported `.onnx` file with ONNX Runtime and never imports TensorFlow. Both are i
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 
 from service.analysis import PredictBatch
 from service.errors import ConfigurationError
 from service.model_spec import ModelSpec
+
+_RUNTIMES = {"keras": ("tensorflow", "keras"), "onnx": ("onnxruntime", "onnx")}
+
+
+def check_backend_installed(spec: ModelSpec) -> None:
+    """Fail at start-up, in the web process and without importing it, when the backend's runtime is missing."""
+    module, extra = _RUNTIMES[spec.backend]
+    if importlib.util.find_spec(module) is None:
+        raise ConfigurationError(
+            f"MODEL_SPEC: the {spec.backend} backend needs {module}: pip install 'xray-pipeline[{extra}]'"
+        )
 
 
 def load_predict(spec: ModelSpec, threads: int) -> PredictBatch:
@@ -22,10 +35,7 @@ def load_predict(spec: ModelSpec, threads: int) -> PredictBatch:
 
 
 def _load_keras(spec: ModelSpec, threads: int) -> PredictBatch:
-    try:
-        import tensorflow as tf
-    except ImportError:
-        raise ConfigurationError("MODEL_SPEC: the keras backend needs TensorFlow (pip install '.[keras]')") from None
+    import tensorflow as tf
 
     # Threads must be set before TensorFlow runs anything; workers x threads should not exceed the cores.
     tf.config.threading.set_intra_op_parallelism_threads(threads)
@@ -47,10 +57,7 @@ def _load_keras(spec: ModelSpec, threads: int) -> PredictBatch:
 
 
 def _load_onnx(spec: ModelSpec, threads: int) -> PredictBatch:
-    try:
-        import onnxruntime
-    except ImportError:
-        raise ConfigurationError("MODEL_SPEC: the onnx backend needs ONNX Runtime (pip install '.[onnx]')") from None
+    import onnxruntime
 
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads

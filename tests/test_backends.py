@@ -80,3 +80,21 @@ def test_model_backend_without_exported_weights_names_the_fix(tmp_path: Path, ti
     (tmp_path / "tiny.yaml").write_text(tiny_spec.read_text())
     with pytest.raises(ConfigurationError, match=r"MODEL_BACKEND: onnx needs .*tiny\.onnx.*model export --onnx"):
         ModelSpec.load(tmp_path / "tiny.yaml").for_backend("onnx")
+
+
+def test_missing_runtime_is_a_start_up_error_naming_the_extra(onnx_spec: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from service.backends import check_backend_installed
+
+    spec = ModelSpec.load(onnx_spec)
+    check_backend_installed(spec)  # installed here: no error
+    real_find_spec = importlib.util.find_spec
+
+    def without_onnxruntime(name: str, *args: object) -> object:
+        return None if name == "onnxruntime" else real_find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", without_onnxruntime)
+    with pytest.raises(ConfigurationError, match=r"pip install 'xray-pipeline\[onnx\]'"):
+        check_backend_installed(spec)
