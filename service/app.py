@@ -6,8 +6,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -40,6 +42,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # S3 calls are blocking and run in the loop's default pool; its default size (cores + 4) would let
+        # fewer objects be fetched at once than one batch holds. The threads mostly wait on the network.
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=64, thread_name_prefix="s3"))
         engine = InferenceEngine(
             spec,
             workers=settings.workers,

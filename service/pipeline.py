@@ -112,9 +112,12 @@ class Pipeline:
         self._in_flight[flight_key] = future
         try:
             result = await self._process_created(record)
-        except BaseException as error:
+        except Exception as error:
             future.set_exception(error)
             future.exception()  # mark retrieved: waiters re-raise it; none waiting is fine too
+            raise
+        except BaseException:
+            future.cancel()  # shutdown: waiters are cancelled with it
             raise
         else:
             future.set_result(result)

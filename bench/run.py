@@ -1,0 +1,413 @@
+"""Benchmark: raw model speed versus the whole service, for the keras and onnx backends and 1 or 2 workers.
+
+`.venv/bin/python bench/run.py [--quick]` measures, in one run and on this machine:
+
+1. the model alone: `service.backends.load_predict` called on preprocessed batches of 1 and 8 of the 16 real
+   validation X-rays, in a subprocess per backend (TensorFlow must not load into this process, whose CPU is
+   shared with the service under test); wall throughput and CPU ms per image (process_time), medians of repeats;
+2. the service end to end: a throwaway Ceph RGW, `python -m service.cli serve` as a subprocess, cold start
+   (process start -> /readyz 200 -> first event processed), then plain Ceph notifications POSTed by concurrent
+   clients at saturation -> images/s, service CPU ms per image (utime+stime of the web process and its workers
+   from /proc), peak RSS (sum of VmHWM);
+3. latency p50/p95/p99 of the POST (answered only once both outputs are written) under open-loop Poisson arrivals
+   at 25 %, 50 % and 90 % of the capacity measured in step 2, each event a fresh object (processed eTags are
+   skipped, which would flatter the numbers);
+4. cpu_efficiency = model CPU ms per image at batch 8 / service CPU ms per image: the share of the service's
+   CPU that is the model itself.
+
+It prints a table and writes bench/results.json (one row per backend x workers). Everything it starts it stops,
+also on failure or Ctrl-C. Only loopback traffic. The load generator runs in this process on the same cores as
+the service, so absolute numbers are a floor; compare rows of one run, not runs of different machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))  # local_rgw lives with the tests; it is a plain module
+
+from local_rgw import LocalRGW  # noqa: E402
+
+DEFAULT_SPEC = ROOT / "model" / "pneumonia.yaml"
+MODEL_DIR = ROOT / "model" / ".cache" / "pneumonia"
+VALIDATION_IMAGES = sorted((MODEL_DIR / "val").glob("*.jpeg"))
+RESULTS_PATH = ROOT / "bench" / "results.json"
+BENCH_PSEUDONYM_KEY = "bench-pseudonym-key-0123456789abcdef"
+BACKENDS = ("keras", "onnx")
+WORKER_COUNTS = (1, 2)
+CLIENTS = 12  # concurrent clients at saturation: enough to keep 2 workers' batches of 8 full
+LOAD_FRACTIONS = (0.25, 0.5, 0.9)
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+# ------------------------------------------------------------------------------------------ model alone
+
+
+def measure_model_in_this_process(backend: str, repeats: int) -> dict[str, float]:
+    """Runs inside the per-backend subprocess: load, warm, then time batches of 1 and 8 over the 16 images."""
+    import cv2
+    import numpy as np
+
+    from service.backends import load_predict
+    from service.model_spec import ModelSpec
+
+    spec = ModelSpec.load(DEFAULT_SPEC).for_backend(backend)
+    # All cores, as one service worker gets them (WORKER_THREADS defaults to CPUs / workers).
+    predict = load_predict(spec, threads=os.cpu_count() or 1)
+    tensors = np.stack([spec.preprocess(cv2.imread(str(path), cv2.IMREAD_COLOR)) for path in VALIDATION_IMAGES])
+    results: dict[str, float] = {}
+    for batch_size in (1, 8):
+        batches = [tensors[start:start + batch_size] for start in range(0, len(tensors), batch_size)]
+        for batch in batches:  # a warm pass per batch size: first calls at a new shape allocate
+            predict(batch)
+        wall_per_image, cpu_per_image = [], []
+        for _ in range(repeats):
+            wall_start, cpu_start = time.perf_counter(), time.process_time()
+            for batch in batches:
+                predict(batch)
+            wall_per_image.append((time.perf_counter() - wall_start) / len(tensors))
+            cpu_per_image.append((time.process_time() - cpu_start) / len(tensors))
+        results[f"batch{batch_size}_images_per_s"] = 1 / statistics.median(wall_per_image)
+        results[f"batch{batch_size}_cpu_ms_per_image"] = 1000 * statistics.median(cpu_per_image)
+    return results
+
+
+def measure_model(backend: str, repeats: int) -> dict[str, float]:
+    """The model figures of one backend, from a fresh subprocess (keeps TensorFlow out of the bench process)."""
+    env = os.environ | {"TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONWARNINGS": "ignore"}
+    completed = subprocess.run(
+        [sys.executable, __file__, "--model-only", backend, "--repeats", str(repeats)],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    if completed.returncode != 0:
+        raise RuntimeError(f"model benchmark for {backend} failed:\n{completed.stderr[-3000:]}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+# ------------------------------------------------------------------------------------------ process accounting
+
+
+def descendants(pid: int) -> list[int]:
+    """pid and every live process below it (web process, workers, multiprocessing's resource tracker)."""
+    found, pending = [], [pid]
+    while pending:
+        current = pending.pop()
+        found.append(current)
+        try:
+            for task in Path(f"/proc/{current}/task").iterdir():
+                pending.extend(int(child) for child in (task / "children").read_text().split())
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return found
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of the process tree: live processes only, which is every process the service runs."""
+    total = 0
+    for member in descendants(pid):
+        try:
+            # Fields after the command name, which may contain spaces: utime and stime are the 12th and 13th.
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / CLOCK_TICKS
+
+
+def peak_rss_mib(pid: int) -> float:
+    """Sum of each process's own peak resident set (VmHWM): an upper bound of the tree's peak."""
+    total_kib = 0
+    for member in descendants(pid):
+        try:
+            status = Path(f"/proc/{member}/status").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        total_kib += next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")), 0)
+    return total_kib / 1024
+
+
+# ------------------------------------------------------------------------------------------ the service
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class ObjectPool:
+    """Uploads the 16 X-rays again and again under fresh keys: every event must be new work for the service."""
+
+    def __init__(self, s3: Any, bucket: str) -> None:
+        self.s3 = s3
+        self.bucket = bucket
+        self.images = [path.read_bytes() for path in VALIDATION_IMAGES]
+        self.uploaded = 0
+        for name in (bucket, f"{bucket}-processed", f"{bucket}-anonymized"):
+            s3.create_bucket(Bucket=name)
+
+    def upload(self, count: int) -> list[dict[str, Any]]:
+        """Upload `count` new objects; returns one Ceph notification record per object."""
+        numbers = range(self.uploaded, self.uploaded + count)
+        self.uploaded += count
+
+        def put(number: int) -> dict[str, Any]:
+            key = f"bench/{number:06d}.jpeg"
+            etag = self.s3.put_object(Bucket=self.bucket, Key=key, Body=self.images[number % len(self.images)])
+            return {"eventName": "ObjectCreated:Put", "eventSource": "ceph:s3",
+                    "s3": {"bucket": {"name": self.bucket}, "object": {"key": key, "eTag": etag["ETag"].strip('"')}}}
+
+        with concurrent.futures.ThreadPoolExecutor(8) as uploaders:
+            return list(uploaders.map(put, numbers))
+
+
+class Service:
+    """`python -m service.cli serve` as a subprocess in its own session, so a kill reaches its workers too."""
+
+    def __init__(self, rgw: LocalRGW, backend: str, workers: int, log_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = os.environ | rgw.env() | {
+            "PORT": str(self.port), "HOST": "127.0.0.1", "PSEUDONYM_KEY": BENCH_PSEUDONYM_KEY,
+            "MODEL_BACKEND": backend, "WORKERS": str(workers), "ANONYMIZE_WHEN": "always", "LOG_LEVEL": "WARNING",
+        }
+        env.pop("MODEL_SPEC", None)
+        env.pop("WORKER_THREADS", None)  # the service's default (CPUs / workers) is what is being measured
+        self.log_path = log_path
+        with log_path.open("wb") as log:
+            self.started_at = time.monotonic()
+            self.process = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=env, stdout=log,
+                                            stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+
+    def wait_ready(self, timeout_s: float = 300) -> float:
+        """Seconds from process start to /readyz 200."""
+        deadline = self.started_at + timeout_s
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"service exited during start-up:\n{self.log_path.read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError("service did not become ready")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return time.monotonic() - self.started_at
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)  # its own session: the service and its workers
+                self.process.wait()
+
+
+async def post_event(client: httpx.AsyncClient, url: str, record: dict[str, Any]) -> float:
+    """One plain Ceph push of one record; returns its duration, raising on anything but 200."""
+    started = time.perf_counter()
+    response = await client.post(url, json={"Records": [record]})
+    duration = time.perf_counter() - started
+    if response.status_code != 200:
+        raise RuntimeError(f"service answered {response.status_code}: {response.text[:300]}")
+    outcomes = [record.get("outcome") for record in response.json().get("records", [])]
+    if outcomes != ["processed"]:
+        # A skipped (duplicate) or failed record is cheap work and would flatter the numbers.
+        raise RuntimeError(f"event not processed: {response.text[:300]}")
+    return duration
+
+
+async def saturate(url: str, records: list[dict[str, Any]], clients: int) -> float:
+    """Closed loop: `clients` senders, each posting its next event as soon as the previous one is answered."""
+    queue = list(reversed(records))
+
+    async def sender(client: httpx.AsyncClient) -> None:
+        while queue:
+            await post_event(client, url, queue.pop())
+
+    async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=clients)) as client:
+        started = time.perf_counter()
+        await asyncio.gather(*(sender(client) for _ in range(clients)))
+        return time.perf_counter() - started
+
+
+async def open_loop(url: str, records: list[dict[str, Any]], rate_per_s: float, seed: int) -> list[float]:
+    """Poisson arrivals at `rate_per_s` regardless of answers (a closed loop would hide queueing delay)."""
+    arrivals = random.Random(seed)
+    async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=None)) as client:
+        tasks, next_at = [], time.perf_counter()
+        for record in records:
+            delay = next_at - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(post_event(client, url, record)))
+            next_at += arrivals.expovariate(rate_per_s)
+        return list(await asyncio.gather(*tasks))
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+
+
+def measure_service(rgw: LocalRGW, s3: Any, backend: str, workers: int, workdir: Path,
+                    quick: bool) -> dict[str, Any]:
+    pool = ObjectPool(s3, f"bench-{backend}-{workers}")
+    saturation_records = pool.upload(48 if quick else 128)
+    first_record = pool.upload(1)[0]
+    service = Service(rgw, backend, workers, workdir / f"service-{backend}-{workers}.log")
+    try:
+        ready_s = service.wait_ready()
+        asyncio.run(post_event_once(service.url, first_record))
+        first_event_s = time.monotonic() - service.started_at
+        # A short warm-up at saturation: first batches of each size trace/allocate in every worker.
+        asyncio.run(saturate(service.url, pool.upload(2 * CLIENTS), CLIENTS))
+
+        cpu_before = cpu_seconds(service.process.pid)
+        wall_s = asyncio.run(saturate(service.url, saturation_records, CLIENTS))
+        cpu_used = cpu_seconds(service.process.pid) - cpu_before
+        capacity = len(saturation_records) / wall_s
+        row: dict[str, Any] = {
+            "backend": backend, "workers": workers,
+            "e2e_images_per_s": capacity,
+            "service_cpu_ms_per_image": 1000 * cpu_used / len(saturation_records),
+            "cold_start_ready_s": ready_s, "first_event_s": first_event_s,
+        }
+        seconds_per_level = 6 if quick else 15
+        for fraction in LOAD_FRACTIONS:
+            rate = fraction * capacity
+            records = pool.upload(max(20, round(rate * seconds_per_level)))
+            latencies = asyncio.run(open_loop(service.url, records, rate, seed=int(fraction * 100)))
+            level = f"at{round(fraction * 100)}"
+            for name, quantile in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99)):
+                row[f"{name}_ms_{level}"] = 1000 * percentile(latencies, quantile)
+        # The headline latency is at 50 % load: a service sized for its peak runs there.
+        row["p50_ms"], row["p95_ms"], row["p99_ms"] = row["p50_ms_at50"], row["p95_ms_at50"], row["p99_ms_at50"]
+        row["rss_mib"] = peak_rss_mib(service.process.pid)
+        row["processes"] = len(descendants(service.process.pid))
+        return row
+    finally:
+        service.stop()
+
+
+async def post_event_once(url: str, record: dict[str, Any]) -> float:
+    async with httpx.AsyncClient(timeout=300) as client:
+        return await post_event(client, url, record)
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+COLUMNS = [
+    ("backend", "backend", "{}"), ("workers", "wrk", "{}"),
+    ("model_images_per_s", "model img/s b8", "{:.1f}"), ("model_b1_images_per_s", "b1", "{:.1f}"),
+    ("e2e_images_per_s", "e2e img/s", "{:.2f}"), ("e2e_over_model", "e2e/model", "{:.2f}"),
+    ("e2e_vs_keras", "vs keras", "{:.2f}"),
+    ("model_cpu_ms_per_image", "model cpu ms", "{:.0f}"), ("service_cpu_ms_per_image", "svc cpu ms", "{:.0f}"),
+    ("cpu_efficiency", "cpu eff", "{:.2f}"),
+    ("p50_ms_at25", "p50@25%", "{:.0f}"), ("p99_ms_at25", "p99@25%", "{:.0f}"),
+    ("p50_ms_at50", "p50@50%", "{:.0f}"), ("p99_ms_at50", "p99@50%", "{:.0f}"),
+    ("p50_ms_at90", "p50@90%", "{:.0f}"), ("p99_ms_at90", "p99@90%", "{:.0f}"),
+    ("cold_start_ready_s", "ready s", "{:.1f}"), ("first_event_s", "1st ev s", "{:.1f}"),
+    ("rss_mib", "rss MiB", "{:.0f}"),
+]
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    cells = [[header for _, header, _ in COLUMNS]]
+    for row in rows:
+        cells.append([fmt.format(row[key]) if row.get(key) is not None else "-" for key, _, fmt in COLUMNS])
+    widths = [max(len(line[column]) for line in cells) for column in range(len(COLUMNS))]
+    for line in cells:
+        print("  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True)))
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    """Ratios against baselines measured in this same run: the model alone, and Keras at equal workers."""
+    keras_e2e = {row["workers"]: row["e2e_images_per_s"] for row in rows if row["backend"] == "keras"}
+    for row in rows:
+        row["e2e_over_model"] = row["e2e_images_per_s"] / row["model_images_per_s"]
+        row["cpu_efficiency"] = row["model_cpu_ms_per_image"] / row["service_cpu_ms_per_image"]
+        baseline = keras_e2e.get(row["workers"])
+        row["e2e_vs_keras"] = row["e2e_images_per_s"] / baseline if baseline else None
+
+
+def ensure_onnx_model() -> None:
+    if not (MODEL_DIR / "pneumonia_xception.onnx").is_file():
+        print("exporting the ONNX model (~30 s) ...", flush=True)
+        # The generated spec goes into the ignored cache, next to the weights: nothing untracked in model/.
+        subprocess.run([sys.executable, "-m", "service.cli", "model", "export", "--onnx", "--out", str(MODEL_DIR)],
+                       cwd=ROOT, check=True, capture_output=True, timeout=600)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer events and shorter latency runs (~5 min)")
+    parser.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated, default: keras,onnx")
+    parser.add_argument("--workers", default=",".join(map(str, WORKER_COUNTS)), help="comma-separated, default 1,2")
+    parser.add_argument("--output", type=Path, default=RESULTS_PATH)
+    parser.add_argument("--model-only", help=argparse.SUPPRESS)  # internal: the per-backend model subprocess
+    parser.add_argument("--repeats", type=int, default=5, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.model_only:
+        print(json.dumps(measure_model_in_this_process(args.model_only, args.repeats)))
+        return 0
+
+    if len(VALIDATION_IMAGES) != 16:
+        sys.exit("the default model is not fetched: run `make model`")
+    backends = args.backends.split(",")
+    worker_counts = [int(count) for count in args.workers.split(",")]
+    if "onnx" in backends:
+        ensure_onnx_model()
+    started = time.monotonic()
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="xray-bench-") as workdir:
+        rgw = LocalRGW(Path(workdir) / "rgw")
+        try:
+            rgw.start()
+            s3 = rgw.s3_client()
+            for backend in backends:
+                model = measure_model(backend, repeats=3 if args.quick else 5)
+                print(f"[{time.monotonic() - started:5.0f} s] {backend} model: {model}", flush=True)
+                for workers in worker_counts:
+                    row = measure_service(rgw, s3, backend, workers, Path(workdir), args.quick)
+                    row |= {
+                        "model_images_per_s": model["batch8_images_per_s"],
+                        "model_b1_images_per_s": model["batch1_images_per_s"],
+                        "model_cpu_ms_per_image": model["batch8_cpu_ms_per_image"],
+                        "model_b1_cpu_ms_per_image": model["batch1_cpu_ms_per_image"],
+                    }
+                    rows.append(row)
+                    print(f"[{time.monotonic() - started:5.0f} s] {backend} x{workers}: "
+                          f"{row['e2e_images_per_s']:.2f} img/s", flush=True)
+        finally:
+            rgw.stop()
+            if rows:  # a partial run still leaves its rows
+                add_ratios(rows)
+                args.output.write_text(json.dumps(rows, indent=2) + "\n")
+    print()
+    print_table(rows)
+    print(f"\n{len(rows)} configurations in {time.monotonic() - started:.0f} s; rows in {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
