@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 MODEL := model/.cache/pneumonia/pneumonia_xception.keras
 
-.PHONY: install model system-deps test-deps test lint demo rgw-start rgw-stop clean
+.PHONY: install model system-deps test-deps test lint demo bench bench-quick clean
 
 install: $(INSTALLED) $(MODEL)
 
@@ -45,6 +45,13 @@ lint: $(INSTALLED)
 
 demo: install system-deps
 	$(BIN)/python tests/local_rgw.py exec --dir .rgw/demo -- $(BIN)/xray-pipeline demo
+
+# keras vs onnx, 1 vs 2 workers: the model alone vs the service end to end (~8 min); writes bench/results.json.
+bench: install system-deps
+	$(BIN)/python bench/run.py
+
+bench-quick: install system-deps
+	$(BIN)/python bench/run.py --quick
 
 clean:
 	rm -rf $(VENV) .rgw demo-output .pytest_cache .ruff_cache
