@@ -229,8 +229,9 @@ def find_text_regions(pixels: np.ndarray) -> list[Box]:
     """Boxes (x, y, w, h) around every burned-in text line (names, ids, dates, markers), padded for blurring.
 
     Classical morphology, no model: white top-hat (bright strokes) and black-hat (dark strokes) with a kernel
-    wider than any stroke, thresholded at several contrast levels, characters joined by a horizontal closing,
-    and blobs kept if they are sharp or shaped like a text line. Overlapping boxes are merged.
+    wider than any stroke; thresholded at a few times the local texture, and at rising levels wherever a blob
+    is too tall for a line; characters joined by a horizontal closing; blobs kept if they are sharp or shaped
+    like a text line, then extended along their row over fainter words. Overlapping boxes are merged.
     """
     gray = _to_gray8(pixels)
     height, width = gray.shape
