@@ -49,15 +49,46 @@ def ocr(gray: np.ndarray, psm: int) -> str:
     return normalised(pytesseract.image_to_string(padded, config=f"--psm {psm}"))
 
 
-def tokens_read(view_groups: Sequence[Sequence[View]], tokens: Iterable[str]) -> list[set[str]]:
-    """For each group of views, the tokens Tesseract finds in any of them (Tesseract subprocesses in parallel)."""
-    tokens = [normalised(token) for token in tokens]
+def words_read(view: View) -> list[str]:
+    """Each word Tesseract reads, and each run of two or three neighbouring words on a line, joined."""
+    gray, psm = view
+    padded = cv2.copyMakeBorder(gray, 12, 12, 12, 12, cv2.BORDER_REPLICATE)
+    found = []
+    for line in pytesseract.image_to_string(padded, config=f"--psm {psm}").splitlines():
+        words = [word for word in map(normalised, line.split()) if word]
+        found += ["".join(words[start : start + count]) for count in (1, 2, 3) for start in range(len(words))]
+    return found
+
+
+def patient_tokens(lines: Iterable[str]) -> set[str]:
+    """What identifies the patient: every burned word of four or more characters."""
+    return {word for word in burned_words(lines) if len(word) >= 4}
+
+
+def burned_words(lines: Iterable[str]) -> set[str]:
+    return {normalised(word) for line in lines for word in line.split()} - {""}
+
+
+def tokens_read(view_groups: Sequence[Sequence[View]], lines: Sequence[str]) -> list[set[str]]:
+    """For each group of views, the patient tokens (of the burned `lines`) Tesseract reads in any of them.
+
+    A token counts where a word, or a few neighbouring words joined (OCR splits "Mc gehee"), is the token,
+    possibly glued to another burned word ("ID3677"). Matching words rather than searching all text
+    joined keeps the garbage Tesseract reads in X-ray texture ("deanna", or "mari" and "ass" on
+    two lines) from counting as a leaked "ANNA" or "MARIA".
+    """
+    tokens, words = patient_tokens(lines), burned_words(lines)
+    spellings = {
+        token: {token} | {word + token for word in words} | {token + word for word in words}
+        for token in tokens
+    }
+    views = [view for group in view_groups for view in group]
     with ThreadPoolExecutor(max_workers=4) as pool:
-        texts = iter(list(pool.map(lambda view: ocr(*view), [view for group in view_groups for view in group])))
+        words_per_view = iter(list(pool.map(words_read, views)))
     found = []
     for group in view_groups:
-        group_texts = [next(texts) for _ in group]
-        found.append({token for token in tokens if any(token in text for text in group_texts)})
+        read = {word for _ in group for word in next(words_per_view)}
+        found.append({token for token in tokens if spellings[token] & read})
     return found
 
 

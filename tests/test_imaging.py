@@ -13,19 +13,27 @@ import struct
 import time
 import tracemalloc
 import zlib
-from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
-import pytesseract
 import pytest
 from conftest import VALIDATION_IMAGES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from ocr_oracle import View, attack_views, changed_box, crop, ink_box, normalised, read_stamp, sharpened
+from ocr_oracle import (
+    View,
+    attack_views,
+    changed_box,
+    crop,
+    ink_box,
+    patient_tokens,
+    read_stamp,
+    sharpened,
+    tokens_read,
+)
 from PIL import Image, ImageOps
 
 from service.errors import UnprocessableObject
@@ -289,49 +297,6 @@ def _same_scale_gray8(pixels: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(eight_bit, cv2.COLOR_BGRA2GRAY if eight_bit.shape[2] == 4 else cv2.COLOR_BGR2GRAY)
 
 
-def _words_read(view: View) -> list[str]:
-    """Each word Tesseract reads, and each run of two or three neighbouring words on a line, joined."""
-    gray, psm = view
-    padded = cv2.copyMakeBorder(gray, 12, 12, 12, 12, cv2.BORDER_REPLICATE)
-    found = []
-    for line in pytesseract.image_to_string(padded, config=f"--psm {psm}").splitlines():
-        words = [word for word in map(normalised, line.split()) if word]
-        found += ["".join(words[start : start + count]) for count in (1, 2, 3) for start in range(len(words))]
-    return found
-
-
-def _patient_tokens(lines: Iterable[str]) -> set[str]:
-    """What identifies the patient: every burned word of four or more characters."""
-    return {word for word in _burned_words(lines) if len(word) >= 4}
-
-
-def _burned_words(lines: Iterable[str]) -> set[str]:
-    return {normalised(word) for line in lines for word in line.split()} - {""}
-
-
-def _tokens_read(view_groups: Sequence[Sequence[View]], lines: Sequence[str]) -> list[set[str]]:
-    """For each group of views, the patient tokens (of the burned `lines`) Tesseract reads in any of them.
-
-    A token counts where a word, or a few neighbouring words joined (OCR splits "Mc gehee"), is the token,
-    possibly glued to another burned word ("ID3677"). Unlike `ocr_oracle.tokens_read`, which searches all
-    text joined, this keeps the garbage Tesseract reads in X-ray texture ("deanna", or "mari" and "ass" on
-    two lines) from counting as a leaked "ANNA" or "MARIA".
-    """
-    tokens, words = _patient_tokens(lines), _burned_words(lines)
-    spellings = {
-        token: {token} | {word + token for word in words} | {token + word for word in words}
-        for token in tokens
-    }
-    views = [view for group in view_groups for view in group]
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        words_per_view = iter(list(pool.map(_words_read, views)))
-    found = []
-    for group in view_groups:
-        read = {word for _ in group for word in next(words_per_view)}
-        found.append({token for token in tokens if spellings[token] & read})
-    return found
-
-
 def _stacked(views: Iterable[np.ndarray]) -> np.ndarray:
     """One page holding every view, each contrast-stretched on its own, so one OCR run reads them all."""
     views = [cv2.normalize(view, None, 0, 255, cv2.NORM_MINMAX) for view in views]
@@ -455,7 +420,7 @@ class BurnCase:
 
     @property
     def tokens(self) -> set[str]:
-        return _patient_tokens(self.lines)
+        return patient_tokens(self.lines)
 
 
 _NAME_ID_DOB = ("Anna Mcgehee", "ID 3677  DOB 1941-11-26")
@@ -527,7 +492,7 @@ def test_anonymized_text_cannot_be_read_back(case: BurnCase) -> None:
     output_views += [(_stacked(views), 11) for views in zip(*region_views, strict=True)]
     output_views += [(view, 6) for view in attack_views(crop(anonymized, text_box, case.size_px))]
     input_views = [(view, 6) for view in attack_views(crop(burned, text_box, case.size_px))]
-    leaked, read_before = _tokens_read([output_views, input_views], case.lines)
+    leaked, read_before = tokens_read([output_views, input_views], case.lines)
 
     # The oracle works: Tesseract reads most of the patient's tokens on the input...
     assert len(read_before) >= max(1, (len(case.tokens) + 1) // 2), (sorted(read_before), sorted(case.tokens))
@@ -547,7 +512,7 @@ def test_sixteen_bit_and_colour_images_are_anonymized_too() -> None:
         assert anonymized.dtype == image.dtype and anonymized.shape == image.shape
         output = _gray8(anonymized[:150, :600])
         output_views = [(output, 6), (sharpened(cv2.resize(output, None, fx=2, fy=2)), 6)]
-        leaked, read_before = _tokens_read([output_views, [(_gray8(image[:150, :600]), 6)]], lines)
+        leaked, read_before = tokens_read([output_views, [(_gray8(image[:150, :600]), 6)]], lines)
         assert len(read_before) >= 2
         assert not leaked
 
