@@ -118,17 +118,18 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of the process tree: live processes only, which is every process the service runs."""
-    total = 0
+def cpu_seconds(pid: int) -> dict[str, float]:
+    """utime + stime of the web process (`web`) and of the processes below it (`workers`, with multiprocessing's
+    helpers): live processes only, which is every process the service runs."""
+    totals = {"web": 0.0, "workers": 0.0}
     for member in descendants(pid):
         try:
             # Fields after the command name, which may contain spaces: utime and stime are the 12th and 13th.
             fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
         except (FileNotFoundError, ProcessLookupError):
             continue
-        total += int(fields[11]) + int(fields[12])
-    return total / CLOCK_TICKS
+        totals["web" if member == pid else "workers"] += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return totals
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -283,12 +284,15 @@ def measure_service(rgw: LocalRGW, s3: Any, backend: str, workers: int, workdir:
 
         cpu_before = cpu_seconds(service.process.pid)
         wall_s = asyncio.run(saturate(service.url, saturation_records, CLIENTS))
-        cpu_used = cpu_seconds(service.process.pid) - cpu_before
+        cpu_after = cpu_seconds(service.process.pid)
+        web_ms, workers_ms = (1000 * (cpu_after[part] - cpu_before[part]) / len(saturation_records)
+                              for part in ("web", "workers"))
         capacity = len(saturation_records) / wall_s
         row: dict[str, Any] = {
             "backend": backend, "workers": workers,
             "e2e_images_per_s": capacity,
-            "service_cpu_ms_per_image": 1000 * cpu_used / len(saturation_records),
+            "service_cpu_ms_per_image": web_ms + workers_ms,
+            "web_cpu_ms_per_image": web_ms, "workers_cpu_ms_per_image": workers_ms,
             "cold_start_ready_s": ready_s, "first_event_s": first_event_s,
         }
         seconds_per_level = 6 if quick else 15
@@ -322,6 +326,7 @@ COLUMNS = [
     ("e2e_images_per_s", "e2e img/s", "{:.2f}"), ("e2e_over_model", "e2e/model", "{:.2f}"),
     ("e2e_vs_keras", "vs keras", "{:.2f}"),
     ("model_cpu_ms_per_image", "model cpu ms", "{:.0f}"), ("service_cpu_ms_per_image", "svc cpu ms", "{:.0f}"),
+    ("web_cpu_ms_per_image", "web", "{:.0f}"), ("workers_cpu_ms_per_image", "wrk", "{:.0f}"),
     ("cpu_efficiency", "cpu eff", "{:.2f}"),
     ("p50_ms_at25", "p50@25%", "{:.0f}"), ("p99_ms_at25", "p99@25%", "{:.0f}"),
     ("p50_ms_at50", "p50@50%", "{:.0f}"), ("p99_ms_at50", "p99@50%", "{:.0f}"),

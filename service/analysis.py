@@ -61,6 +61,15 @@ class AnalysisRequest:
 AnalysisOutcome = Analysis | Exception
 
 
+@dataclass
+class PredictedBatch:
+    """A batch between the model and the finishing stage: each item's decoded image (or its error) and output."""
+
+    requests: Sequence[AnalysisRequest]
+    decoded: list[imaging.DecodedImage | Exception]
+    raw_outputs: np.ndarray | None
+
+
 def analyze_batch(
     requests: Sequence[AnalysisRequest], *, spec: ModelSpec, predict: PredictBatch, limits: ImageLimits
 ) -> list[AnalysisOutcome]:
@@ -68,38 +77,52 @@ def analyze_batch(
 
     A bad image fails only its own item (`UnprocessableObject` in its place); the others are analyzed.
     """
-    outcomes: list[AnalysisOutcome | imaging.DecodedImage] = []
+    return finish_batch(predict_batch(requests, spec=spec, predict=predict, limits=limits), spec=spec)
+
+
+def predict_batch(
+    requests: Sequence[AnalysisRequest], *, spec: ModelSpec, predict: PredictBatch, limits: ImageLimits
+) -> PredictedBatch:
+    """The first stage: decode and preprocess each image, then one model call for every decodable one.
+
+    The batch goes to the model at its own size: both backends run one graph for any batch size (a `None`
+    batch dimension), so padding to fixed sizes would only spend model time on zeros.
+    """
+    decoded: list[imaging.DecodedImage | Exception] = []
     tensors = []
     for request in requests:
         try:
-            decoded = imaging.decode_image(request.data, max_bytes=limits.max_bytes, max_pixels=limits.max_pixels)
+            image = imaging.decode_image(request.data, max_bytes=limits.max_bytes, max_pixels=limits.max_pixels)
             # Inference sees the uploaded pixels, before any stamping or blurring.
-            tensors.append(spec.preprocess(imaging.to_bgr8(decoded.pixels)))
-            outcomes.append(decoded)
+            tensors.append(spec.preprocess(imaging.to_model_input(image.pixels)))
+            decoded.append(image)
         except Exception as error:
-            outcomes.append(error)
-    raw_outputs = iter(predict(_padded(np.stack(tensors)))[: len(tensors)] if tensors else [])
+            decoded.append(error)
+    if not tensors:
+        return PredictedBatch(requests, decoded, None)
+    try:
+        raw_outputs = predict(np.stack(tensors))
+    except Exception as error:
+        # A failed model call fails the batch's images (answered 500, so redelivered), not the worker: a crash
+        # would cost a model reload.
+        return PredictedBatch(requests, [item if isinstance(item, Exception) else error for item in decoded], None)
+    return PredictedBatch(requests, decoded, raw_outputs)
+
+
+def finish_batch(batch: PredictedBatch, *, spec: ModelSpec) -> list[AnalysisOutcome]:
+    """The second stage: interpret each output, then stamp, anonymize and encode each image."""
+    raw_outputs = iter(batch.raw_outputs if batch.raw_outputs is not None else [])
     results: list[AnalysisOutcome] = []
-    for request, outcome in zip(requests, outcomes, strict=True):
-        if not isinstance(outcome, imaging.DecodedImage):
-            results.append(outcome)
+    for request, image in zip(batch.requests, batch.decoded, strict=True):
+        if not isinstance(image, imaging.DecodedImage):
+            results.append(image)
             continue
         raw = next(raw_outputs)
         try:
-            results.append(_finish(outcome, spec.interpret(raw), request.anonymize_always))
+            results.append(_finish(image, spec.interpret(raw), request.anonymize_always))
         except Exception as error:
             results.append(error)
     return results
-
-
-def _padded(batch: np.ndarray) -> np.ndarray:
-    """Pad the batch to the next power of two so a few compiled shapes serve every batch size."""
-    size = len(batch)
-    target = 1 << (size - 1).bit_length()
-    if target == size:
-        return batch
-    padding = np.zeros((target - size, *batch.shape[1:]), batch.dtype)
-    return np.concatenate([batch, padding])
 
 
 def _finish(decoded: imaging.DecodedImage, prediction: Prediction, anonymize_always: bool) -> Analysis:

@@ -62,6 +62,9 @@ def _load_onnx(spec: ModelSpec, threads: int) -> PredictBatch:
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    # Idle pool threads block instead of spinning: the worker's imaging thread and the web process share
+    # these cores, and spinning would bill them CPU for waiting.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = onnxruntime.InferenceSession(str(spec.weights), options, providers=["CPUExecutionProvider"])
     input_name = session.get_inputs()[0].name
 

@@ -145,16 +145,15 @@ def _exif_orientation(header: Image.Image) -> int:
 # ------------------------------------------------------------------------------------------------ conversions
 
 
-def to_bgr8(pixels: np.ndarray) -> np.ndarray:
-    """HxWx3 uint8 BGR for the model and for text search (may return `pixels` itself when it already is).
+def to_model_input(pixels: np.ndarray) -> np.ndarray:
+    """HxW gray or HxWx3 BGR uint8 for the model (may return `pixels` itself when it already is).
 
-    Gray is expanded to three channels, alpha is dropped, and 16-bit data is scaled by its real bit depth
-    (the bit length of its brightest value): 12-bit data in a 16-bit container keeps its full contrast.
+    Alpha is dropped and 16-bit data is scaled by its real bit depth (the bit length of its brightest value):
+    12-bit data in a 16-bit container keeps its full contrast. Gray stays one channel: the model's
+    preprocessing resizes first, so expanding it to three channels is done on the small image.
     """
     eight_bit = _to_8bit(pixels)
-    if eight_bit.ndim == 2:
-        return cv2.cvtColor(eight_bit, cv2.COLOR_GRAY2BGR)
-    if eight_bit.shape[2] == 4:
+    if eight_bit.ndim == 3 and eight_bit.shape[2] == 4:
         return cv2.cvtColor(eight_bit, cv2.COLOR_BGRA2BGR)
     return eight_bit
 

@@ -148,25 +148,33 @@ class ModelSpec(_StrictModel):
         try:
             text = path.read_text(encoding="utf-8")
         except OSError as error:
-            raise ConfigurationError(f"MODEL_SPEC: cannot read {path}: {error.strerror}") from None
+            raise ConfigurationError(f"MODEL_URI: cannot read {path}: {error.strerror}") from None
+        spec = cls.parse(text, source=str(path), is_json=path.suffix == ".json")
+        weights = spec.weights if spec.weights.is_absolute() else (path.parent / spec.weights).resolve()
+        if not weights.is_file():
+            hint = " (run `make model` to fetch the default model)" if "pneumonia" in spec.name else ""
+            raise ConfigurationError(f"MODEL_URI: {path}: weights file {weights} does not exist{hint}")
+        return spec.model_copy(update={"weights": weights})
+
+    @classmethod
+    def parse(cls, text: str, *, source: str, is_json: bool = False) -> ModelSpec:
+        """Validate a spec document; `weights` stays as written, relative to wherever `source` lives.
+
+        Separate from `load` because a spec fetched from S3 names weights that are not downloaded yet.
+        """
         try:
-            raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+            raw = json.loads(text) if is_json else yaml.safe_load(text)
         except (ValueError, yaml.YAMLError) as error:
-            raise ConfigurationError(f"MODEL_SPEC: {path} is not valid YAML/JSON: {error}") from None
+            raise ConfigurationError(f"MODEL_URI: {source} is not valid YAML/JSON: {error}") from None
         if not isinstance(raw, dict):
-            raise ConfigurationError(f"MODEL_SPEC: {path} must hold a mapping")
+            raise ConfigurationError(f"MODEL_URI: {source} must hold a mapping")
         try:
-            spec = cls.model_validate(raw)
+            return cls.model_validate(raw)
         except ValidationError as error:
             problems = "; ".join(
                 f"{'.'.join(str(part) for part in issue['loc'])}: {issue['msg']}" for issue in error.errors()
             )
-            raise ConfigurationError(f"MODEL_SPEC: {path}: {problems}") from None
-        weights = spec.weights if spec.weights.is_absolute() else (path.parent / spec.weights).resolve()
-        if not weights.is_file():
-            hint = " (run `make model` to fetch the default model)" if "pneumonia" in spec.name else ""
-            raise ConfigurationError(f"MODEL_SPEC: {path}: weights file {weights} does not exist{hint}")
-        return spec.model_copy(update={"weights": weights})
+            raise ConfigurationError(f"MODEL_URI: {source}: {problems}") from None
 
     def for_backend(self, backend: str | None) -> ModelSpec:
         """The same model on another backend: its weights beside the spec's own, with that backend's suffix."""
@@ -178,14 +186,18 @@ class ModelSpec(_StrictModel):
             raise ConfigurationError(f"MODEL_BACKEND: {backend} needs {weights}, which does not exist{hint}")
         return self.model_copy(update={"backend": backend, "weights": weights})
 
-    def preprocess(self, bgr8: np.ndarray) -> np.ndarray:
-        """HxWx3 uint8 BGR image -> float32 tensor (height, width, channels) as the model expects."""
+    def preprocess(self, image8: np.ndarray) -> np.ndarray:
+        """HxW gray or HxWx3 BGR uint8 image -> float32 tensor (height, width, channels) as the model expects."""
         size = (self.input.width, self.input.height)
-        resized = cv2.resize(bgr8, size, interpolation=_INTERPOLATIONS[self.input.resize])
+        # Every interpolation works per channel, so resizing gray and then expanding it equals expanding first.
+        resized = cv2.resize(image8, size, interpolation=_INTERPOLATIONS[self.input.resize])
+        gray = resized.ndim == 2
         if self.input.color_mode == "rgb":
-            resized = cv2.cvtColor(resized, cv2.COLOR_BGR2RGB)
+            resized = cv2.cvtColor(resized, cv2.COLOR_GRAY2RGB if gray else cv2.COLOR_BGR2RGB)
         elif self.input.color_mode == "grayscale":
-            resized = cv2.cvtColor(resized, cv2.COLOR_BGR2GRAY)[:, :, np.newaxis]
+            resized = (resized if gray else cv2.cvtColor(resized, cv2.COLOR_BGR2GRAY))[:, :, np.newaxis]
+        elif gray:
+            resized = cv2.cvtColor(resized, cv2.COLOR_GRAY2BGR)
         multiplier, offset = self.input.scale_coefficients
         tensor = resized.astype(np.float32)
         tensor *= np.float32(multiplier)

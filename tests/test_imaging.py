@@ -44,7 +44,7 @@ from service.imaging import (
     encode_image,
     find_text_regions,
     stamp_label,
-    to_bgr8,
+    to_model_input,
 )
 from service.patient_text import burn_patient_text
 
@@ -252,33 +252,33 @@ def test_png_bomb_is_refused_fast_without_allocating(side: int) -> None:
     assert peak < 2_000_000  # a decoded 30000x30000 image would be 900 MB
 
 
-# --------------------------------------------------------------------------------------------- to_bgr8
+# --------------------------------------------------------------------------------------- to_model_input
 
 
-def test_to_bgr8_expands_gray_and_drops_alpha() -> None:
+def test_to_model_input_keeps_gray_and_bgr_and_drops_alpha() -> None:
     gray = _gradient(10, 20)
-    np.testing.assert_array_equal(to_bgr8(gray), np.dstack([gray] * 3))
+    assert to_model_input(gray) is gray  # no copy when there is nothing to convert
     bgra = _gradient(10, 20, 4)
-    np.testing.assert_array_equal(to_bgr8(bgra), bgra[:, :, :3])
+    np.testing.assert_array_equal(to_model_input(bgra), bgra[:, :, :3])
     bgr = _gradient(10, 20, 3)
-    assert to_bgr8(bgr) is bgr  # no copy when there is nothing to convert
+    assert to_model_input(bgr) is bgr
 
 
-def test_to_bgr8_scales_12_bit_data_in_a_16_bit_container_by_its_real_depth() -> None:
+def test_to_model_input_scales_12_bit_data_in_a_16_bit_container_by_its_real_depth() -> None:
     twelve_bit = (_gradient(64, 64).astype(np.uint16) * 16 + 15).clip(0, 4095)
-    converted = to_bgr8(twelve_bit)
-    assert converted.shape == (64, 64, 3) and converted.dtype == np.uint8
+    converted = to_model_input(twelve_bit)
+    assert converted.shape == (64, 64) and converted.dtype == np.uint8
     assert converted.max() == 255  # not black, not dimmed 16x
-    np.testing.assert_allclose(converted[:, :, 0], twelve_bit / 16, atol=1)
+    np.testing.assert_allclose(converted, twelve_bit / 16, atol=1)
 
 
-def test_to_bgr8_scales_full_16_bit_data_and_ignores_alpha_for_the_depth() -> None:
+def test_to_model_input_scales_full_16_bit_data_and_ignores_alpha_for_the_depth() -> None:
     full = np.full((8, 8), 65535, np.uint16)
-    assert to_bgr8(full).max() == 255
+    assert to_model_input(full).max() == 255
     bgra = np.zeros((8, 8, 4), np.uint16)
     bgra[:, :, :3] = 1000  # 10-bit colour
     bgra[:, :, 3] = 65535  # opaque alpha must not decide the scale
-    assert to_bgr8(bgra)[0, 0, 0] == round(1000 / 4)
+    assert to_model_input(bgra)[0, 0, 0] == round(1000 / 4)
 
 
 # --------------------------------------------------------------------------------------------- OCR tools
@@ -286,7 +286,8 @@ def test_to_bgr8_scales_full_16_bit_data_and_ignores_alpha_for_the_depth() -> No
 
 def _gray8(pixels: np.ndarray) -> np.ndarray:
     """What a reader sees: 8-bit gray, 16-bit data scaled by its real depth."""
-    return cv2.cvtColor(to_bgr8(pixels), cv2.COLOR_BGR2GRAY)
+    converted = to_model_input(pixels)
+    return converted if converted.ndim == 2 else cv2.cvtColor(converted, cv2.COLOR_BGR2GRAY)
 
 
 def _same_scale_gray8(pixels: np.ndarray) -> np.ndarray:

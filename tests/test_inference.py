@@ -85,7 +85,7 @@ def test_concurrent_requests_are_batched_and_errors_stay_with_their_item(tiny_sp
             await engine.stop()
 
     outcomes = asyncio.run(scenario())
-    assert engine.batch_sizes == [4], "four concurrent requests travel as one batch, in one round trip"
+    assert list(engine.batch_sizes) == [4], "four concurrent requests travel as one batch, in one round trip"
     assert isinstance(outcomes[1], UnprocessableObject) and outcomes[1].reason == "not-an-image"
     labels = [outcome.prediction.label for outcome in outcomes if not isinstance(outcome, BaseException)]
     assert labels == ["Pneumonia", "Normal", "Pneumonia"]
@@ -106,7 +106,29 @@ def test_a_full_batch_leaves_without_waiting_for_the_deadline(tiny_spec: Path) -
             await engine.stop()
 
     asyncio.run(scenario())
-    assert engine.batch_sizes == [2, 2]
+    assert list(engine.batch_sizes) == [2, 2]
+
+
+def test_many_small_batches_in_flight_keep_every_answer_with_its_request(tiny_spec: Path) -> None:
+    """A worker runs the model on one batch while finishing the previous one; answers must not cross."""
+    engine = InferenceEngine(ModelSpec.load(tiny_spec), workers=1, threads_per_worker=1, limits=LIMITS,
+                             batch_max_size=3, batch_max_wait_ms=0)
+    brightness = [230 if index % 3 else 20 for index in range(25)]
+
+    async def scenario() -> list[str]:
+        await engine.start()
+        try:
+            analyses = await asyncio.gather(
+                *(engine.analyze(encode(xray_like(level, seed=index)), anonymize_always=False)
+                  for index, level in enumerate(brightness))
+            )
+            return [analysis.prediction.label for analysis in analyses]
+        finally:
+            await engine.stop()
+
+    labels = asyncio.run(scenario())
+    assert labels == ["Pneumonia" if level == 230 else "Normal" for level in brightness]
+    assert len(engine.batch_sizes) > 1 and max(engine.batch_sizes) <= 3
 
 
 @pytest.mark.rgw

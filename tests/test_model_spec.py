@@ -57,7 +57,7 @@ def test_invalid_specs_are_configuration_errors(tmp_path: Path, change: tuple[st
     with pytest.raises(ConfigurationError) as raised:
         ModelSpec.load(write_spec(tmp_path, BINARY.replace(*change)))
     assert message in str(raised.value)
-    assert str(raised.value).startswith("MODEL_SPEC:")
+    assert str(raised.value).startswith("MODEL_URI:")
 
 
 def test_missing_weights_and_missing_file(tmp_path: Path) -> None:
@@ -92,6 +92,19 @@ def test_nearest_exact_preprocessing_matches_pil_nearest(tmp_path: Path) -> None
 def test_grayscale_input(tmp_path: Path) -> None:
     spec = ModelSpec.load(write_spec(tmp_path, BINARY.replace("color_mode: rgb", "color_mode: grayscale")))
     assert spec.preprocess(np.full((20, 30, 3), 255, np.uint8)).shape == (150, 150, 1)
+    assert spec.preprocess(np.full((20, 30), 255, np.uint8)).shape == (150, 150, 1)
+
+
+@pytest.mark.parametrize("color_mode", ["rgb", "bgr", "grayscale"])
+@pytest.mark.parametrize("resize", ["nearest_exact", "linear", "area", "cubic"])
+def test_one_channel_images_give_the_same_tensor_as_their_three_channel_expansion(
+    tmp_path: Path, color_mode: str, resize: str
+) -> None:
+    """Gray X-rays skip the full-size expansion to BGR; the model must see exactly the same tensor."""
+    text = BINARY.replace("color_mode: rgb", f"color_mode: {color_mode}").replace("nearest_exact", resize)
+    spec = ModelSpec.load(write_spec(tmp_path, text))
+    gray = np.random.default_rng(2).integers(0, 256, (411, 377), dtype=np.uint8)
+    np.testing.assert_array_equal(spec.preprocess(gray), spec.preprocess(np.dstack([gray] * 3)))
 
 
 def test_binary_labels_follow_the_thresholds(tmp_path: Path) -> None:
