@@ -23,8 +23,11 @@ import logging
 import multiprocessing
 import os
 import queue
+import sys
 import threading
 import time
+import types
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -163,7 +166,8 @@ class InferenceEngine:
             name="xray-inference-worker",
             daemon=True,  # never outlive the web process
         )
-        process.start()
+        with _main_module_hidden():
+            process.start()
         child_end.close()
         worker = _Worker(process, parent_end)
         self._workers.append(worker)
@@ -287,6 +291,22 @@ class InferenceEngine:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+@contextlib.contextmanager
+def _main_module_hidden() -> Iterator[None]:
+    """Keep a spawned worker from importing the parent's `__main__` (multiprocessing does that by default).
+
+    For the service that module is the CLI, which pulls in FastAPI, uvicorn and boto3: about a second of CPU
+    and tens of MB per worker, none of it used there (`worker_main` is importable on its own). Only the
+    spawn reads `__main__` meanwhile; nothing in this service is defined in `__main__`.
+    """
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
 
 
 def _receive(connection: Connection) -> Any:

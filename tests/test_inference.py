@@ -37,6 +37,31 @@ def test_web_modules_do_not_import_tensorflow() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+def test_workers_do_not_import_the_parents_main_module(tiny_spec: Path, tmp_path: Path) -> None:
+    """multiprocessing re-imports `__main__` in spawned children; for the service that is the whole web CLI."""
+    marker = tmp_path / "main-imported-in-a-worker"
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import asyncio, pathlib, sys\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "if __name__ != '__main__':\n"
+        f"    pathlib.Path({str(marker)!r}).write_text(__name__)\n"
+        "from service.analysis import ImageLimits\n"
+        "from service.inference import InferenceEngine\n"
+        "from service.model_spec import ModelSpec\n"
+        "async def main():\n"
+        f"    engine = InferenceEngine(ModelSpec.load({str(tiny_spec)!r}), workers=1, threads_per_worker=1,\n"
+        "                             limits=ImageLimits(10, 10))\n"
+        "    await engine.start()\n"
+        "    await engine.stop()\n"
+        "if __name__ == '__main__':\n"
+        "    asyncio.run(main())\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not marker.exists(), "the worker imported the parent's main module"
+
+
 def test_two_workers_warm_up_and_analyze(tiny_spec: Path) -> None:
     engine = InferenceEngine(ModelSpec.load(tiny_spec), workers=2, threads_per_worker=1, limits=LIMITS)
 
