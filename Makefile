@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 MODEL := model/.cache/pneumonia/pneumonia_xception.keras
 
-.PHONY: install model system-deps test-deps test lint demo bench bench-quick clean
+.PHONY: install model system-deps test-deps test lint demo bench bench-quick clean image
 
 install: $(INSTALLED) $(MODEL)
 
@@ -52,6 +52,17 @@ bench: install system-deps
 
 bench-quick: install system-deps
 	$(BIN)/python bench/run.py --quick
+
+# The service image (Containerfile), with podman if present, else docker. BACKEND=onnx: ONNX Runtime, no TensorFlow.
+IMAGE ?= xray-pipeline:dev
+BACKEND ?= keras
+
+image:
+	@engine=$$(command -v podman || command -v docker) || { \
+	  echo "make image: neither podman nor docker is installed; install one of them to build $(IMAGE)" >&2; exit 1; }; \
+	set -x; "$$engine" build -f Containerfile --build-arg BACKEND=$(BACKEND) \
+	  --build-arg REVISION="$$(git rev-parse HEAD 2>/dev/null)" \
+	  --build-arg SOURCE_URL="$$(git remote get-url origin 2>/dev/null)" -t $(IMAGE) .
 
 clean:
 	rm -rf $(VENV) .rgw demo-output .pytest_cache .ruff_cache
