@@ -93,7 +93,7 @@ def measure_model(backend: str, repeats: int) -> dict[str, float]:
     """The model figures of one backend, from a fresh subprocess (keeps TensorFlow out of the bench process)."""
     env = os.environ | {"TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONWARNINGS": "ignore"}
     completed = subprocess.run(
-        [sys.executable, __file__, "--model-only", backend, "--repeats", str(repeats)],
+        [sys.executable, __file__, "--model-only", backend, "--model-repeats", str(repeats)],
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     if completed.returncode != 0:
@@ -270,11 +270,11 @@ def percentile(values: list[float], fraction: float) -> float:
 
 
 def measure_service(rgw: LocalRGW, s3: Any, backend: str, workers: int, workdir: Path,
-                    quick: bool) -> dict[str, Any]:
-    pool = ObjectPool(s3, f"bench-{backend}-{workers}")
+                    quick: bool, run: int) -> dict[str, Any]:
+    pool = ObjectPool(s3, f"bench-{backend}-{workers}-{run}")
     saturation_records = pool.upload(48 if quick else 128)
     first_record = pool.upload(1)[0]
-    service = Service(rgw, backend, workers, workdir / f"service-{backend}-{workers}.log")
+    service = Service(rgw, backend, workers, workdir / f"service-{backend}-{workers}-{run}.log")
     try:
         ready_s = service.wait_ready()
         asyncio.run(post_event_once(service.url, first_record))
@@ -299,7 +299,7 @@ def measure_service(rgw: LocalRGW, s3: Any, backend: str, workers: int, workdir:
         for fraction in LOAD_FRACTIONS:
             rate = fraction * capacity
             records = pool.upload(max(20, round(rate * seconds_per_level)))
-            latencies = asyncio.run(open_loop(service.url, records, rate, seed=int(fraction * 100)))
+            latencies = asyncio.run(open_loop(service.url, records, rate, seed=int(fraction * 100) + run))
             level = f"at{round(fraction * 100)}"
             for name, quantile in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99)):
                 row[f"{name}_ms_{level}"] = 1000 * percentile(latencies, quantile)
@@ -345,6 +345,14 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         print("  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True)))
 
 
+def median_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row per configuration: the median of every figure over its runs (the machine is noisy)."""
+    row = {key: statistics.median(run[key] for run in runs) if isinstance(value, float) else value
+           for key, value in runs[0].items()}
+    row["repeats"] = len(runs)
+    return row
+
+
 def add_ratios(rows: list[dict[str, Any]]) -> None:
     """Ratios against baselines measured in this same run: the model alone, and Keras at equal workers."""
     keras_e2e = {row["workers"]: row["e2e_images_per_s"] for row in rows if row["backend"] == "keras"}
@@ -365,16 +373,18 @@ def ensure_onnx_model() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer events and shorter latency runs (~5 min)")
+    parser.add_argument("--quick", action="store_true", help="fewer events, shorter latency runs, 2 repeats (~8 min)")
+    parser.add_argument("--repeats", type=int, help="service runs per configuration, reported as medians (default 3)")
     parser.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated, default: keras,onnx")
     parser.add_argument("--workers", default=",".join(map(str, WORKER_COUNTS)), help="comma-separated, default 1,2")
     parser.add_argument("--output", type=Path, default=RESULTS_PATH)
     parser.add_argument("--model-only", help=argparse.SUPPRESS)  # internal: the per-backend model subprocess
-    parser.add_argument("--repeats", type=int, default=5, help=argparse.SUPPRESS)
+    parser.add_argument("--model-repeats", type=int, default=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.model_only:
-        print(json.dumps(measure_model_in_this_process(args.model_only, args.repeats)))
+        print(json.dumps(measure_model_in_this_process(args.model_only, args.model_repeats)))
         return 0
+    repeats = args.repeats or (2 if args.quick else 3)
 
     if len(VALIDATION_IMAGES) != 16:
         sys.exit("the default model is not fetched: run `make model`")
@@ -393,7 +403,12 @@ def main(argv: list[str] | None = None) -> int:
                 model = measure_model(backend, repeats=3 if args.quick else 5)
                 print(f"[{time.monotonic() - started:5.0f} s] {backend} model: {model}", flush=True)
                 for workers in worker_counts:
-                    row = measure_service(rgw, s3, backend, workers, Path(workdir), args.quick)
+                    runs = []
+                    for run in range(repeats):
+                        runs.append(measure_service(rgw, s3, backend, workers, Path(workdir), args.quick, run))
+                        print(f"[{time.monotonic() - started:5.0f} s] {backend} x{workers} run {run + 1}/{repeats}: "
+                              f"{runs[-1]['e2e_images_per_s']:.2f} img/s", flush=True)
+                    row = median_row(runs)
                     row |= {
                         "model_images_per_s": model["batch8_images_per_s"],
                         "model_b1_images_per_s": model["batch1_images_per_s"],
@@ -401,8 +416,6 @@ def main(argv: list[str] | None = None) -> int:
                         "model_b1_cpu_ms_per_image": model["batch1_cpu_ms_per_image"],
                     }
                     rows.append(row)
-                    print(f"[{time.monotonic() - started:5.0f} s] {backend} x{workers}: "
-                          f"{row['e2e_images_per_s']:.2f} img/s", flush=True)
         finally:
             rgw.stop()
             if rows:  # a partial run still leaves its rows
