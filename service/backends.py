@@ -65,6 +65,10 @@ def _load_onnx(spec: ModelSpec, threads: int) -> PredictBatch:
     # Idle pool threads block instead of spinning: the worker's imaging thread and the web process share
     # these cores, and spinning would bill them CPU for waiting.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # Without the arena, a batch's activations go back to the system after the call instead of being kept at
+    # the largest batch's size: about 70 MB less at peak and 140 MB less at rest for Xception, at no measurable
+    # cost in speed.
+    options.enable_cpu_mem_arena = False
     session = onnxruntime.InferenceSession(str(spec.weights), options, providers=["CPUExecutionProvider"])
     input_name = session.get_inputs()[0].name
 
