@@ -189,7 +189,8 @@ class Service:
             "PORT": str(self.port), "HOST": "127.0.0.1", "PSEUDONYM_KEY": BENCH_PSEUDONYM_KEY,
             "MODEL_BACKEND": backend, "WORKERS": str(workers), "ANONYMIZE_WHEN": "always", "LOG_LEVEL": "WARNING",
         }
-        env.pop("MODEL_SPEC", None)
+        for variable in ("MODEL_URI", "MODEL_SPEC", "MODEL_SHA256"):  # the default model is what is measured
+            env.pop(variable, None)
         env.pop("WORKER_THREADS", None)  # the service's default (CPUs / workers) is what is being measured
         self.log_path = log_path
         with log_path.open("wb") as log:

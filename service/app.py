@@ -17,11 +17,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from service.analysis import ImageLimits
-from service.backends import check_backend_installed
 from service.errors import MalformedDelivery, PipelineError, UnprocessableObject
 from service.events import Transport, parse_delivery
 from service.inference import InferenceEngine
-from service.model_spec import ModelSpec
+from service.model_source import resolve_model
 from service.pipeline import DeliveryResult, Pipeline
 from service.settings import Settings, load_settings
 from service.storage import ObjectStore, make_s3_client
@@ -35,10 +34,13 @@ class RequestTooLarge(MalformedDelivery):
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the app; the model loads in its lifespan, so the port opens only once workers are warm."""
+    """Build the app; the model loads in its lifespan, so the port opens only once workers are warm.
+
+    The model is fetched (from S3 when MODEL_URI says so) and verified here, before the app exists: nothing can
+    report ready without it, and a model that cannot be fetched stops `serve` with a ConfigurationError.
+    """
     settings = settings or load_settings()
-    spec = ModelSpec.load(settings.model_spec).for_backend(settings.model_backend)
-    check_backend_installed(spec)
+    spec = resolve_model(settings, make_s3_client)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

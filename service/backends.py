@@ -22,7 +22,7 @@ def check_backend_installed(spec: ModelSpec) -> None:
     module, extra = _RUNTIMES[spec.backend]
     if importlib.util.find_spec(module) is None:
         raise ConfigurationError(
-            f"MODEL_SPEC: the {spec.backend} backend needs {module}: pip install 'xray-pipeline[{extra}]'"
+            f"MODEL_URI: the {spec.backend} backend needs {module}: pip install 'xray-pipeline[{extra}]'"
         )
 
 

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     model_actions = model.add_subparsers(dest="action", required=True)
     export = model_actions.add_parser("export", help="convert a Keras model spec to another backend")
     export.add_argument("--onnx", action="store_true", required=True, help="export to ONNX (ONNX Runtime backend)")
-    export.add_argument("--spec", default=None, help="model spec to export (default: MODEL_SPEC or the default model)")
+    export.add_argument("--spec", default=None, help="model spec to export (default: MODEL_URI or the default model)")
     export.add_argument("--out", default=None, help="folder for the new spec (default: beside the spec)")
 
     demo = commands.add_parser("demo", help="the local demo (needs a running S3, see `make demo`)")
@@ -94,9 +94,12 @@ def _export_model(args: argparse.Namespace) -> int:
     from service.export import export_onnx
     from service.settings import DEFAULT_MODEL_SPEC
 
-    spec = Path(args.spec or os.environ.get("MODEL_SPEC") or DEFAULT_MODEL_SPEC)
+    configured = os.environ.get("MODEL_URI") or os.environ.get("MODEL_SPEC")
+    if args.spec is None and configured and "://" in configured:
+        raise ConfigurationError(f"MODEL_URI: {configured} is not a local file; pass the spec to export with --spec")
+    spec = Path(args.spec or configured or DEFAULT_MODEL_SPEC)
     written = export_onnx(spec, Path(args.out) if args.out else spec.parent)
-    print(f"wrote {written} (MODEL_SPEC={written} selects it)")
+    print(f"wrote {written} (MODEL_URI={written} selects it)")
     return 0
 
 

@@ -21,7 +21,7 @@ def export_onnx(spec_path: Path, out_dir: Path) -> Path:
     """Export and return the path of the new spec."""
     spec = ModelSpec.load(spec_path)
     if spec.backend != "keras":
-        raise ConfigurationError(f"MODEL_SPEC: {spec_path} is already a {spec.backend} model")
+        raise ConfigurationError(f"MODEL_URI: {spec_path} is already a {spec.backend} model")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
 

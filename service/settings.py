@@ -7,6 +7,8 @@ Variable names are the public interface used by the Knative manifests and docume
 from __future__ import annotations
 
 import os
+import re
+import tempfile
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 
@@ -16,6 +18,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from service.errors import ConfigurationError
 
 DEFAULT_MODEL_SPEC = Path(__file__).resolve().parent.parent / "model" / "pneumonia.yaml"
+S3_URI_SCHEME = "s3://"
+_SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 PROCESSED_SUFFIX = "-processed"
 ANONYMIZED_SUFFIX = "-anonymized"
 # Used only when DEV_MODE is set explicitly: pseudonyms made with it are not secret.
@@ -59,8 +63,12 @@ class S3Settings(BaseSettings):
 class Settings(S3Settings):
     """Everything the service reads from its environment."""
 
-    model_spec: Path = DEFAULT_MODEL_SPEC
-    """Path of the model spec file (YAML or JSON; see model/pneumonia.yaml)."""
+    model_uri: str = Field(default=str(DEFAULT_MODEL_SPEC), validation_alias=AliasChoices("MODEL_URI", "MODEL_SPEC"))
+    """Model spec (YAML or JSON; see model/pneumonia.yaml): a local path or s3://bucket/key (`MODEL_SPEC` too)."""
+    model_sha256: str | None = None
+    """Expected sha256 (hex) of the weights file the service loads; a mismatch stops start-up."""
+    model_cache_dir: Path = Field(default_factory=lambda: Path(tempfile.gettempdir()) / "xray-pipeline-models")
+    """Where models fetched from S3 are kept, keyed by bucket, key and ETag; created on demand."""
     model_backend: Literal["keras", "onnx"] | None = None
     """Overrides the spec's backend; the weights are then the spec's file with `.keras`/`.onnx` as suffix."""
     port: int = Field(default=8080, ge=1, le=65535)
@@ -110,12 +118,26 @@ class Settings(S3Settings):
     def _upper_level(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
 
-    @field_validator("model_spec")
+    @field_validator("model_uri")
     @classmethod
-    def _spec_exists(cls, value: Path) -> Path:
-        if not value.is_file():
+    def _model_uri_usable(cls, value: str) -> str:
+        if split_s3_uri(value) is not None:
+            return value
+        if "://" in value:
+            raise ValueError(f"{value}: only a local path or s3://bucket/key is supported")
+        if not Path(value).is_file():
             raise ValueError(f"{value} does not exist")
         return value
+
+    @field_validator("model_sha256")
+    @classmethod
+    def _sha256_hex(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        digest = value.strip().lower()
+        if not _SHA256_PATTERN.match(digest):
+            raise ValueError("must be a sha256 digest: 64 hexadecimal characters")
+        return digest
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
@@ -162,6 +184,16 @@ class Settings(S3Settings):
 
 
 SettingsT = TypeVar("SettingsT", bound=S3Settings)
+
+
+def split_s3_uri(uri: str) -> tuple[str, str] | None:
+    """`s3://bucket/key` -> (bucket, key); None for anything else (a local path). ValueError when incomplete."""
+    if not uri.startswith(S3_URI_SCHEME):
+        return None
+    bucket, _, key = uri.removeprefix(S3_URI_SCHEME).partition("/")
+    if not bucket or not key or key.endswith("/"):
+        raise ValueError(f"{uri} must name an object: s3://bucket/key")
+    return bucket, key
 
 
 def available_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:

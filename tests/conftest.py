@@ -89,7 +89,7 @@ def make_settings(rgw: LocalRGW, tiny_spec: Path) -> Callable[..., Settings]:
             "aws_access_key_id": rgw.access_key,
             "aws_secret_access_key": rgw.secret_key,
             "aws_default_region": rgw.region,
-            "model_spec": tiny_spec,
+            "model_uri": str(tiny_spec),
             "pseudonym_key": TEST_PSEUDONYM_KEY,
             "s3_max_attempts": 1,
             "s3_connect_timeout_s": 2,
@@ -104,7 +104,7 @@ def client(rgw: LocalRGW, tiny_spec: Path) -> Iterator[TestClient]:
     """The app with a started worker (tiny model), shared by the HTTP-level tests."""
     settings = Settings(
         s3_endpoint_url=rgw.endpoint_url, aws_access_key_id=rgw.access_key, aws_secret_access_key=rgw.secret_key,
-        aws_default_region=rgw.region, model_spec=tiny_spec, pseudonym_key=TEST_PSEUDONYM_KEY,
+        aws_default_region=rgw.region, model_uri=str(tiny_spec), pseudonym_key=TEST_PSEUDONYM_KEY,
         max_request_bytes=64 * 1024, s3_max_attempts=1, log_level="DEBUG",
     )
     with TestClient(create_app(settings)) as started:
@@ -117,7 +117,7 @@ class Harness:
     def __init__(self, settings: Settings) -> None:
         self.loop = asyncio.new_event_loop()
         self.settings = settings
-        self.spec = ModelSpec.load(settings.model_spec)
+        self.spec = ModelSpec.load(settings.model_uri)
         self.engine = InferenceEngine(
             self.spec,
             workers=settings.workers,
@@ -145,7 +145,7 @@ def harness(rgw: LocalRGW, tiny_spec: Path) -> Iterator[Harness]:
         aws_access_key_id=rgw.access_key,
         aws_secret_access_key=rgw.secret_key,
         aws_default_region=rgw.region,
-        model_spec=tiny_spec,
+        model_uri=str(tiny_spec),
         pseudonym_key=TEST_PSEUDONYM_KEY,
         s3_max_attempts=1,
     )

@@ -133,7 +133,7 @@ def test_storage_unreachable_is_503(rgw: Any, tiny_spec: Any) -> None:
         s3_endpoint_url="http://127.0.0.1:9",
         aws_access_key_id="a",
         aws_secret_access_key="b",
-        model_spec=tiny_spec,
+        model_uri=str(tiny_spec),
         dev_mode=True,
         s3_max_attempts=1,
         s3_connect_timeout_s=0.5,

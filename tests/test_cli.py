@@ -10,7 +10,7 @@ from conftest import ROOT
 
 
 def run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if k not in {"PSEUDONYM_KEY", "DEV_MODE", "MODEL_SPEC"}}
+    clean = {k: v for k, v in os.environ.items() if k not in {"PSEUDONYM_KEY", "DEV_MODE", "MODEL_SPEC", "MODEL_URI"}}
     return subprocess.run([sys.executable, "-m", "service.cli", *args], env=clean | env, capture_output=True,
                           text=True, cwd=ROOT, timeout=60)
 
@@ -24,8 +24,10 @@ def test_serve_without_pseudonym_key_fails_at_start() -> None:
 def test_serve_with_bad_variable_names_it() -> None:
     done = run("serve", PSEUDONYM_KEY="k" * 20, WORKERS="lots")
     assert done.returncode == 2 and "WORKERS:" in done.stderr
-    done = run("serve", PSEUDONYM_KEY="k" * 20, MODEL_SPEC="/nope.yaml")
-    assert done.returncode == 2 and "MODEL_SPEC:" in done.stderr
+    done = run("serve", PSEUDONYM_KEY="k" * 20, MODEL_URI="/nope.yaml")
+    assert done.returncode == 2 and "MODEL_URI: /nope.yaml does not exist" in done.stderr
+    done = run("serve", PSEUDONYM_KEY="k" * 20, MODEL_SPEC="/nope.yaml")  # the old name still works
+    assert done.returncode == 2 and "MODEL_URI: /nope.yaml does not exist" in done.stderr
 
 
 def test_help_lists_the_commands() -> None:

@@ -70,7 +70,8 @@ def service(rgw: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict
         "PORT": str(port), "HOST": "127.0.0.1", "PSEUDONYM_KEY": E2E_KEY, "LOG_LEVEL": "DEBUG",
         "ANONYMIZE_WHEN": "always", "WORKER_THREADS": "2",
     }
-    env.pop("MODEL_SPEC", None)
+    for model_variable in ("MODEL_URI", "MODEL_SPEC", "MODEL_SHA256"):
+        env.pop(model_variable, None)
     with log_path.open("wb") as log:
         process = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=env, stdout=log,
                                    stderr=subprocess.STDOUT, cwd=ROOT)
