@@ -16,11 +16,11 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from service.analysis import ImageLimits
 from service.errors import MalformedDelivery, PipelineError, UnprocessableObject
 from service.events import Transport, parse_delivery
 from service.inference import InferenceEngine
 from service.model_source import resolve_model
+from service.model_spec import ModelSpec
 from service.pipeline import DeliveryResult, Pipeline
 from service.settings import Settings, load_settings
 from service.storage import ObjectStore, make_s3_client
@@ -33,29 +33,25 @@ class RequestTooLarge(MalformedDelivery):
     reason = "request-too-large"
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, *, spec: ModelSpec | None = None, engine: InferenceEngine | None = None
+) -> FastAPI:
     """Build the app; the model loads in its lifespan, so the port opens only once workers are warm.
 
-    The model is fetched (from S3 when MODEL_URI says so) and verified here, before the app exists: nothing can
-    report ready without it, and a model that cannot be fetched stops `serve` with a ConfigurationError.
+    The model is fetched (from S3 when MODEL_URI says so) and verified before the app exists, unless the caller
+    did it (`spec`): nothing can report ready without it, and a model that cannot be fetched stops `serve` with a
+    ConfigurationError. `engine` may come already launched (`serve` starts the workers before importing the web
+    stack, so both load at once); its lifespan waits for it to be warm.
     """
     settings = settings or load_settings()
-    spec = resolve_model(settings, make_s3_client)
+    spec = spec or resolve_model(settings, make_s3_client)
+    engine = engine or InferenceEngine.from_settings(settings, spec)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # S3 calls are blocking and run in the loop's default pool; its default size (cores + 4) would let
         # fewer objects be fetched at once than one batch holds. The threads mostly wait on the network.
         asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=64, thread_name_prefix="s3"))
-        engine = InferenceEngine(
-            spec,
-            workers=settings.workers,
-            threads_per_worker=settings.effective_worker_threads,
-            limits=ImageLimits(settings.max_image_bytes, settings.max_image_pixels),
-            start_timeout_s=settings.worker_start_timeout_s,
-            batch_max_size=settings.batch_max_size,
-            batch_max_wait_ms=settings.batch_max_wait_ms,
-        )
         app.state.engine = engine
         app.state.pipeline = Pipeline(settings, ObjectStore(make_s3_client(settings)), engine, spec)
         await engine.start()

@@ -70,16 +70,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve() -> int:
-    import uvicorn
-
-    from service.app import create_app
+    from service.inference import InferenceEngine
     from service.logs import configure_logging
+    from service.model_source import resolve_model
     from service.settings import load_settings
+    from service.storage import make_s3_client
 
     settings = load_settings()  # fail before anything starts, naming the variable
     configure_logging(settings.log_level)
+    spec = resolve_model(settings, make_s3_client)
+    engine = InferenceEngine.from_settings(settings, spec)
+    # Cold start: the workers import their runtime and load the model while this process imports the web stack.
+    engine.launch()
+    import uvicorn
+
+    from service.app import create_app
+
     uvicorn.run(
-        create_app(settings),
+        create_app(settings, spec=spec, engine=engine),
         host=settings.host,
         port=settings.port,
         log_config=None,  # keep configure_logging's handlers and probe filter

@@ -46,6 +46,7 @@ from service.analysis import (
 from service.backends import load_predict
 from service.errors import ModelNotReady, PipelineError
 from service.model_spec import ModelSpec
+from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 _SPAWN = multiprocessing.get_context("spawn")
@@ -117,14 +118,34 @@ class InferenceEngine:
     def worker_pids(self) -> list[int]:
         return sorted(worker.process.pid for worker in self._workers if worker.process.is_alive())
 
+    @classmethod
+    def from_settings(cls, settings: Settings, spec: ModelSpec) -> InferenceEngine:
+        return cls(
+            spec,
+            workers=settings.workers,
+            threads_per_worker=settings.effective_worker_threads,
+            limits=ImageLimits(settings.max_image_bytes, settings.max_image_pixels),
+            start_timeout_s=settings.worker_start_timeout_s,
+            batch_max_size=settings.batch_max_size,
+            batch_max_wait_ms=settings.batch_max_wait_ms,
+        )
+
+    def launch(self) -> None:
+        """Spawn every worker now, without waiting: they import their runtime and load the model while the
+        caller goes on (`serve` imports the web stack meanwhile). `start` waits for them."""
+        if not self._workers:
+            for _ in range(self._worker_count):
+                self._launch_worker()
+
     async def start(self) -> None:
-        """Spawn every worker in parallel and wait until all are warm; raise if any cannot load the model."""
+        """Launch the workers (unless `launch` did) and wait until all are warm; raise if any cannot load."""
         self._loop = asyncio.get_running_loop()
         self._work_arrived = asyncio.Event()
         self._worker_freed = asyncio.Event()
+        self.launch()
         try:
             await asyncio.wait_for(
-                asyncio.gather(*(self._spawn_worker() for _ in range(self._worker_count))),
+                asyncio.gather(*(self._until_warm(worker) for worker in list(self._workers))),
                 timeout=self._start_timeout_s,
             )
         except BaseException as error:
@@ -159,6 +180,9 @@ class InferenceEngine:
     # --- supervision ------------------------------------------------------------------------------------
 
     async def _spawn_worker(self) -> None:
+        await self._until_warm(self._launch_worker())
+
+    def _launch_worker(self) -> _Worker:
         parent_end, child_end = _SPAWN.Pipe()
         process = _SPAWN.Process(
             target=worker_main,
@@ -171,7 +195,10 @@ class InferenceEngine:
         child_end.close()
         worker = _Worker(process, parent_end)
         self._workers.append(worker)
-        hello = await asyncio.to_thread(_receive, parent_end)
+        return worker
+
+    async def _until_warm(self, worker: _Worker) -> None:
+        hello = await asyncio.to_thread(_receive, worker.connection)
         if not (isinstance(hello, tuple) and hello[0] == "ready"):
             self._workers.remove(worker)
             await asyncio.to_thread(self._reap, worker)

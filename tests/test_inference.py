@@ -86,6 +86,25 @@ def test_two_workers_warm_up_and_analyze(tiny_spec: Path) -> None:
     assert labels == ["Pneumonia", "Normal", "Pneumonia", "Normal"]
 
 
+def test_workers_launched_early_are_the_ones_start_waits_for(tiny_spec: Path) -> None:
+    """`serve` launches the workers before importing the web stack; start-up must not spawn a second set."""
+    engine = InferenceEngine(ModelSpec.load(tiny_spec), workers=2, threads_per_worker=1, limits=LIMITS)
+    engine.launch()
+    engine.launch()  # idempotent
+    launched = engine.worker_pids()
+    assert len(launched) == 2 and not engine.ready  # loading, not warm yet
+
+    async def scenario() -> list[int]:
+        await engine.start()
+        try:
+            await engine.analyze(encode(xray_like(230)), anonymize_always=False)
+            return engine.worker_pids()
+        finally:
+            await engine.stop()
+
+    assert asyncio.run(scenario()) == launched
+
+
 def test_unloadable_model_fails_start_up_clearly(tiny_spec: Path, tmp_path: Path) -> None:
     shutil.copy(tiny_spec, tmp_path / "tiny.yaml")
     (tmp_path / "tiny.keras").write_bytes(b"not a keras archive")
