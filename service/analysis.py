@@ -7,8 +7,9 @@ machine-learning framework.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -43,6 +44,9 @@ class Analysis:
     #: None when the anonymization policy did not ask for a copy.
     anonymized: bytes | None
     text_regions: int
+    #: Seconds this image spent in each worker stage (decode, infer, stamp, anonymize when done). Measured here,
+    #: in the worker, and observed by the web process (service.metrics), which alone keeps metrics.
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def content_type(self) -> str:
@@ -68,6 +72,10 @@ class PredictedBatch:
     requests: Sequence[AnalysisRequest]
     decoded: list[imaging.DecodedImage | Exception]
     raw_outputs: np.ndarray | None
+    #: Seconds each item took to decode and preprocess (aligned with `requests`).
+    decode_seconds: list[float] = field(default_factory=list)
+    #: Seconds of the batch's one model call, shared by every item in it.
+    infer_seconds: float = 0.0
 
 
 def analyze_batch(
@@ -89,8 +97,10 @@ def predict_batch(
     batch dimension), so padding to fixed sizes would only spend model time on zeros.
     """
     decoded: list[imaging.DecodedImage | Exception] = []
+    decode_seconds: list[float] = []
     tensors = []
     for request in requests:
+        started = time.perf_counter()
         try:
             image = imaging.decode_image(request.data, max_bytes=limits.max_bytes, max_pixels=limits.max_pixels)
             # Inference sees the uploaded pixels, before any stamping or blurring.
@@ -98,44 +108,58 @@ def predict_batch(
             decoded.append(image)
         except Exception as error:
             decoded.append(error)
+        decode_seconds.append(time.perf_counter() - started)
     if not tensors:
-        return PredictedBatch(requests, decoded, None)
+        return PredictedBatch(requests, decoded, None, decode_seconds)
+    started = time.perf_counter()
     try:
         raw_outputs = predict(np.stack(tensors))
     except Exception as error:
         # A failed model call fails the batch's images (answered 500, so redelivered), not the worker: a crash
         # would cost a model reload.
-        return PredictedBatch(requests, [item if isinstance(item, Exception) else error for item in decoded], None)
-    return PredictedBatch(requests, decoded, raw_outputs)
+        failed = [item if isinstance(item, Exception) else error for item in decoded]
+        return PredictedBatch(requests, failed, None, decode_seconds)
+    return PredictedBatch(requests, decoded, raw_outputs, decode_seconds, time.perf_counter() - started)
 
 
 def finish_batch(batch: PredictedBatch, *, spec: ModelSpec) -> list[AnalysisOutcome]:
     """The second stage: interpret each output, then stamp, anonymize and encode each image."""
     raw_outputs = iter(batch.raw_outputs if batch.raw_outputs is not None else [])
+    # A batch built by hand (tests) may carry no timings.
+    decode_seconds = iter(batch.decode_seconds or [0.0] * len(batch.requests))
     results: list[AnalysisOutcome] = []
-    for request, image in zip(batch.requests, batch.decoded, strict=True):
+    for request, image, decode in zip(batch.requests, batch.decoded, decode_seconds, strict=True):
         if not isinstance(image, imaging.DecodedImage):
             results.append(image)
             continue
         raw = next(raw_outputs)
+        timings = {"decode": decode, "infer": batch.infer_seconds}
         try:
-            results.append(_finish(image, spec.interpret(raw), request.anonymize_always))
+            results.append(_finish(image, spec.interpret(raw), request.anonymize_always, timings))
         except Exception as error:
             results.append(error)
     return results
 
 
-def _finish(decoded: imaging.DecodedImage, prediction: Prediction, anonymize_always: bool) -> Analysis:
+def _finish(
+    decoded: imaging.DecodedImage, prediction: Prediction, anonymize_always: bool, timings: dict[str, float]
+) -> Analysis:
+    started = time.perf_counter()
     # Text is searched on the original, so the stamp is never mistaken for patient text and blurred.
     regions = imaging.find_text_regions(decoded.pixels)
     stamped = imaging.stamp_label(decoded.pixels, prediction.stamp_text, avoid=regions)
+    stamped_encoded = imaging.encode_image(stamped, decoded.format)
+    timings["stamp"] = time.perf_counter() - started
     anonymized = None
     if anonymize_always or prediction.is_positive:
+        started = time.perf_counter()
         anonymized = imaging.encode_image(imaging.blur_text_regions(stamped, regions), decoded.format)
+        timings["anonymize"] = time.perf_counter() - started
     return Analysis(
         prediction=prediction,
         image_format=decoded.format,
-        stamped=imaging.encode_image(stamped, decoded.format),
+        stamped=stamped_encoded,
         anonymized=anonymized,
         text_regions=len(regions),
+        timings=timings,
     )

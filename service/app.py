@@ -1,7 +1,8 @@
 """The HTTP layer: turns requests into deliveries for the pipeline and errors into status codes.
 
-`POST /` is the Knative sink (and Ceph's HTTP push endpoint); `GET /healthz` says the process is alive and
-`GET /readyz` says the model is loaded and warm in the workers. All status decisions live here.
+`POST /` is the Knative sink (and Ceph's HTTP push endpoint); `GET /healthz` says the process is alive,
+`GET /readyz` says the model is loaded and warm in the workers, `GET /metrics` is for Prometheus (the metrics
+themselves live in service.metrics). All status decisions live here.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
+from service import metrics
 from service.errors import MalformedDelivery, PipelineError, UnprocessableObject
 from service.events import Transport, parse_delivery
 from service.inference import InferenceEngine
@@ -77,11 +79,21 @@ def create_app(
 
     @app.post("/")
     async def receive_event(request: Request) -> JSONResponse:
-        body = await _read_body(request, settings.max_request_bytes)
-        delivery = parse_delivery(request.headers, body)
-        logger.debug("delivery: %s with %d record(s)", delivery.transport.value, len(delivery.records))
-        result = await request.app.state.pipeline.process_delivery(delivery)
-        return JSONResponse(_summary(result), status_code=_status_for(result, delivery.transport))
+        transport = "unknown"  # until the request parses
+        status = 500  # what `unexpected_error` answers for anything but a PipelineError
+        try:
+            body = await _read_body(request, settings.max_request_bytes)
+            delivery = parse_delivery(request.headers, body)
+            transport = delivery.transport.value
+            logger.debug("delivery: %s with %d record(s)", transport, len(delivery.records))
+            result = await request.app.state.pipeline.process_delivery(delivery)
+            status = _status_for(result, delivery.transport)
+            return JSONResponse(_summary(result, status), status_code=status)
+        except PipelineError as error:
+            status = error.status_code
+            raise
+        finally:
+            metrics.observe_request(status, transport)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -93,6 +105,12 @@ def create_app(
         if engine is None or not engine.ready:
             return JSONResponse({"status": "not ready"}, status_code=503)
         return JSONResponse({"status": "ready"})
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        # On the event loop, not in a thread: the engine's gauges are read between its own steps.
+        exposition, content_type = metrics.render()
+        return Response(exposition, media_type=content_type)
 
     return app
 
@@ -119,8 +137,13 @@ def _status_for(result: DeliveryResult, transport: Transport) -> int:
     return 200
 
 
-def _summary(result: DeliveryResult) -> dict[str, Any]:
-    summary: dict[str, Any] = {"records": [record.summary() for record in result.records]}
+def _summary(result: DeliveryResult, status: int) -> dict[str, Any]:
+    summary: dict[str, Any] = {}
+    if status == UnprocessableObject.status_code:
+        # Like every other 4xx, named by an `error` field, first: a dead-lettered event keeps only the first
+        # 1024 bytes of the answer (`knativeerrordata`).
+        summary["error"] = UnprocessableObject.reason
+    summary["records"] = [record.summary() for record in result.records]
     if result.note:
         summary["note"] = result.note
     return summary

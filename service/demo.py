@@ -101,6 +101,8 @@ def _start_service(port: int, log_path: Path) -> subprocess.Popen[bytes]:
         "PSEUDONYM_KEY": secrets.token_hex(32),
         # Every image gets an anonymized copy in the demo, so all three versions can be compared.
         "ANONYMIZE_WHEN": "always",
+        # service.log is for the person running the demo, not for a log collector.
+        "LOG_FORMAT": "text",
     }
     log = log_path.open("wb")
     return subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=env, stdout=log, stderr=log)

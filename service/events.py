@@ -9,6 +9,7 @@ takes headers and a body and raises `MalformedDelivery` for anything unusable.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
@@ -20,10 +21,13 @@ from cloudevents.core.bindings.http import HTTPMessage, from_binary_event, from_
 from cloudevents.core.exceptions import BaseCloudEventException
 
 from service.errors import MalformedDelivery
+from service.object_keys import MAX_KEY_BYTES
 
 STRUCTURED_CONTENT_TYPE = "application/cloudevents+json"
 BATCH_CONTENT_TYPE = "application/cloudevents-batch+json"
 CREATED_PREFIX = "ObjectCreated:"
+#: Bucket names an S3 client can address at all (botocore refuses any other before sending a request).
+_BUCKET_NAME = re.compile(r"[A-Za-z0-9._-]{1,255}")
 
 
 class Transport(Enum):
@@ -108,6 +112,8 @@ def _structured_event(item: Any, where: str, encoded: bytes | None = None) -> Ba
 def _read_cloudevent(read: Any, where: str = "CloudEvent") -> BaseCloudEvent:
     try:
         return read()  # type: ignore[no-any-return]
+    except RecursionError:
+        raise MalformedDelivery(f"invalid {where}: JSON nested too deeply") from None
     except (BaseCloudEventException, ValueError, TypeError, KeyError, AttributeError) as error:
         # The SDK's messages name attributes, never payload values, so they are safe to return.
         raise MalformedDelivery(f"invalid {where}: {error}") from None
@@ -132,13 +138,14 @@ def _delivery_from_events(events: list[BaseCloudEvent]) -> Delivery:
 def _load_json(body: bytes, what: str) -> Any:
     try:
         return json.loads(body)
-    except (ValueError, UnicodeDecodeError) as error:
+    except (ValueError, UnicodeDecodeError, RecursionError) as error:
         raise MalformedDelivery(f"{what} is not valid JSON ({type(error).__name__})") from None
 
 
 def _records_from_notification(payload: Any, fallback_event_id: str) -> tuple[list[ObjectRecord], str | None]:
     if not isinstance(payload, dict):
         raise MalformedDelivery("notification must be a JSON object")
+    _require_unicode(payload)
     if payload.get("Event") == "s3:TestEvent":
         # AWS sends this once when a notification is configured; it announces no object.
         return [], "test-event"
@@ -165,6 +172,8 @@ def _parse_record(raw: Any, index: int, fallback_event_id: str) -> ObjectRecord:
     bucket = _mapping(s3.get("bucket"), f"{where}.s3.bucket").get("name")
     if not isinstance(bucket, str) or not bucket:
         raise MalformedDelivery(f"{where}.s3.bucket.name is missing")
+    if not _BUCKET_NAME.fullmatch(bucket):
+        raise MalformedDelivery(f"{where}.s3.bucket.name is not a valid bucket name")
     obj = _mapping(s3.get("object"), f"{where}.s3.object")
     key = obj.get("key")
     if not isinstance(key, str) or not key:
@@ -175,6 +184,10 @@ def _parse_record(raw: Any, index: int, fallback_event_id: str) -> ObjectRecord:
         key = unquote_plus(key)
     elif source == "minio:s3":
         key = unquote(key)
+    if not 0 < len(key.encode()) <= MAX_KEY_BYTES or "\0" in key:
+        # No S3 object can have this key (Ceph also refuses NUL in keys): asking S3 for it would only be refused
+        # (a 400, never healed).
+        raise MalformedDelivery(f"{where}.s3.object.key is not a valid object key")
     etag = obj.get("eTag", obj.get("etag", obj.get("ETag", "")))
     size = obj.get("size")
     version_id = obj.get("versionId") or None
@@ -188,6 +201,16 @@ def _parse_record(raw: Any, index: int, fallback_event_id: str) -> ObjectRecord:
         size=size if isinstance(size, int) and not isinstance(size, bool) else None,
         event_id=str(event_id),
     )
+
+
+def _require_unicode(payload: Any) -> None:
+    """JSON may escape half a surrogate pair (`\\ud800`): such a key or eTag cannot be sent to S3 or hashed."""
+    try:
+        json.dumps(payload, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise MalformedDelivery("notification holds a lone UTF-16 surrogate, which is not Unicode text") from None
+    except RecursionError:
+        raise MalformedDelivery("notification is nested too deeply") from None
 
 
 def _mapping(value: Any, where: str) -> dict[str, Any]:

@@ -107,13 +107,35 @@ class InferenceEngine:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
-        #: Sizes of the most recent batches dispatched (for tests and, later, metrics).
+        # Imported here, not at the top: worker processes import this module too, and prometheus_client would
+        # only add to each worker's start (~60 ms). Engines exist only in the web process.
+        from service import metrics
+
+        self._metrics = metrics
+        #: Sizes of the most recent batches dispatched (for tests; /metrics has them as a histogram).
         self.batch_sizes: collections.deque[int] = collections.deque(maxlen=1000)
         self.restarts = 0
 
     @property
     def ready(self) -> bool:
         return not self._stopping and any(worker.warm for worker in self._workers)
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self._spec
+
+    @property
+    def queue_depth(self) -> int:
+        """Images waiting for a worker, not yet in a batch."""
+        return len(self._queue)
+
+    @property
+    def warm_workers(self) -> int:
+        return sum(worker.warm for worker in self._workers)
+
+    @property
+    def worker_count(self) -> int:
+        return self._worker_count
 
     def worker_pids(self) -> list[int]:
         return sorted(worker.process.pid for worker in self._workers if worker.process.is_alive())
@@ -142,6 +164,7 @@ class InferenceEngine:
         self._loop = asyncio.get_running_loop()
         self._work_arrived = asyncio.Event()
         self._worker_freed = asyncio.Event()
+        self._metrics.watch_engine(self)
         self.launch()
         try:
             await asyncio.wait_for(
@@ -164,10 +187,12 @@ class InferenceEngine:
         outcome = await future
         if isinstance(outcome, Exception):
             raise outcome
+        self._metrics.add_stage_timings(outcome.timings)
         return outcome
 
     async def stop(self) -> None:
         self._stopping = True
+        self._metrics.forget_engine(self)
         for task in self._tasks:
             task.cancel()
         self._fail_queued(ModelNotReady("the service is shutting down"))
@@ -252,6 +277,7 @@ class InferenceEngine:
             self._fail_queued(ModelNotReady("no inference worker is ready"))
         if not self._stopping:
             self.restarts += 1
+            self._metrics.observe_worker_restart()
             self._background(self._replace_worker())
 
     async def _replace_worker(self) -> None:
@@ -295,6 +321,7 @@ class InferenceEngine:
             worker.batches.append(batch)
             worker.model_busy = True
             self.batch_sizes.append(size)
+            self._metrics.observe_batch_size(size)
             # If the worker died meanwhile, its reader thread reports the exit and fails the batch.
             with contextlib.suppress(OSError, ValueError):
                 await asyncio.to_thread(worker.connection.send, [pending.request for pending in batch])

@@ -12,6 +12,8 @@ import hmac
 import posixpath
 
 PROCESSED_MARK = "-processed"
+#: S3 keys are 1 to 1024 bytes of UTF-8.
+MAX_KEY_BYTES = 1024
 FAILURE_PREFIX = "_failed/"
 # Extensions kept on anonymized keys; anything else (which could itself be patient text) is replaced by the
 # canonical extension of the decoded format.

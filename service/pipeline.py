@@ -2,8 +2,12 @@
 
 Callable without any server (tests, CLI tools). Delivery is at-least-once, so every step is idempotent: output
 keys are deterministic, the processed copy is written last and records the source eTag, and a redelivered event
-whose eTag is already recorded writes nothing. Permanent failures leave a durable failure record; transient ones
-raise `TransientFailure` before anything is half-written.
+whose eTag is already recorded writes nothing. Permanent failures leave a durable failure record (once per eTag
+and reason); transient ones raise `TransientFailure` before anything is half-written.
+
+Versions of one key: each version's outputs are written at most once, and the newest version's are the last ones
+written. An older version overtaken by a newer upload before its outputs were written is skipped (`superseded`):
+the newer upload's own event writes the newest content, which is what readers of the output buckets need.
 """
 
 from __future__ import annotations
@@ -13,20 +17,20 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from service import __version__
+from service import __version__, metrics
 from service.analysis import Analysis
-from service.errors import ForbiddenBucket, PipelineError, UnprocessableObject
+from service.errors import ForbiddenBucket, PipelineError, StorageUnavailable, UnprocessableObject
 from service.events import Delivery, ObjectRecord
 from service.inference import InferenceEngine
 from service.model_spec import ModelSpec
-from service.object_keys import anonymized_key, failure_key, processed_key, pseudonym
+from service.object_keys import MAX_KEY_BYTES, anonymized_key, failure_key, processed_key, pseudonym
 from service.settings import Settings
-from service.storage import SOURCE_ETAG, SOURCE_VERSION_ID, ObjectStore
+from service.storage import MISSING_BUCKET, SOURCE_ETAG, SOURCE_VERSION_ID, ObjectStore
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +70,14 @@ class DeliveryResult:
         return any(result.outcome is Outcome.FAILED for result in self.records)
 
 
+@dataclass
+class _KeyTurn:
+    """The records of one key in this process: the one holding `lock` and those waiting for it."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    records: int = 0
+
+
 class Pipeline:
     """Processes the records of deliveries against one object store and one inference engine."""
 
@@ -85,6 +97,9 @@ class Pipeline:
         self._secret = settings.effective_pseudonym_key
         # Identical records in flight at once (a retry storm) share one run instead of racing to write.
         self._in_flight: dict[tuple[str, str, str], asyncio.Future[RecordResult]] = {}
+        # Records of one key with different eTags take turns: an older version still being analyzed must not
+        # write after a newer one.
+        self._key_turns: dict[tuple[str, str], _KeyTurn] = {}
 
     async def process_delivery(self, delivery: Delivery) -> DeliveryResult:
         """Every record is handled; a transient failure of any record fails the whole delivery (redelivered)."""
@@ -98,6 +113,43 @@ class Pipeline:
         return DeliveryResult(records=[o for o in outcomes if isinstance(o, RecordResult)], note=delivery.note)
 
     async def process_record(self, record: ObjectRecord) -> RecordResult:
+        """Process one record; whatever happens, it ends in one summary log line and one count by outcome."""
+        started = time.perf_counter()
+        with metrics.record_stages() as stages:
+            try:
+                result = await self._process_record(record)
+            except Exception as error:
+                self._summarize(record, started, stages, _error_summary(error))
+                raise
+        self._summarize(record, started, stages, _result_summary(result))
+        return result
+
+    def _summarize(
+        self, record: ObjectRecord, started: float, stages: dict[str, float], outcome_fields: dict[str, Any]
+    ) -> None:
+        """The record's one summary line (pseudonym, outcome, timings: never the key) and its count by outcome."""
+        total = time.perf_counter() - started
+        metrics.observe_record(outcome_fields["outcome"], outcome_fields.get("reason"), total)
+        summary = {
+            "pseudonym": pseudonym(self._secret, record.bucket, record.key),
+            "bucket": record.bucket,
+            **outcome_fields,
+            "stages_ms": {stage: round(seconds * 1000, 1) for stage, seconds in stages.items()},
+            "total_ms": round(total * 1000, 1),
+        }
+        quiet = summary["outcome"] in (Outcome.PROCESSED, Outcome.SKIPPED)
+        logger.log(
+            logging.INFO if quiet else logging.WARNING,
+            "record %s: %s%s%s (%.0f ms)",
+            summary["pseudonym"],
+            summary["outcome"],
+            f" [{summary['reason']}]" if "reason" in summary else "",
+            f" {summary['label']} risk={summary['risk']:.4f}" if "risk" in summary else "",
+            summary["total_ms"],
+            extra=summary,
+        )
+
+    async def _process_record(self, record: ObjectRecord) -> RecordResult:
         if not record.is_object_created:
             return RecordResult(Outcome.SKIPPED, reason="not-object-created")
         if self._settings.is_output_bucket(record.bucket):
@@ -111,7 +163,7 @@ class Pipeline:
         future: asyncio.Future[RecordResult] = asyncio.get_running_loop().create_future()
         self._in_flight[flight_key] = future
         try:
-            result = await self._process_created(record)
+            result = await self._process_in_turn(record)
         except Exception as error:
             future.set_exception(error)
             future.exception()  # mark retrieved: waiters re-raise it; none waiting is fine too
@@ -125,11 +177,29 @@ class Pipeline:
         finally:
             del self._in_flight[flight_key]
 
+    async def _process_in_turn(self, record: ObjectRecord) -> RecordResult:
+        name = (record.bucket, record.key)
+        turn = self._key_turns.setdefault(name, _KeyTurn())
+        turn.records += 1
+        try:
+            async with turn.lock:
+                return await self._process_created(record)
+        finally:
+            turn.records -= 1
+            if not turn.records:
+                del self._key_turns[name]
+
     async def _process_created(self, record: ObjectRecord) -> RecordResult:
         started = time.perf_counter()
         alias = pseudonym(self._secret, record.bucket, record.key)
         processed_bucket = self._settings.processed_bucket_for(record.bucket)
         output_key = processed_key(record.key)
+        if len(output_key.encode()) > MAX_KEY_BYTES:
+            # An input key of 1015-1024 bytes is valid, its processed key is not: S3 would refuse every request for
+            # it, so this is permanent, not a 503 redelivered for ever.
+            error = UnprocessableObject("the processed copy's key would exceed S3's limit", reason="key-too-long")
+            await self._write_failure_record(record, alias, processed_bucket, error)
+            return self._finish(RecordResult(Outcome.FAILED, alias, reason=error.reason), started, error.message)
         recorded = await asyncio.to_thread(self._store.recorded_metadata, processed_bucket, output_key)
         recorded_etag = (recorded or {}).get(SOURCE_ETAG)
         logger.debug("record %s: %s in %s, processed eTag on record: %s", alias, record.event_name, record.bucket,
@@ -139,9 +209,10 @@ class Pipeline:
         try:
             # The current object, not the event's version: a stale or reordered event then converges on the
             # newest content, and is recognised as a duplicate once that content is processed.
-            fetched = await asyncio.to_thread(
-                self._store.fetch_object, record.bucket, record.key, None, max_bytes=self._settings.max_image_bytes
-            )
+            with metrics.timed_stage("fetch"):
+                fetched = await asyncio.to_thread(
+                    self._store.fetch_object, record.bucket, record.key, None, max_bytes=self._settings.max_image_bytes
+                )
             logger.debug("record %s: fetched %d bytes, eTag %s", alias, len(fetched.body), fetched.etag)
             if recorded_etag and recorded_etag == fetched.etag:
                 return self._finish(RecordResult(Outcome.SKIPPED, alias, reason="duplicate"), started)
@@ -154,32 +225,36 @@ class Pipeline:
 
         logger.debug("record %s: %s image, %d text region(s) found", alias, analysis.image_format,
                      analysis.text_regions)
+        if await self._superseded(record, fetched.etag):
+            return self._finish(RecordResult(Outcome.SKIPPED, alias, reason="superseded"), started)
         metadata = self._output_metadata(analysis, fetched.etag)
         anonymized_bucket = anonymized_name = None
         if analysis.anonymized is not None:
             anonymized_bucket = self._settings.anonymized_bucket_for(record.bucket)
             anonymized_name = anonymized_key(alias, record.key, analysis.image_format)
-            await asyncio.to_thread(
-                self._store.put_object,
-                anonymized_bucket,
-                anonymized_name,
-                analysis.anonymized,
-                content_type=analysis.content_type,
-                metadata=metadata,
-            )
+            with metrics.timed_stage("write"):
+                await asyncio.to_thread(
+                    self._store.put_object,
+                    anonymized_bucket,
+                    anonymized_name,
+                    analysis.anonymized,
+                    content_type=analysis.content_type,
+                    metadata=metadata,
+                )
         # Written last: its source eTag marks the object as done, so a crash before this point means a redelivery
         # redoes everything (overwriting the same anonymized key) instead of skipping a half-done object.
         processed_metadata = metadata | {"pseudonym": alias}
         if fetched.version_id:
             processed_metadata[SOURCE_VERSION_ID] = fetched.version_id
-        await asyncio.to_thread(
-            self._store.put_object,
-            processed_bucket,
-            output_key,
-            analysis.stamped,
-            content_type=analysis.content_type,
-            metadata=processed_metadata,
-        )
+        with metrics.timed_stage("write"):
+            await asyncio.to_thread(
+                self._store.put_object,
+                processed_bucket,
+                output_key,
+                analysis.stamped,
+                content_type=analysis.content_type,
+                metadata=processed_metadata,
+            )
         result = RecordResult(
             Outcome.PROCESSED,
             alias,
@@ -189,6 +264,17 @@ class Pipeline:
             anonymized_key=anonymized_name,
         )
         return self._finish(result, started)
+
+    async def _superseded(self, record: ObjectRecord, fetched_etag: str) -> bool:
+        """Whether a newer version of the input was uploaded since it was fetched (its own event writes it).
+
+        Within a process records of one key take turns, so the newer one waits and this sees its upload. Across
+        replicas it is what keeps one that analyzed v1 for seconds from writing over v2's outputs, written
+        meanwhile by another. The window left: v2's whole run fitting between this check and the two writes that
+        follow (milliseconds, unless S3 retries hold those writes up). A deleted input is not a newer version.
+        """
+        current = await asyncio.to_thread(self._store.current_etag, record.bucket, record.key)
+        return current is not None and current != fetched_etag
 
     def _output_metadata(self, analysis: Analysis, source_etag: str) -> dict[str, str]:
         prediction = analysis.prediction
@@ -207,6 +293,13 @@ class Pipeline:
     async def _write_failure_record(
         self, record: ObjectRecord, alias: str, processed_bucket: str, error: PipelineError
     ) -> None:
+        recorded = await asyncio.to_thread(self._store.recorded_metadata, processed_bucket, failure_key(alias)) or {}
+        # A redelivery (a Kafka replay, a sender's retry) of a failure already on record keeps the first record.
+        if record.etag and (recorded.get(SOURCE_ETAG), recorded.get("reason")) == (record.etag, error.reason):
+            return
+        metadata = {"pseudonym": alias, "reason": error.reason}
+        if record.etag:
+            metadata[SOURCE_ETAG] = record.etag
         document = {
             "pseudonym": alias,
             "bucket": record.bucket,
@@ -218,24 +311,45 @@ class Pipeline:
             "time": self._clock().isoformat(),
             "service_version": __version__,
         }
-        await asyncio.to_thread(
-            self._store.put_object,
-            processed_bucket,
-            failure_key(alias),
-            json.dumps(document, indent=2).encode(),
-            content_type="application/json",
-            metadata={"pseudonym": alias, "reason": error.reason},
-        )
+        try:
+            with metrics.timed_stage("write"):
+                await asyncio.to_thread(
+                    self._store.put_object,
+                    processed_bucket,
+                    failure_key(alias),
+                    json.dumps(document, indent=2).encode(),
+                    content_type="application/json",
+                    metadata=metadata,
+                )
+        except StorageUnavailable:
+            if error.reason != MISSING_BUCKET:
+                raise
+            # The input bucket does not exist, nor (default naming) its processed bucket: no redelivery can change
+            # the verdict, and a 503 would be retried forever (a Ceph queue holding events of a deleted bucket).
+            logger.warning("record %s: bucket %s does not exist, nor %s: no failure record kept", alias,
+                           record.bucket, processed_bucket)
 
     @staticmethod
     def _finish(result: RecordResult, started: float, detail: str | None = None) -> RecordResult:
-        logger.info(
-            "record %s: %s%s%s (%.0f ms)",
-            result.pseudonym,
-            result.outcome.value,
-            f" [{result.reason}]" if result.reason else "",
-            f" {result.label} risk={result.risk:.4f}" if result.risk is not None else "",
-            (time.perf_counter() - started) * 1000,
-            extra={"detail": detail},
-        )
+        # The record's summary line is `process_record`'s; a failure's explanation (never a key) is extra detail.
+        if detail:
+            logger.debug("record %s: %s after %.0f ms: %s", result.pseudonym, result.outcome.value,
+                         (time.perf_counter() - started) * 1000, detail)
         return result
+
+
+def _result_summary(result: RecordResult) -> dict[str, Any]:
+    """Outcome fields of a record's summary line; `status` is what the outcome calls for on its own (a plain
+    Ceph push is answered 200 even for a permanent failure: service.app decides the answer)."""
+    status = UnprocessableObject.status_code if result.outcome is Outcome.FAILED else 200
+    fields = {"outcome": result.outcome.value, "reason": result.reason, "status": status, "label": result.label,
+              "risk": result.risk}
+    return {name: value for name, value in fields.items() if value is not None}
+
+
+def _error_summary(error: Exception) -> dict[str, Any]:
+    """Outcome fields for a record that raised: transient (5xx, redelivered), refused (4xx) or error (a bug)."""
+    if not isinstance(error, PipelineError):
+        return {"outcome": "error", "reason": "internal", "status": 500}
+    outcome = "transient" if error.status_code >= 500 else "refused"
+    return {"outcome": outcome, "reason": error.reason, "status": error.status_code}

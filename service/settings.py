@@ -105,6 +105,8 @@ class Settings(S3Settings):
     """Larger request bodies are refused with 413."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Log level of the service's own loggers."""
+    log_format: Literal["json", "text"] = "json"
+    """`json`: one JSON object per log line (for log collectors); `text`: plain lines for people reading them."""
 
     @field_validator("input_buckets", mode="before")
     @classmethod
@@ -117,6 +119,11 @@ class Settings(S3Settings):
     @classmethod
     def _upper_level(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _lower_format(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
 
     @field_validator("model_uri")
     @classmethod

@@ -23,6 +23,8 @@ from service.settings import S3Settings
 # Prefix-free names of the metadata this service writes (boto3 adds `x-amz-meta-`).
 SOURCE_ETAG = "source-etag"
 SOURCE_VERSION_ID = "source-version-id"
+#: Reason of the permanent failure for an input bucket that does not exist.
+MISSING_BUCKET = "missing-bucket"
 _MISSING_OBJECT_CODES = {"NoSuchKey", "NoSuchVersion", "404", "NotFound"}
 # Safe characters for S3 user metadata, which travels in HTTP headers and must stay ASCII.
 _METADATA_SAFE = " !#$&'()*+,-./:;<=>?@[]^_`{|}~"
@@ -91,15 +93,23 @@ class ObjectStore:
 
     def recorded_metadata(self, bucket: str, key: str) -> dict[str, str] | None:
         """The user metadata of an output object, or None when it does not exist yet."""
+        response = self._head(bucket, key)
+        return None if response is None else dict(response.get("Metadata", {}))
+
+    def current_etag(self, bucket: str, key: str) -> str | None:
+        """The eTag of an input object as it is now, or None when it no longer exists."""
+        response = self._head(bucket, key)
+        return None if response is None else str(response.get("ETag", "")).strip('"')
+
+    def _head(self, bucket: str, key: str) -> dict[str, Any] | None:
         try:
-            response = self._s3.head_object(Bucket=bucket, Key=key)
+            return self._s3.head_object(Bucket=bucket, Key=key)
         except ClientError as error:
             if _error_code(error) in _MISSING_OBJECT_CODES:
                 return None
             raise _translate(error, f"checking bucket {bucket}", missing_is_permanent=False) from None
         except BotoCoreError as error:
             raise _translate(error, f"checking bucket {bucket}", missing_is_permanent=False) from None
-        return dict(response.get("Metadata", {}))
 
     def put_object(
         self, bucket: str, key: str, body: bytes, *, content_type: str, metadata: Mapping[str, str]
@@ -126,7 +136,7 @@ def _translate(error: Exception, action: str, *, missing_is_permanent: bool) -> 
         if missing_is_permanent and code in _MISSING_OBJECT_CODES:
             return UnprocessableObject(f"object does not exist ({action})", reason="missing-object")
         if missing_is_permanent and code == "NoSuchBucket":
-            return UnprocessableObject(f"bucket does not exist ({action})", reason="missing-object")
+            return UnprocessableObject(f"bucket does not exist ({action})", reason=MISSING_BUCKET)
         status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         # A missing output bucket or denied access is an operator's fix away: keep the event (503) until then.
         return StorageUnavailable(f"S3 error {code or status} {action}")

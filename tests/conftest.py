@@ -6,7 +6,10 @@ Everything a fixture starts it stops, also when a test fails.
 from __future__ import annotations
 
 import asyncio
+import io
 import itertools
+import json
+import logging
 import os
 import struct
 import subprocess
@@ -26,6 +29,7 @@ from local_rgw import LocalRGW
 from service.analysis import ImageLimits
 from service.app import create_app
 from service.inference import InferenceEngine
+from service.logs import configure_logging
 from service.model_spec import ModelSpec
 from service.pipeline import Pipeline
 from service.settings import Settings
@@ -212,6 +216,32 @@ def png_header_only(width: int, height: int) -> bytes:
 def upload(s3: Any, bucket: str, key: str, body: bytes) -> str:
     """Upload and return the eTag, as the notification would carry it."""
     return str(s3.put_object(Bucket=bucket, Key=key, Body=body)["ETag"]).strip('"')
+
+
+class JsonLog:
+    """What the service's own logging set-up (`configure_logging`, JSON lines) wrote during a test."""
+
+    def __init__(self) -> None:
+        self.stream = io.StringIO()
+
+    def entries(self) -> list[dict[str, Any]]:
+        """Every line parsed: a line that is not one JSON object fails the test here."""
+        return [json.loads(line) for line in self.stream.getvalue().splitlines()]
+
+
+@pytest.fixture
+def json_log() -> Iterator[JsonLog]:
+    """Logging as `serve` sets it up (JSON, INFO) into a buffer; the previous set-up is back afterwards."""
+    root, access = logging.getLogger(), logging.getLogger("uvicorn.access")
+    handlers, level, access_filters = root.handlers[:], root.level, access.filters[:]
+    log = JsonLog()
+    configure_logging("INFO", "json", log.stream)
+    try:
+        yield log
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        access.filters[:] = access_filters
 
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

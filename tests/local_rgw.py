@@ -23,6 +23,7 @@ import contextlib
 import ctypes
 import http.client
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -73,6 +74,8 @@ CONF_HEADER = "# Throwaway cluster written by tests/local_rgw.py; the whole dire
 POLL_SECONDS = 0.05
 STOP_GRACE_SECONDS = 5.0
 LOG_TAIL_LINES = 40
+# beast's access line (debug rgw >= 1, the default): `beast: 0x..: 127.0.0.1 - user [time] "GET /b/k HTTP/1.1" 404 ...`
+_ACCESS_LINE = re.compile(r'beast: \S+ \S+ - \S+ \[[^\]]*\] "([A-Z]+) (\S+) HTTP/[0-9.]+" ([0-9]{3}) ')
 
 
 class RGWError(RuntimeError):
@@ -175,6 +178,42 @@ class LocalRGW:
             _terminate_child(process)
             self._remove_pid_file(name, process.pid)
         self._processes.clear()
+
+    # -- gateway faults (the monitor and the OSD keep running, and with them every object) ------------
+
+    def stop_gateway(self) -> None:
+        """Stop radosgw alone, as an outage of the S3 endpoint: connections to its port are refused."""
+        process = self._processes.pop(RGW_NAME, None)
+        if process is None:
+            raise RGWError(f"radosgw of {self.workdir} is not running")
+        _terminate_child(process)
+        self._remove_pid_file(RGW_NAME, process.pid)
+
+    def start_gateway(self, timeout: float = 60) -> None:
+        """Start radosgw again after stop_gateway(), on the same port, and wait until it answers HTTP."""
+        if RGW_NAME in self._processes:
+            raise RGWError(f"radosgw of {self.workdir} is already running")
+        self._spawn(RGW_NAME, ["radosgw", "-f", "-n", RGW_NAME])
+        self._wait_for_http(time.monotonic() + timeout)
+
+    @contextlib.contextmanager
+    def gateway_paused(self) -> Iterator[None]:
+        """radosgw frozen (SIGSTOP) for the block, as a stalled gateway: the kernel still accepts connections,
+        nothing answers them. Resumed (SIGCONT) on leaving, also when the block raises; requests it received
+        meanwhile are then served, even those whose clients have given up."""
+        process = self._processes[RGW_NAME]
+        process.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            process.send_signal(signal.SIGCONT)
+
+    def requests_served(self) -> list[tuple[str, str, int]]:
+        """(method, path as sent, status) of each request radosgw has answered, from beast's access lines in its
+        log. The log is written asynchronously: the newest answers may show a few milliseconds late."""
+        log = self.workdir / "log" / f"{RGW_NAME}.log"
+        text = log.read_text(errors="replace") if log.exists() else ""
+        return [(method, path, int(status)) for method, path, status in _ACCESS_LINE.findall(text)]
 
     def env(self) -> dict[str, str]:
         """The environment variables a client of this cluster needs."""

@@ -198,3 +198,26 @@ def test_binary_cloudevent_from_the_sdk(client: TestClient, s3: Any, input_bucke
     )
     response = client.post("/", content=message.body, headers=message.headers)
     assert response.status_code == 200 and response.json()["records"][0]["outcome"] == "processed"
+
+
+def test_bucket_outside_input_buckets_gets_403_and_is_never_read(rgw: Any, tiny_spec: Any, s3: Any,
+                                                                 input_bucket: str) -> None:
+    from service.settings import Settings
+
+    settings = Settings(
+        s3_endpoint_url=rgw.endpoint_url, aws_access_key_id=rgw.access_key, aws_secret_access_key=rgw.secret_key,
+        aws_default_region=rgw.region, model_uri=str(tiny_spec), dev_mode=True, s3_max_attempts=1,
+        input_buckets=["only-this-one"],
+    )
+    etag = upload(s3, input_bucket, "elsewhere.jpg", encode(xray_like(220)))
+    never_created = f"{input_bucket}-never-created"
+    with TestClient(create_app(settings)) as guarded:
+        for bucket in (input_bucket, never_created):
+            body = notification(ceph_record(bucket, "elsewhere.jpg", etag=etag))
+            for headers in (kafkasource_headers(), {"Content-Type": "application/json"}):
+                response = guarded.post("/", content=body, headers=headers)
+                assert response.status_code == 403, response.text
+                assert response.json()["error"] == "bucket-not-allowed"
+    # Refused before any S3 call: nothing written for the existing bucket, and the missing one was never asked for
+    # (reading it would have been a `missing-bucket` failure, 422).
+    assert not s3.list_objects_v2(Bucket=f"{input_bucket}-processed").get("KeyCount")

@@ -30,8 +30,8 @@ BUILDS = [".", "base", "overlays/dev", "overlays/production"]
 
 # What the manifests' comments reason with; change them together.
 # A record makes at most this many S3 calls one after another: HEAD of the processed copy, GET of the input,
-# PUT of the anonymized copy, PUT of the processed copy.
-S3_CALLS_PER_EVENT = 4
+# HEAD of the input (superseded meanwhile?), PUT of the anonymized copy, PUT of the processed copy.
+S3_CALLS_PER_EVENT = 5
 # botocore's standard retry mode waits at most min(2**i, 20) s before retry i, plus up to 5 s for a retry-after.
 BOTOCORE_MAX_BACKOFF_S = 20
 BOTOCORE_RETRY_AFTER_EXTRA_S = 5
