@@ -53,6 +53,41 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--out", default="demo-output", help="where to save the outputs (default: %(default)s)")
     demo.add_argument("--bucket", default="xray-demo", help="input bucket (default: %(default)s)")
 
+    replay = commands.add_parser("replay", help="post recorded deliveries (.http files, notification .json) to a URL")
+    replay.add_argument("paths", nargs="+", metavar="FILE|DIR", help="recordings, or folders of them")
+    replay.add_argument("--to", required=True, metavar="URL", help="the service, e.g. http://127.0.0.1:8080/")
+    replay.add_argument("--timeout", type=float, default=330.0, help="seconds per request (default: %(default)s)")
+
+    process = commands.add_parser("process", help="analyze local files, folders or s3:// prefixes with no server")
+    process.add_argument("paths", nargs="+", metavar="PATH",
+                         help="image files, folders (recursive) or s3://bucket[/prefix]")
+    process.add_argument("--out", default="xray-output", metavar="DIR|s3://BUCKET[/PREFIX]",
+                         help="where processed/ and anonymized/ go (default: %(default)s)")
+    process.add_argument("--report", default=None, metavar="FILE",
+                         help="report file, .csv or .json (default: <out>/report.csv)")
+    process.add_argument("--anonymize", choices=["positive", "always"], default=None,
+                         help="which images get an anonymized copy (default: ANONYMIZE_WHEN, else positive)")
+    process.add_argument("--progress", action="store_true", help="progress bar even when stderr is not a terminal")
+
+    backfill = commands.add_parser("backfill", help="get the objects already in a bucket processed")
+    backfill.add_argument("source", metavar="s3://BUCKET[/PREFIX]", help="the input bucket, or a prefix in it")
+    backfill.add_argument("--rate", type=_rate, default=None, metavar="N/s",
+                          help="at most N objects started per second (default: unlimited)")
+    backfill.add_argument("--emit", default=None, metavar="URL",
+                          help="post one Ceph notification per object to a running service instead of processing here")
+    backfill.add_argument("--dry-run", action="store_true", help="list what would be processed; write nothing")
+    backfill.add_argument("--concurrency", type=int, default=None, metavar="N",
+                          help="objects in flight (default: 2 x BATCH_MAX_SIZE x WORKERS)")
+    backfill.add_argument("--progress", action="store_true", help="progress bar even when stderr is not a terminal")
+
+    events = commands.add_parser("events", help="delivery recordings")
+    event_actions = events.add_subparsers(dest="action", required=True)
+    record = event_actions.add_parser("record", help="an HTTP sink that saves every delivery as a .http file")
+    record.add_argument("--dir", required=True, help="folder for the recordings (numbering continues)")
+    record.add_argument("--host", default="127.0.0.1", help="interface (default: %(default)s)")
+    record.add_argument("--port", type=int, default=8081, help="port (default: %(default)s; 0 picks a free one)")
+    record.add_argument("--count", type=int, default=None, help="stop after this many deliveries")
+
     args = parser.parse_args(argv)
     try:
         if args.command == "serve":
@@ -61,6 +96,14 @@ def main(argv: list[str] | None = None) -> int:
             return _notify(args)
         if args.command == "model":
             return _export_model(args)
+        if args.command == "replay":
+            return _replay(args)
+        if args.command == "events":
+            return _record_events(args)
+        if args.command == "process":
+            return _process(args)
+        if args.command == "backfill":
+            return _backfill(args)
         from service.demo import run_demo
 
         return run_demo(images=args.images, out=args.out, bucket=args.bucket)
@@ -77,7 +120,7 @@ def _serve() -> int:
     from service.storage import make_s3_client
 
     settings = load_settings()  # fail before anything starts, naming the variable
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     spec = resolve_model(settings, make_s3_client)
     engine = InferenceEngine.from_settings(settings, spec)
     # Cold start: the workers import their runtime and load the model while this process imports the web stack.
@@ -90,7 +133,7 @@ def _serve() -> int:
         create_app(settings, spec=spec, engine=engine),
         host=settings.host,
         port=settings.port,
-        log_config=None,  # keep configure_logging's handlers and probe filter
+        log_config=None,  # keep configure_logging's handler (JSON access log too) and its probe and scrape filter
         timeout_graceful_shutdown=60,
     )
     return 0
@@ -108,6 +151,70 @@ def _export_model(args: argparse.Namespace) -> int:
     spec = Path(args.spec or configured or DEFAULT_MODEL_SPEC)
     written = export_onnx(spec, Path(args.out) if args.out else spec.parent)
     print(f"wrote {written} (MODEL_URI={written} selects it)")
+    return 0
+
+
+def _process(args: argparse.Namespace) -> int:
+    from service.local_process import run_process
+
+    return run_process(args.paths, out=args.out, report=args.report, anonymize=args.anonymize, progress=args.progress)
+
+
+def _backfill(args: argparse.Namespace) -> int:
+    from service.backfill import run_backfill
+
+    return run_backfill(args.source, rate=args.rate, emit=args.emit, dry_run=args.dry_run,
+                        concurrency=args.concurrency, progress=args.progress)
+
+
+def _rate(value: str) -> float:
+    """`--rate 5` or `--rate 5/s`: a positive number of objects per second."""
+    try:
+        rate = float(value.removesuffix("/s"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a rate such as 5 or 5/s") from None
+    if not rate > 0:
+        raise argparse.ArgumentTypeError("the rate must be above 0")
+    return rate
+
+
+def _replay(args: argparse.Namespace) -> int:
+    """One JSON line per recording: file, status, the service's answer. Exit 1 if any was not answered 2xx."""
+    from pathlib import Path
+
+    from service.recordings import RecordingError, load_recordings, replay
+
+    try:
+        recordings = load_recordings([Path(path) for path in args.paths])
+    except RecordingError as error:
+        raise ConfigurationError(str(error)) from None
+    failures = 0
+    for result in replay(recordings, args.to, timeout_s=args.timeout):
+        failures += result.status is None or not 200 <= result.status < 300
+        print(json.dumps({"file": result.source, "status": result.status, "response": result.detail}), flush=True)
+    print(f"replayed {len(recordings)} recording(s), {failures} not answered 2xx", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _record_events(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from service.recordings import RecordingSink
+
+    sink = RecordingSink(Path(args.dir), host=args.host, port=args.port)
+    with sink:
+        print(f"recording deliveries to {args.dir}; point a topic at {sink.url} (Ctrl-C stops)", file=sys.stderr,
+              flush=True)
+        try:
+            if args.count is not None:
+                sink.wait_for(args.count, timeout_s=None)
+            else:
+                while True:
+                    time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+    print(f"recorded {len(sink.recorded)} delivery(ies)", file=sys.stderr)
     return 0
 
 

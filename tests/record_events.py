@@ -9,16 +9,14 @@ endpoint. Re-run it to refresh the replay set after a Ceph upgrade.
 
 from __future__ import annotations
 
-import http.server
-import io
 import json
-import queue
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 from local_rgw import LocalRGW
+
+from service.recordings import RecordingSink
 
 OUT = Path(__file__).resolve().parent / "events"
 BUCKET = "xray-data-in"
@@ -37,28 +35,12 @@ JPEG = bytes.fromhex(
 )
 
 
-class _Capture(http.server.BaseHTTPRequestHandler):
-    received: queue.Queue[bytes] = queue.Queue()
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        raw = io.StringIO()
-        raw.write(f"{self.command} {self.path} HTTP/1.1\n")
-        for name, value in self.headers.items():
-            raw.write(f"{name}: {value}\n")
-        self.received.put(raw.getvalue().encode() + b"\n" + body)
-        self.send_response(200)
-        self.end_headers()
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-def _next(description: str) -> bytes:
-    try:
-        return _Capture.received.get(timeout=30)
-    except queue.Empty:
-        raise SystemExit(f"no notification arrived for: {description}") from None
+def _next(sink: RecordingSink, captured: list[tuple[str, bytes]], description: str) -> bytes:
+    """The delivery after those already captured, as raw bytes (a non-persistent push may arrive before we ask)."""
+    recorded = sink.wait_for(len(captured) + 1, timeout_s=30)
+    if len(recorded) <= len(captured):
+        raise SystemExit(f"no notification arrived for: {description}")
+    return recorded[len(captured)].read_bytes()
 
 
 def kafkasource_wrap(ceph_request: bytes, offset: int) -> bytes:
@@ -83,11 +65,13 @@ def kafkasource_wrap(ceph_request: bytes, offset: int) -> bytes:
 
 
 def record(out: Path) -> None:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Capture)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    endpoint = f"http://127.0.0.1:{server.server_address[1]}/"
     out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="record-rgw-") as workdir, LocalRGW(workdir) as rgw:
+    with (
+        tempfile.TemporaryDirectory(prefix="record-rgw-") as workdir,
+        RecordingSink(Path(workdir) / "raw") as sink,
+        LocalRGW(Path(workdir) / "rgw") as rgw,
+    ):
+        endpoint = sink.url
         s3, sns = rgw.s3_client(), rgw.sns_client()
         topic = sns.create_topic(
             Name="record", Attributes={"push-endpoint": endpoint, "persistent": "false", "OpaqueData": "xray-opaque"}
@@ -104,7 +88,7 @@ def record(out: Path) -> None:
 
         captured: list[tuple[str, bytes]] = []
         s3.put_object(Bucket=BUCKET, Key=PUT_KEY, Body=JPEG, Metadata={"patient": "demo", "study": "3677"})
-        captured.append(("ceph-001-put-jpeg-hostile-key", _next("put")))
+        captured.append(("ceph-001-put-jpeg-hostile-key", _next(sink, captured, "put")))
         upload = s3.create_multipart_upload(Bucket=BUCKET, Key=MULTIPART_KEY)
         part_size = 5 * 1024 * 1024
         parts = []
@@ -114,16 +98,15 @@ def record(out: Path) -> None:
             parts.append({"PartNumber": number, "ETag": etag})
         s3.complete_multipart_upload(Bucket=BUCKET, Key=MULTIPART_KEY, UploadId=upload["UploadId"],
                                      MultipartUpload={"Parts": parts})
-        captured.append(("ceph-002-multipart-complete", _next("multipart")))
+        captured.append(("ceph-002-multipart-complete", _next(sink, captured, "multipart")))
         s3.copy_object(Bucket=BUCKET, Key=COPY_KEY, CopySource={"Bucket": BUCKET, "Key": PUT_KEY})
-        captured.append(("ceph-003-copy-object", _next("copy")))
+        captured.append(("ceph-003-copy-object", _next(sink, captured, "copy")))
         s3.delete_object(Bucket=BUCKET, Key=COPY_KEY)
-        captured.append(("ceph-004-delete-object", _next("delete")))
+        captured.append(("ceph-004-delete-object", _next(sink, captured, "delete")))
         s3.put_object(Bucket=VERSIONED, Key="v/scan.jpeg", Body=JPEG)
-        captured.append(("ceph-005-versioned-put", _next("versioned put")))
+        captured.append(("ceph-005-versioned-put", _next(sink, captured, "versioned put")))
         s3.delete_object(Bucket=VERSIONED, Key="v/scan.jpeg")
-        captured.append(("ceph-006-versioned-delete-marker", _next("delete marker")))
-    server.shutdown()
+        captured.append(("ceph-006-versioned-delete-marker", _next(sink, captured, "delete marker")))
     for name, request in captured:
         (out / f"{name}.http").write_bytes(request)
     (out / "kafkasource-001-ceph-put.http").write_bytes(kafkasource_wrap(captured[0][1], offset=42))

@@ -33,5 +33,5 @@ def test_serve_with_bad_variable_names_it() -> None:
 def test_help_lists_the_commands() -> None:
     done = run("--help")
     assert done.returncode == 0
-    for command in ("serve", "notify", "demo"):
+    for command in ("serve", "notify", "demo", "model", "process", "backfill", "replay", "events"):
         assert command in done.stdout

@@ -16,17 +16,16 @@ import pytest
 from conftest import encode, xray_like
 from fastapi.testclient import TestClient
 
+from service.recordings import parse_recording
+
 pytestmark = pytest.mark.rgw
 
 EVENTS = sorted((Path(__file__).resolve().parent / "events").glob("*.http"))
 
 
 def read_delivery(path: Path) -> tuple[dict[str, str], bytes]:
-    head, body = path.read_bytes().split(b"\n\n", 1)
-    lines = head.decode().splitlines()[1:]
-    headers = dict(line.split(": ", 1) for line in lines)
-    # The transport recomputes these for the replayed request.
-    return {k: v for k, v in headers.items() if k.lower() not in {"host", "content-length"}}, body
+    recording = parse_recording(path.read_bytes(), str(path))
+    return recording.replay_headers(), recording.body
 
 
 def test_the_replay_set_covers_both_transports() -> None:
