@@ -46,7 +46,7 @@ lint: $(INSTALLED)
 demo: install system-deps
 	$(BIN)/python tests/local_rgw.py exec --dir .rgw/demo -- $(BIN)/xray-pipeline demo
 
-# keras vs onnx, 1 vs 2 workers: the model alone vs the service end to end (~8 min); writes bench/results.json.
+# keras vs onnx, 1 vs 2 workers: the model alone vs the service end to end (~13 min); writes bench/results.json.
 bench: install system-deps
 	$(BIN)/python bench/run.py
 
