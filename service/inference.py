@@ -24,6 +24,7 @@ import multiprocessing
 import os
 import queue
 import sys
+import tempfile
 import threading
 import time
 import types
@@ -373,6 +374,34 @@ def _receive(connection: Connection) -> Any:
 # --- Everything below runs inside worker processes. ------------------------------------------------------
 
 
+class _HeldOutput:
+    """What native code wrote to file descriptor 2 while it was redirected to a temporary file."""
+
+    def __init__(self, file: Any) -> None:
+        self._file = file
+
+    def read_tail(self, limit: int = 2000) -> str:
+        self._file.seek(0)
+        return self._file.read().decode(errors="replace").strip()[-limit:]
+
+
+@contextlib.contextmanager
+def _native_start_notices_held() -> Iterator[_HeldOutput]:
+    """TensorFlow's C++ start-up notices (oneDNN, absl, CPU features) are written straight to file descriptor 2,
+    bypassing TF_CPP_MIN_LOG_LEVEL: they would be the only lines of the JSON log that are not JSON. They are held
+    while the runtime loads and dropped, unless loading fails (then they go with the error)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield _HeldOutput(held)
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def worker_main(connection: Connection, spec: ModelSpec, threads: int, limits: ImageLimits) -> None:
     """Load and warm the model, say so, then analyze batches until told to stop or the parent goes away.
 
@@ -383,11 +412,13 @@ def worker_main(connection: Connection, spec: ModelSpec, threads: int, limits: I
     # The model's threads already use the cores this worker is given; OpenCV's own pool on top of them would
     # spend CPU on hand-offs and spinning (about 20 % more CPU for the imaging, measured).
     cv2.setNumThreads(1)
-    try:
-        predict = load_predict(spec, threads)
-    except Exception as error:
-        connection.send(("failed", f"{type(error).__name__}: {error}"))
-        return
+    with _native_start_notices_held() as held:
+        try:
+            predict = load_predict(spec, threads)
+        except Exception as error:
+            notices = held.read_tail()
+            connection.send(("failed", f"{type(error).__name__}: {error}" + (f" [{notices}]" if notices else "")))
+            return
     sending = threading.Lock()
 
     def send(message: Any) -> None:
