@@ -216,7 +216,7 @@ class InferenceEngine:
             name="xray-inference-worker",
             daemon=True,  # never outlive the web process
         )
-        with _main_module_hidden():
+        with _main_module_hidden(), _worker_environment():
             process.start()
         child_end.close()
         worker = _Worker(process, parent_end)
@@ -362,6 +362,25 @@ def _main_module_hidden() -> Iterator[None]:
         yield
     finally:
         sys.modules["__main__"] = main
+
+
+#: Set for worker processes unless the environment already says otherwise. glibc reads MALLOC_ARENA_MAX when a
+#: process starts, so it must be in the environment the worker is spawned with. Its default, up to 8 malloc arenas
+#: per core, lets the model's threads and the finishing thread each fragment their own: 2 keep a Keras worker's
+#: peak ~16 MB lower at the same speed (measured with 64 X-rays).
+_WORKER_ENVIRONMENT = {"MALLOC_ARENA_MAX": "2"}
+
+
+@contextlib.contextmanager
+def _worker_environment() -> Iterator[None]:
+    """`_WORKER_ENVIRONMENT` in os.environ while a worker is spawned (it inherits it), then as it was."""
+    added = {name: value for name, value in _WORKER_ENVIRONMENT.items() if name not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
 
 
 def _receive(connection: Connection) -> Any:

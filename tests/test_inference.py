@@ -86,6 +86,28 @@ def test_two_workers_warm_up_and_analyze(tiny_spec: Path) -> None:
     assert labels == ["Pneumonia", "Normal", "Pneumonia", "Normal"]
 
 
+def test_workers_get_fewer_malloc_arenas_and_the_parent_keeps_its_environment(
+    tiny_spec: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    engine = InferenceEngine(ModelSpec.load(tiny_spec), workers=1, threads_per_worker=1, limits=LIMITS)
+
+    async def worker_environment() -> dict[str, str]:
+        await engine.start()
+        try:
+            [pid] = engine.worker_pids()
+            raw = Path(f"/proc/{pid}/environ").read_bytes()
+        finally:
+            await engine.stop()
+        return dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)
+
+    assert asyncio.run(worker_environment())["MALLOC_ARENA_MAX"] == "2"
+    assert "MALLOC_ARENA_MAX" not in os.environ
+    # An operator's own value wins.
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert asyncio.run(worker_environment())["MALLOC_ARENA_MAX"] == "4"
+
+
 def test_workers_launched_early_are_the_ones_start_waits_for(tiny_spec: Path) -> None:
     """`serve` launches the workers before importing the web stack; start-up must not spawn a second set."""
     engine = InferenceEngine(ModelSpec.load(tiny_spec), workers=2, threads_per_worker=1, limits=LIMITS)
