@@ -37,11 +37,11 @@ test-deps: system-deps
 	fi
 
 test: install test-deps
-	$(BIN)/ruff check service tests model
+	$(BIN)/ruff check service tests model bench notebooks
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(INSTALLED)
-	$(BIN)/ruff check service tests model
+	$(BIN)/ruff check service tests model bench notebooks
 
 demo: install system-deps
 	$(BIN)/python tests/local_rgw.py exec --dir .rgw/demo -- $(BIN)/xray-pipeline demo
