@@ -25,14 +25,15 @@ $(MODEL): model/fetch.py
 system-deps:
 	$(PYTHON) tests/local_rgw.py ensure-packages
 
-# Tesseract is the tests' OCR oracle for anonymization; DejaVu fonts render test text.
+# Tesseract is the tests' OCR oracle for anonymization; DejaVu fonts render test text; curl is in the README
+# example that tests/test_readme.py runs.
 test-deps: system-deps
-	@if ! command -v tesseract >/dev/null || [ ! -d /usr/share/fonts/truetype/dejavu ]; then \
+	@if ! command -v tesseract >/dev/null || ! command -v curl >/dev/null || [ ! -d /usr/share/fonts/truetype/dejavu ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	      tesseract-ocr tesseract-ocr-eng fonts-dejavu-core >/dev/null; \
+	      tesseract-ocr tesseract-ocr-eng fonts-dejavu-core curl >/dev/null; \
 	  else \
-	    echo "missing: run 'sudo apt-get install tesseract-ocr tesseract-ocr-eng fonts-dejavu-core'" >&2; exit 1; \
+	    echo "missing: run 'sudo apt-get install tesseract-ocr tesseract-ocr-eng fonts-dejavu-core curl'" >&2; exit 1; \
 	  fi; \
 	fi
 
