@@ -232,29 +232,13 @@ class Pipeline:
         if analysis.anonymized is not None:
             anonymized_bucket = self._settings.anonymized_bucket_for(record.bucket)
             anonymized_name = anonymized_key(alias, record.key, analysis.image_format)
-            with metrics.timed_stage("write"):
-                await asyncio.to_thread(
-                    self._store.put_object,
-                    anonymized_bucket,
-                    anonymized_name,
-                    analysis.anonymized,
-                    content_type=analysis.content_type,
-                    metadata=metadata,
-                )
+            await self._write(anonymized_bucket, anonymized_name, analysis.anonymized, analysis.content_type, metadata)
         # Written last: its source eTag marks the object as done, so a crash before this point means a redelivery
         # redoes everything (overwriting the same anonymized key) instead of skipping a half-done object.
         processed_metadata = metadata | {"pseudonym": alias}
         if fetched.version_id:
             processed_metadata[SOURCE_VERSION_ID] = fetched.version_id
-        with metrics.timed_stage("write"):
-            await asyncio.to_thread(
-                self._store.put_object,
-                processed_bucket,
-                output_key,
-                analysis.stamped,
-                content_type=analysis.content_type,
-                metadata=processed_metadata,
-            )
+        await self._write(processed_bucket, output_key, analysis.stamped, analysis.content_type, processed_metadata)
         result = RecordResult(
             Outcome.PROCESSED,
             alias,
@@ -275,6 +259,13 @@ class Pipeline:
         """
         current = await asyncio.to_thread(self._store.current_etag, record.bucket, record.key)
         return current is not None and current != fetched_etag
+
+    async def _write(self, bucket: str, key: str, body: bytes, content_type: str, metadata: dict[str, str]) -> None:
+        """One S3 write, off the event loop, timed as the record's `write` stage."""
+        with metrics.timed_stage("write"):
+            await asyncio.to_thread(
+                self._store.put_object, bucket, key, body, content_type=content_type, metadata=metadata
+            )
 
     def _output_metadata(self, analysis: Analysis, source_etag: str) -> dict[str, str]:
         prediction = analysis.prediction
@@ -312,15 +303,8 @@ class Pipeline:
             "service_version": __version__,
         }
         try:
-            with metrics.timed_stage("write"):
-                await asyncio.to_thread(
-                    self._store.put_object,
-                    processed_bucket,
-                    failure_key(alias),
-                    json.dumps(document, indent=2).encode(),
-                    content_type="application/json",
-                    metadata=metadata,
-                )
+            await self._write(processed_bucket, failure_key(alias), json.dumps(document, indent=2).encode(),
+                              "application/json", metadata)
         except StorageUnavailable:
             if error.reason != MISSING_BUCKET:
                 raise
