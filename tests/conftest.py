@@ -6,14 +6,20 @@ Everything a fixture starts it stops, also when a test fails.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import http.client
 import io
 import itertools
 import json
 import logging
 import os
+import signal
+import socket
 import struct
 import subprocess
 import sys
+import threading
+import time
 import uuid
 import zlib
 from collections.abc import Callable, Iterator
@@ -23,6 +29,8 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
+import uvicorn
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from local_rgw import LocalRGW
 
@@ -216,6 +224,106 @@ def png_header_only(width: int, height: int) -> bytes:
 def upload(s3: Any, bucket: str, key: str, body: bytes) -> str:
     """Upload and return the eTag, as the notification would carry it."""
     return str(s3.put_object(Bucket=bucket, Key=key, Body=body)["ETag"]).strip('"')
+
+
+@pytest.fixture
+def tool_env(monkeypatch: pytest.MonkeyPatch, rgw: LocalRGW, tiny_spec: Path) -> dict[str, str]:
+    """The CLI's settings as an operator sets them: the local RGW, the tiny model, a pseudonym key."""
+    for name in ("DEV_MODE", "MODEL_SPEC", "ANONYMIZE_WHEN", "PROCESSED_BUCKET", "ANONYMIZED_BUCKET", "INPUT_BUCKETS",
+                 "WORKERS", "BATCH_MAX_SIZE", "LOG_LEVEL", "LOG_FORMAT"):
+        monkeypatch.delenv(name, raising=False)
+    env = rgw.env() | {"MODEL_URI": str(tiny_spec), "PSEUDONYM_KEY": TEST_PSEUDONYM_KEY, "WORKER_THREADS": "1"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return env
+
+
+def free_port() -> int:
+    """A loopback port free right now (for a server a test starts)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@contextlib.contextmanager
+def serving(app: FastAPI) -> Iterator[str]:
+    """`app` under real uvicorn in a thread on a free loopback port, as `serve` runs it (log_config=None, so the
+    service's logging set-up applies); yields its base URL (`http://127.0.0.1:<port>/`) and stops it on exit."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_config=None, lifespan="on"))
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "the service did not start"
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{server.config.port}/"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
+        assert not thread.is_alive(), "the service did not stop"
+
+
+def interrupted(command: list[str], *, once: Callable[[], bool], env: dict[str, str],
+                what: str = "nothing was processed") -> tuple[int, str, str]:
+    """Run `python -m service.cli <command>` and press Ctrl-C (SIGINT) as soon as `once()` is true; returns its exit
+    status, stdout and stderr. The process is killed if it outlives the test."""
+    run = subprocess.Popen([sys.executable, "-m", "service.cli", *command], cwd=ROOT, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not once():
+            assert run.poll() is None and time.monotonic() < deadline, what
+            time.sleep(0.01)
+        run.send_signal(signal.SIGINT)
+        stdout, stderr = run.communicate(timeout=60)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.communicate()
+    return run.returncode, stdout, stderr
+
+
+def service_ready(port: int) -> bool:
+    """Whether the service on this loopback port answers `/readyz` with 200."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+    try:
+        connection.request("GET", "/readyz")
+        return connection.getresponse().status == 200
+    except (OSError, http.client.HTTPException):
+        return False
+    finally:
+        connection.close()
+
+
+#: What `serve` gives uvicorn to finish in-flight requests after SIGTERM (service/cli.py), plus a margin.
+SERVE_STOP_TIMEOUT_S = 70
+
+
+@contextlib.contextmanager
+def serve_process(env: dict[str, str], log_path: Path, *, ready_timeout_s: float = 180) -> Iterator[
+        subprocess.Popen[bytes]]:
+    """`xray-pipeline serve` as a process with exactly `env` (its PORT and HOST included), all output in `log_path`;
+    yielded once `/readyz` says 200. On leaving: SIGTERM (in-flight requests finish), SIGKILL if it lingers."""
+    with log_path.open("wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=env, stdout=log,
+                                   stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + ready_timeout_s
+        while not service_ready(int(env["PORT"])):
+            tail = log_path.read_text(errors="replace")[-3000:]
+            assert process.poll() is None, f"serve exited with {process.returncode}:\n{tail}"
+            assert time.monotonic() < deadline, f"serve did not become ready:\n{tail}"
+            time.sleep(0.2)
+        yield process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=SERVE_STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
 class JsonLog:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
-from conftest import ROOT, VALIDATION_IMAGES, key_fragments
+from conftest import VALIDATION_IMAGES, free_port, key_fragments, serve_process
 from ocr_oracle import attack_views, crop, ink_box, normalised, patient_tokens, read_stamp, sharpened, tokens_read
 
 from service.object_keys import anonymized_key, processed_key, pseudonym
@@ -54,10 +53,6 @@ print(json.dumps(risks))
 """
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -72,29 +67,8 @@ def service(rgw: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict
     }
     for model_variable in ("MODEL_URI", "MODEL_SPEC", "MODEL_SHA256"):
         env.pop(model_variable, None)
-    with log_path.open("wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=env, stdout=log,
-                                   stderr=subprocess.STDOUT, cwd=ROOT)
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert process.poll() is None, log_path.read_text()[-3000:]
-            assert time.monotonic() < deadline, "service did not become ready"
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.3)
+    with serve_process(env, log_path, ready_timeout_s=240) as process:
         yield {"port": port, "pid": process.pid, "log": log_path, "env": env, "process": process}
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,7 @@ import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -30,7 +28,7 @@ import numpy as np
 import pytest
 import yaml
 from botocore.exceptions import ClientError
-from conftest import ROOT, TEST_PSEUDONYM_KEY, ceph_record, encode, upload, xray_like
+from conftest import ROOT, TEST_PSEUDONYM_KEY, ceph_record, encode, free_port, serve_process, upload, xray_like
 from local_rgw import LocalRGW
 from test_events import kafkasource_headers
 from test_knative import (
@@ -77,10 +75,6 @@ class Service:
         return self.log.read_text(errors="replace")[-4000:]
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @contextlib.contextmanager
@@ -93,36 +87,8 @@ def serving(rgw: LocalRGW, spec: Path, log: Path, **settings: str) -> Iterator[S
         "PORT": str(port), "HOST": "127.0.0.1", "PSEUDONYM_KEY": TEST_PSEUDONYM_KEY, "MODEL_URI": str(spec),
         "LOG_LEVEL": "DEBUG", "ANONYMIZE_WHEN": "always", "WORKER_THREADS": "1",
     } | settings
-    with log.open("wb") as output:
-        process = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=env, stdout=output,
-                                   stderr=subprocess.STDOUT, cwd=ROOT)
-    service = Service(process, port, log)
-    try:
-        deadline = time.monotonic() + 180
-        while not ready(port):
-            assert process.poll() is None, f"serve exited with {process.returncode}:\n{service.log_tail()}"
-            assert time.monotonic() < deadline, f"serve did not become ready:\n{service.log_tail()}"
-            time.sleep(0.2)
-        yield service
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=GRACEFUL_SHUTDOWN_S + 10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-
-def ready(port: int) -> bool:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-    try:
-        connection.request("GET", "/readyz")
-        return connection.getresponse().status == 200
-    except (OSError, http.client.HTTPException):
-        return False
-    finally:
-        connection.close()
+    with serve_process(env, log) as process:
+        yield Service(process, port, log)
 
 
 # -- deliveries --------------------------------------------------------------------------------------------

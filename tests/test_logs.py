@@ -6,17 +6,13 @@ from __future__ import annotations
 import io
 import json
 import logging
-import socket
-import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-import uvicorn
-from conftest import JsonLog
+from conftest import JsonLog, serving
 
 from service.app import create_app
 from service.logs import TEXT_FORMAT, configure_logging
@@ -99,24 +95,12 @@ def test_real_uvicorn_logs_json_and_leaves_out_probes_and_scrapes(
     make_settings: Callable[..., Settings], json_log: JsonLog
 ) -> None:
     """As `serve` runs it: uvicorn with log_config=None, so its access log goes through the service's handler."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(make_settings()), host="127.0.0.1", port=port, log_config=None))
-    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 120
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.1)
-        base = f"http://127.0.0.1:{port}"
+    with serving(create_app(make_settings())) as url:
+        base = url.rstrip("/")
         for path in ("/healthz", "/readyz", "/metrics"):
             assert request(base + path) == 200
         assert request(base + "/", {"Service": "Amazon S3", "Event": "s3:TestEvent"}) == 200
         assert request(base + "/not-here") == 404
-    finally:
-        server.should_exit = True
-        thread.join(timeout=60)
-    assert not thread.is_alive()
     entries = json_log.entries()  # every line, uvicorn's own included, is JSON
     access = [(entry["method"], entry["path"], entry["status"]) for entry in entries
               if entry["logger"] == "uvicorn.access"]
@@ -124,10 +108,6 @@ def test_real_uvicorn_logs_json_and_leaves_out_probes_and_scrapes(
     assert any(entry["logger"] == "uvicorn.error" for entry in entries)
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def request(url: str, body: Any = None) -> int:

@@ -9,12 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +19,7 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
-from conftest import ROOT, TEST_PSEUDONYM_KEY, encode, xray_like
+from conftest import ROOT, TEST_PSEUDONYM_KEY, encode, free_port, serve_process, xray_like
 
 from service.analysis import Analysis, AnalysisRequest, ImageLimits, analyze_batch
 from service.backends import load_predict
@@ -67,10 +63,6 @@ def run_notebook(name: str, parameters: dict[str, Any], workdir: Path, timeout_s
     return notebook
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def stream_text(notebook: Any) -> str:
@@ -180,9 +172,7 @@ def served(rgw: Any, tiny_spec: Path, tmp_path_factory: pytest.TempPathFactory) 
         env.pop(variable, None)
     bucket = f"nb-demo-{uuid.uuid4().hex[:8]}"
     cli = [sys.executable, "-m", "service.cli"]
-    with log_path.open("wb") as log:
-        process = subprocess.Popen([*cli, "serve"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    try:
+    with serve_process(env, log_path):
         s3 = rgw.s3_client()
         for name in (bucket, f"{bucket}-processed", f"{bucket}-anonymized"):
             s3.create_bucket(Bucket=name)
@@ -191,27 +181,11 @@ def served(rgw: Any, tiny_spec: Path, tmp_path_factory: pytest.TempPathFactory) 
              f"http://127.0.0.1:{port}/", "--no-persistent", "--regex", r".*\.(jpe?g|png)$"],
             env=env, check=True, capture_output=True, timeout=60,
         )
-        deadline = time.monotonic() + 180
-        while True:
-            assert process.poll() is None, log_path.read_text()[-3000:]
-            assert time.monotonic() < deadline, "the service did not become ready"
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.3)
-        yield {"bucket": bucket, "s3": s3, "log": log_path}
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        subprocess.run([*cli, "notify", "remove", "--bucket", bucket, "--id", bucket, "--topic", bucket],
-                       env=env, capture_output=True, timeout=60)
+        try:
+            yield {"bucket": bucket, "s3": s3, "log": log_path}
+        finally:
+            subprocess.run([*cli, "notify", "remove", "--bucket", bucket, "--id", bucket, "--topic", bucket],
+                           env=env, capture_output=True, timeout=60)
 
 
 @pytest.mark.rgw

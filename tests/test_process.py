@@ -8,16 +8,13 @@ import io
 import json
 import logging
 import os
-import signal
 import string
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, TEST_PSEUDONYM_KEY, encode, key_fragments, upload, xray_like
+from conftest import TEST_PSEUDONYM_KEY, encode, interrupted, key_fragments, upload, xray_like
 
 from service.cli import main
 from service.local_process import LOCAL_BUCKET
@@ -33,18 +30,6 @@ SPECIAL = {
     "Jürgen Groß/Ærø øre ünïcødé 1949-12-31.png": BRIGHT,
     "scans/Mary+Ann O'Neil 100%25 2001-02-03.JPG": DARK,
 }
-
-
-@pytest.fixture
-def tool_env(monkeypatch: pytest.MonkeyPatch, rgw: Any, tiny_spec: Path) -> dict[str, str]:
-    """The CLI's settings as an operator sets them: the local RGW, the tiny model, a pseudonym key."""
-    for name in ("DEV_MODE", "MODEL_SPEC", "ANONYMIZE_WHEN", "PROCESSED_BUCKET", "ANONYMIZED_BUCKET", "INPUT_BUCKETS",
-                 "WORKERS", "BATCH_MAX_SIZE", "LOG_LEVEL", "LOG_FORMAT"):
-        monkeypatch.delenv(name, raising=False)
-    env = rgw.env() | {"MODEL_URI": str(tiny_spec), "PSEUDONYM_KEY": TEST_PSEUDONYM_KEY, "WORKER_THREADS": "1"}
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    return env
 
 
 def make_folder(root: Path, count: int) -> dict[str, int]:
@@ -152,21 +137,11 @@ def test_ctrl_c_leaves_only_complete_outputs_and_the_rerun_finishes_the_rest(
     report = out / "report.csv"
     # One image per batch: the run lasts long enough to be interrupted in the middle.
     env = os.environ | {"BATCH_MAX_SIZE": "1"}
-    run = subprocess.Popen([sys.executable, "-m", "service.cli", "process", str(folder), "--out", str(out),
-                            "--progress"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not (report.exists() and len(report.read_text(encoding="utf-8").splitlines()) > 3):
-            assert run.poll() is None and time.monotonic() < deadline, "no image was processed"
-            time.sleep(0.01)
-        run.send_signal(signal.SIGINT)
-        stdout, stderr = run.communicate(timeout=60)
-    finally:
-        if run.poll() is None:
-            run.kill()
-            run.communicate()
-    assert run.returncode == 130, stderr
+    returncode, stdout, stderr = interrupted(
+        ["process", str(folder), "--out", str(out), "--progress"], env=env, what="no image was processed",
+        once=lambda: report.exists() and len(report.read_text(encoding="utf-8").splitlines()) > 3,
+    )
+    assert returncode == 130, stderr
     assert "interrupted after" in stderr and "Traceback" not in stderr
     assert_private([stdout, stderr], list(images))
 

@@ -11,13 +11,12 @@ import contextlib
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, free_port
 
 README = ROOT / "README.md"
 DEFAULT_MODEL = ROOT / "model" / ".cache" / "pneumonia" / "pneumonia_xception.keras"
@@ -34,10 +33,6 @@ def section_block(title: str) -> str:
     return found.group(1)
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def test_operator_tools_example_runs_as_written(tmp_path: Path) -> None:

@@ -6,10 +6,8 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-import socket
 import subprocess
 import sys
-import threading
 import time
 import zlib
 from collections.abc import Iterator
@@ -18,8 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
-from conftest import ROOT, encode, xray_like
+from conftest import ROOT, encode, free_port, serving, xray_like
 
 from service.app import create_app
 from service.cli import main
@@ -91,12 +88,6 @@ def test_the_sink_records_chunked_bodies_and_continues_numbering(tmp_path: Path)
 # ------------------------------------------------------------------------------------------- a live service
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def service_url(rgw: Any, tiny_spec: Path) -> Iterator[str]:
     """The real app under uvicorn on a free loopback port (replay needs a URL, not a TestClient)."""
@@ -104,19 +95,8 @@ def service_url(rgw: Any, tiny_spec: Path) -> Iterator[str]:
         s3_endpoint_url=rgw.endpoint_url, aws_access_key_id=rgw.access_key, aws_secret_access_key=rgw.secret_key,
         aws_default_region=rgw.region, model_uri=str(tiny_spec), dev_mode=True, s3_max_attempts=1,
     )
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=_free_port(),
-                                           log_config=None, lifespan="on"))
-    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 120
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "the service did not start"
-            time.sleep(0.05)
-        yield f"http://127.0.0.1:{server.config.port}/"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=60)
+    with serving(create_app(settings)) as url:
+        yield url
 
 
 def _prepare_objects(s3: Any, recording: Recording) -> list[tuple[str, str]]:
@@ -160,7 +140,7 @@ def test_replay_exits_non_zero_when_a_delivery_is_not_accepted(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     (tmp_path / "one.json").write_text(json.dumps({"Records": []}))
-    assert main(["replay", str(tmp_path), "--to", f"http://127.0.0.1:{_free_port()}/", "--timeout", "5"]) == 1
+    assert main(["replay", str(tmp_path), "--to", f"http://127.0.0.1:{free_port()}/", "--timeout", "5"]) == 1
     [line] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert line["status"] is None and "ConnectError" in line["response"]
 
