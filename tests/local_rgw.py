@@ -448,7 +448,8 @@ pid file = {w}/run/$name.pid
         for name, process in self._processes.items():
             if process.poll() is not None:
                 raise RGWError(
-                    f"{name} exited with code {process.returncode} during start\n{self._daemon_tail(name)}"
+                    f"{name} exited with code {_exit_code_meaning(process.returncode)} during start\n"
+                    f"{self._daemon_tail(name)}"
                 )
 
     def _death_signal_setter(self) -> Callable[[], None] | None:
@@ -639,6 +640,13 @@ def _is_our_workdir(workdir: Path) -> bool:
             return conf.readline() == CONF_HEADER
     except OSError:
         return False
+
+
+def _exit_code_meaning(code: int) -> str:
+    """`98 (errno: Address already in use)`: Ceph daemons exit with the errno that stopped them, and the log line
+    that says so may still be unwritten (Ceph logs from a thread) when the exit is seen. 1 and 2 are plain failures."""
+    meaning = os.strerror(code) if code > 2 else ""
+    return f"{code} (errno: {meaning})" if meaning and not meaning.startswith("Unknown error") else str(code)
 
 
 def _tail(text: str, lines: int = LOG_TAIL_LINES) -> str:
