@@ -1,8 +1,8 @@
 """The HTTP layer: turns requests into deliveries for the pipeline and errors into status codes.
 
-`POST /` is the Knative sink (and Ceph's HTTP push endpoint); `GET /healthz` says the process is alive,
-`GET /readyz` says the model is loaded and warm in the workers, `GET /metrics` is for Prometheus (the metrics
-themselves live in service.metrics). All status decisions live here.
+`POST /` is the Knative sink (and Ceph's HTTP push endpoint); `GET /healthz` says the process is alive and its
+inference engine can heal itself, `GET /readyz` says the model is loaded and warm in the workers, `GET /metrics` is
+for Prometheus (the metrics themselves live in service.metrics). All status decisions live here.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from service import metrics
+from service.engine.pool import InferenceEngine
 from service.errors import MalformedDelivery, PipelineError, UnprocessableObject
 from service.events import Transport, parse_delivery
-from service.inference import InferenceEngine
 from service.model_source import resolve_model
 from service.model_spec import ModelSpec
 from service.pipeline import DeliveryResult, Pipeline
@@ -96,8 +96,14 @@ def create_app(
             metrics.observe_request(status, transport)
 
     @app.get("/healthz")
-    async def healthz() -> dict[str, str]:
-        return {"status": "alive"}
+    async def healthz(request: Request) -> JSONResponse:
+        # Liveness: 503 only when the engine cannot heal by itself, so that Kubernetes restarts the pod. A dead
+        # worker being replaced is not that (/readyz covers it): restarting the pod would only lose the others.
+        engine: InferenceEngine | None = getattr(request.app.state, "engine", None)
+        if engine is not None and not engine.healthy:
+            return JSONResponse({"status": "unhealthy", "detail": "the inference engine cannot recover"},
+                                status_code=503)
+        return JSONResponse({"status": "alive"})
 
     @app.get("/readyz")
     async def readyz(request: Request) -> JSONResponse:

@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve() -> int:
-    from service.inference import InferenceEngine
+    from service.engine.pool import InferenceEngine
     from service.logs import configure_logging
     from service.model_source import resolve_model
     from service.settings import load_settings

@@ -67,6 +67,12 @@ class ModelNotReady(TransientFailure):
     reason = "model-not-ready"
 
 
+class InferenceTimedOut(TransientFailure):
+    """The image was not analyzed within INFERENCE_TIMEOUT_S (a hung or overloaded worker): redelivered."""
+
+    reason = "inference-timeout"
+
+
 class StorageUnavailable(TransientFailure):
     """S3 answered 5xx, timed out or could not be reached."""
 

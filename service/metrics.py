@@ -100,6 +100,20 @@ WORKER_RESTARTS = Counter(
     "Inference worker processes that died (OOM, SIGKILL, crash) and were replaced; their batches were answered 503.",
     registry=REGISTRY,
 )
+ENGINE_TASK_CRASHES = Counter(
+    "xray_engine_task_crashes",
+    "Unexpected errors in the inference engine's own tasks (task: dispatcher, pool-keeper, worker-reader, "
+    "message-handler, background), each logged with its traceback; supervised tasks are started again. Any "
+    "increase is a bug worth reporting.",
+    ["task"],
+    registry=REGISTRY,
+)
+WORKER_START_FAILURES = Counter(
+    "xray_worker_start_failures",
+    "Replacement inference workers that failed to load or warm the model within WORKER_START_TIMEOUT_S; "
+    "WORKER_RESTART_LIMIT of them in a row make /healthz answer 503.",
+    registry=REGISTRY,
+)
 for _stage in STAGES:
     STAGE_SECONDS.labels(stage=_stage)  # every stage shows from the first scrape, with a count of 0
 
@@ -108,10 +122,12 @@ _record_stages: ContextVar[dict[str, float] | None] = ContextVar("record_stages"
 
 
 class EngineState(Protocol):
-    """What the scrape-time gauges read from an inference engine (service.inference.InferenceEngine)."""
+    """What the scrape-time gauges read from an inference engine (service.engine.pool.InferenceEngine)."""
 
     @property
     def ready(self) -> bool: ...
+    @property
+    def healthy(self) -> bool: ...
     @property
     def spec(self) -> ModelSpec: ...
     @property
@@ -149,6 +165,11 @@ class _EngineStateCollector:
             "xray_ready", "1 when the service takes events (a worker has the model loaded and warm), else 0: /readyz.",
             value=float(bool(engines) and all(engine.ready for engine in engines)),
         )
+        healthy = GaugeMetricFamily(
+            "xray_healthy", "1 while the inference engine can heal itself, else 0: /healthz (Kubernetes restarts "
+            "the pod).",
+            value=float(all(engine.healthy for engine in engines)),
+        )
         queue_depth = GaugeMetricFamily(
             "xray_inference_queue_depth",
             "Images waiting for a worker (not yet in a batch); growing means the model cannot keep up.",
@@ -168,7 +189,7 @@ class _EngineStateCollector:
         )
         for labels in sorted({(engine.spec.name, engine.spec.version, engine.spec.backend) for engine in engines}):
             model.add_metric(list(labels), 1)
-        return [ready, queue_depth, warm, configured, model]
+        return [ready, healthy, queue_depth, warm, configured, model]
 
 
 _ENGINES = _EngineStateCollector()
@@ -194,6 +215,14 @@ def observe_batch_size(size: int) -> None:
 
 def observe_worker_restart() -> None:
     WORKER_RESTARTS.inc()
+
+
+def observe_engine_task_crash(task: str) -> None:
+    ENGINE_TASK_CRASHES.labels(task=task).inc()
+
+
+def observe_worker_start_failure() -> None:
+    WORKER_START_FAILURES.inc()
 
 
 def observe_record(outcome: str, reason: str | None, seconds: float) -> None:

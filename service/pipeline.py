@@ -24,9 +24,9 @@ from typing import Any
 
 from service import __version__, metrics
 from service.analysis import Analysis
+from service.engine.pool import InferenceEngine
 from service.errors import ForbiddenBucket, PipelineError, StorageUnavailable, UnprocessableObject
 from service.events import Delivery, ObjectRecord
-from service.inference import InferenceEngine
 from service.model_spec import ModelSpec
 from service.object_keys import MAX_KEY_BYTES, anonymized_key, failure_key, processed_key, pseudonym
 from service.settings import Settings

@@ -96,7 +96,12 @@ class Settings(S3Settings):
     batch_max_wait_ms: float = Field(default=5.0, ge=0, le=1000)
     """Longest a request waits for others to join its batch while a worker is free."""
     worker_start_timeout_s: float = Field(default=300.0, gt=0)
-    """Seconds the workers may take to load and warm the model at start-up."""
+    """Seconds a worker may take to load and warm the model, at start-up and when it replaces a dead one."""
+    inference_timeout_s: float = Field(default=60.0, gt=0, le=3600)
+    """Longest an image waits for its analysis (queue and worker); then 503, and a worker that held it so long
+    is taken for hung and replaced."""
+    worker_restart_limit: int = Field(default=3, ge=1, le=100)
+    """Replacement workers failing to warm in a row before /healthz answers 503 (Kubernetes restarts the pod)."""
     max_image_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
     """Objects larger than this are refused (failure record) without being read."""
     max_image_pixels: int = Field(default=100_000_000, gt=0)

@@ -20,8 +20,8 @@ from typing import Any, TypeVar
 
 from tqdm import tqdm
 
+from service.engine.pool import InferenceEngine
 from service.errors import ConfigurationError
-from service.inference import InferenceEngine
 from service.logs import configure_logging
 from service.model_spec import ModelSpec
 from service.settings import Settings

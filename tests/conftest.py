@@ -36,7 +36,7 @@ from local_rgw import LocalRGW
 
 from service.analysis import ImageLimits
 from service.app import create_app
-from service.inference import InferenceEngine
+from service.engine.pool import InferenceEngine
 from service.logs import configure_logging
 from service.model_spec import ModelSpec
 from service.pipeline import Pipeline
@@ -236,6 +236,19 @@ def tool_env(monkeypatch: pytest.MonkeyPatch, rgw: LocalRGW, tiny_spec: Path) ->
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     return env
+
+
+def wait_until(condition: Callable[[], Any], timeout_s: float, message: str | Callable[[], str],
+               interval_s: float = 0.05) -> Any:
+    """Poll `condition` until it returns something truthy, and return that; fail with `message` (a callable is asked
+    only then, e.g. for a log tail) once `timeout_s` has passed. A wait for a real condition instead of a sleep
+    long enough on an idle machine: a loaded one is slower, never differently ordered."""
+    deadline = time.monotonic() + timeout_s
+    while not (result := condition()):
+        if time.monotonic() >= deadline:
+            pytest.fail(message() if callable(message) else message)
+        time.sleep(interval_s)
+    return result
 
 
 def free_port() -> int:

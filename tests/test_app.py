@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 from cloudevents.core.bindings.http import to_binary_event, to_structured_event
 from cloudevents.core.v1.event import CloudEvent
-from conftest import HOSTILE_KEYS, ceph_record, encode, key_fragments, upload, xray_like
+from conftest import HOSTILE_KEYS, ceph_record, encode, key_fragments, upload, wait_until, xray_like
 from fastapi.testclient import TestClient
 from test_events import kafkasource_headers
 
@@ -161,6 +163,29 @@ def test_dead_worker_answers_503_then_recovers(client: TestClient, s3: Any, inpu
     assert engine.worker_pids() != [pid]
     response = client.post("/", content=body)
     assert response.status_code == 200 and response.json()["records"][0]["outcome"] == "processed"
+
+
+def test_healthz_fails_only_when_the_engine_cannot_heal(make_settings: Any, tiny_spec: Path, tmp_path: Path) -> None:
+    """Liveness tells the truth: a worker being replaced is alive (200, /readyz 503); replacements that keep
+    failing to load (WORKER_RESTART_LIMIT in a row) make /healthz 503, so Kubernetes restarts the pod; once one
+    warms again it is 200."""
+    for name in ("tiny.yaml", "tiny.keras"):
+        shutil.copy(tiny_spec.parent / name, tmp_path / name)
+    weights = tmp_path / "tiny.keras"
+    good = weights.read_bytes()
+    settings = make_settings(model_uri=str(tmp_path / "tiny.yaml"), worker_restart_limit=2)
+    with TestClient(create_app(settings)) as client:
+        engine = client.app.state.engine  # type: ignore[attr-defined]
+        assert client.get("/healthz").status_code == 200
+        weights.write_bytes(b"not a keras archive")
+        [pid] = engine.worker_pids()
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: client.get("/readyz").status_code == 503, 30, "/readyz still 200 with no warm worker")
+        wait_until(lambda: client.get("/healthz").status_code == 503, 120, "/healthz never said the engine is stuck")
+        assert client.get("/healthz").json()["status"] == "unhealthy"
+        weights.write_bytes(good)
+        wait_until(lambda: client.get("/healthz").status_code == 200 and client.get("/readyz").status_code == 200,
+                   120, "the engine did not heal once a replacement could load")
 
 
 def test_debug_logs_never_contain_keys(

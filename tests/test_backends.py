@@ -11,8 +11,8 @@ import pytest
 from conftest import ROOT, encode, xray_like
 
 from service.analysis import ImageLimits
+from service.engine.pool import InferenceEngine
 from service.errors import ConfigurationError
-from service.inference import InferenceEngine
 from service.model_spec import ModelSpec
 
 

@@ -16,8 +16,8 @@ from conftest import ROOT, encode, upload, xray_like
 from test_pipeline import record_for
 
 from service.analysis import ImageLimits
+from service.engine.pool import InferenceEngine
 from service.errors import ModelNotReady, UnprocessableObject
-from service.inference import InferenceEngine
 from service.model_spec import ModelSpec
 from service.object_keys import processed_key
 from service.pipeline import Outcome, Pipeline
@@ -28,7 +28,7 @@ LIMITS = ImageLimits(max_bytes=10**7, max_pixels=10**7)
 
 def test_web_modules_do_not_import_tensorflow() -> None:
     probe = (
-        "import sys, service.app, service.cli, service.pipeline, service.inference, service.demo\n"
+        "import sys, service.app, service.cli, service.pipeline, service.engine.pool, service.demo\n"
         "service.app.create_app  # noqa\n"
         "leaked = sorted(m for m in sys.modules if m.split('.')[0] in {'tensorflow', 'keras'})\n"
         "print(leaked); sys.exit(1 if leaked else 0)\n"
@@ -47,7 +47,7 @@ def test_workers_do_not_import_the_parents_main_module(tiny_spec: Path, tmp_path
         "if __name__ != '__main__':\n"
         f"    pathlib.Path({str(marker)!r}).write_text(__name__)\n"
         "from service.analysis import ImageLimits\n"
-        "from service.inference import InferenceEngine\n"
+        "from service.engine.pool import InferenceEngine\n"
         "from service.model_spec import ModelSpec\n"
         "async def main():\n"
         f"    engine = InferenceEngine(ModelSpec.load({str(tiny_spec)!r}), workers=1, threads_per_worker=1,\n"

@@ -35,7 +35,8 @@ S3_CALLS_PER_EVENT = 5
 # botocore's standard retry mode waits at most min(2**i, 20) s before retry i, plus up to 5 s for a retry-after.
 BOTOCORE_MAX_BACKOFF_S = 20
 BOTOCORE_RETRY_AFTER_EXTRA_S = 5
-# Waiting for a batch and running it; containerConcurrency keeps at most one batch queued per worker.
+# Waiting for a batch and running it; containerConcurrency keeps at most one batch queued per worker. The app
+# bounds it with INFERENCE_TIMEOUT_S, which the manifests may not set above this.
 INFERENCE_ALLOWANCE_S = 30
 # Cold start to ready with Keras and two workers: ~9 s in the benchmark (2 cores); 35 s leaves room for a busy node
 # and the model's download. The dispatcher's timeout must cover it on top.
@@ -296,7 +297,8 @@ def test_timeouts_nest(
     attempts = settings.s3_max_attempts
     backoff = sum(min(2**i, BOTOCORE_MAX_BACKOFF_S) + BOTOCORE_RETRY_AFTER_EXTRA_S for i in range(1, attempts))
     per_call = attempts * (settings.s3_connect_timeout_s + settings.s3_read_timeout_s) + backoff
-    app_worst_case = S3_CALLS_PER_EVENT * per_call + INFERENCE_ALLOWANCE_S
+    assert settings.inference_timeout_s <= INFERENCE_ALLOWANCE_S
+    app_worst_case = S3_CALLS_PER_EVENT * per_call + settings.inference_timeout_s
 
     revision_timeout = one(objects, "Service")["spec"]["template"]["spec"]["timeoutSeconds"]
     delivery = one(objects, "KafkaSource")["spec"]["delivery"]

@@ -21,7 +21,7 @@ from test_events import kafkasource_headers
 from test_pipeline import record_for
 
 from service.analysis import Analysis
-from service.inference import InferenceEngine
+from service.engine.pool import InferenceEngine
 from service.object_keys import processed_key
 from service.pipeline import Outcome, Pipeline
 from service.storage import ObjectStore, make_s3_client

@@ -1,0 +1,115 @@
+"""What runs inside one spawned worker process: load and warm the model once, then analyze batches.
+
+The main thread decodes and runs the model; a second thread (the finisher) stamps, searches for text, blurs and
+encodes each batch and sends its results, so the model can start on the next batch meanwhile. The worker holds at
+most two batches (the parent sends no more), so its memory stays bounded. TensorFlow is imported only here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from multiprocessing.connection import Connection
+from typing import Any
+
+import cv2
+
+from service.analysis import AnalysisOutcome, ImageLimits, PredictedBatch, finish_batch, predict_batch
+from service.backends import load_predict
+from service.engine.messages import AnalyzeBatch, BatchResults, LoadFailed, ModelFree, Ready
+from service.errors import PipelineError
+from service.model_spec import ModelSpec
+
+
+class _HeldOutput:
+    """What native code wrote to file descriptor 2 while it was redirected to a temporary file."""
+
+    def __init__(self, file: Any) -> None:
+        self._file = file
+
+    def read_tail(self, limit: int = 2000) -> str:
+        self._file.seek(0)
+        return self._file.read().decode(errors="replace").strip()[-limit:]
+
+
+@contextlib.contextmanager
+def _native_start_notices_held() -> Iterator[_HeldOutput]:
+    """TensorFlow's C++ start-up notices (oneDNN, absl, CPU features) are written straight to file descriptor 2,
+    bypassing TF_CPP_MIN_LOG_LEVEL: they would be the only lines of the JSON log that are not JSON. They are held
+    while the runtime loads and dropped, unless loading fails (then they go with the error)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield _HeldOutput(held)
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _receive(connection: Connection) -> Any:
+    try:
+        return connection.recv()
+    except (EOFError, OSError):
+        return None  # the parent is gone
+
+
+def worker_main(connection: Connection, spec: ModelSpec, threads: int, limits: ImageLimits) -> None:
+    """Load and warm the model, say so, then analyze batches until told to stop or the parent goes away."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # The model's threads already use the cores this worker is given; OpenCV's own pool on top of them would
+    # spend CPU on hand-offs and spinning (about 20 % more CPU for the imaging, measured).
+    cv2.setNumThreads(1)
+    with _native_start_notices_held() as held:
+        try:
+            predict = load_predict(spec, threads)
+        except Exception as error:
+            notices = held.read_tail()
+            connection.send(LoadFailed(f"{type(error).__name__}: {error}" + (f" [{notices}]" if notices else "")))
+            return
+    sending = threading.Lock()
+
+    def send(message: Any) -> None:
+        with sending:  # the main thread and the finisher both send; a pickled message must not interleave
+            connection.send(message)
+
+    send(Ready(os.getpid()))
+    to_finish: queue.SimpleQueue[PredictedBatch | None] = queue.SimpleQueue()
+
+    def finish_forever() -> None:
+        while (batch := to_finish.get()) is not None:
+            outcomes = finish_batch(batch, spec=spec)
+            try:
+                send(BatchResults([_picklable(outcome) for outcome in outcomes]))
+            except (OSError, ValueError):
+                return  # the parent is gone
+
+    finisher = threading.Thread(target=finish_forever, name="finisher")
+    finisher.start()
+    try:
+        while isinstance(message := _receive(connection), AnalyzeBatch):
+            predicted = predict_batch(message.requests, spec=spec, predict=predict, limits=limits)
+            # ModelFree before the batch is handed on: the parent must never see a batch's results before it
+            # knows the model is free of it.
+            send(ModelFree())
+            to_finish.put(predicted)
+    except (OSError, ValueError):
+        pass  # the parent is gone: nobody is waiting for results
+    finally:
+        to_finish.put(None)
+        finisher.join()
+
+
+def _picklable(outcome: AnalysisOutcome) -> AnalysisOutcome:
+    # Our errors pickle by design; any other exception is reduced to its text so one odd error cannot
+    # break the pipe for the whole batch.
+    if isinstance(outcome, Exception) and not isinstance(outcome, PipelineError):
+        return RuntimeError(f"{type(outcome).__name__}: {outcome}")
+    return outcome
