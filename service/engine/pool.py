@@ -192,12 +192,14 @@ class InferenceEngine:
         self.launch()
         for worker in self._workers:
             self._start_threads(worker)
+        warming = [asyncio.ensure_future(self._until_warm(worker)) for worker in list(self._workers)]
         try:
-            await asyncio.wait_for(
-                asyncio.gather(*(self._until_warm(worker) for worker in list(self._workers))),
-                timeout=self._start_timeout_s,
-            )
+            await asyncio.wait_for(asyncio.gather(*warming), timeout=self._start_timeout_s)
         except BaseException as error:
+            # One failed: the others are stopped too (each discards its worker), not left waiting for ever.
+            for task in warming:
+                task.cancel()
+            await asyncio.gather(*warming, return_exceptions=True)
             await self.stop()
             if isinstance(error, TimeoutError):
                 raise RuntimeError(f"workers did not load the model within {self._start_timeout_s:.0f} s") from None
@@ -370,7 +372,7 @@ class InferenceEngine:
     async def _bury(self, worker: WorkerProcess, held: int) -> None:
         """Reap a dead worker (its exit code is known only then) and close its pipe, then say how it died."""
         await asyncio.to_thread(_reap, worker)
-        logger.error("inference worker %d died (%s) holding %d request(s), answered 503; replacing it",
+        logger.error("inference worker %d died: %s; the %d request(s) it held were answered 503; replacing it",
                      worker.pid, describe_exit(worker.exit_code), held)
 
     async def _keep_pool_full(self) -> None:
@@ -440,6 +442,13 @@ def _write_forever(worker: WorkerProcess) -> None:
             worker.connection.send(message)
         except (OSError, ValueError):
             worker.kill()  # its pipe is broken: make sure the reader sees the EOF and the pool replaces it
+            return
+        except Exception:
+            # A message that cannot be sent (a bug): the worker's batches would never be answered, so it is
+            # replaced like a dead one, and its requests answered 503 at once.
+            logger.exception("sending to inference worker %d failed; killing it", worker.pid)
+            metrics.observe_engine_task_crash("worker-writer")
+            worker.kill()
             return
         if isinstance(message, Stop):
             return
