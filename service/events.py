@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
-from urllib.parse import unquote, unquote_plus
+from urllib.parse import unquote_plus
 
 from cloudevents.core.base import BaseCloudEvent
 from cloudevents.core.bindings.http import HTTPMessage, from_binary_event, from_structured_event
@@ -178,12 +178,10 @@ def _parse_record(raw: Any, index: int, fallback_event_id: str) -> ObjectRecord:
     key = obj.get("key")
     if not isinstance(key, str) or not key:
         raise MalformedDelivery(f"{where}.s3.object.key is missing")
-    source = raw.get("eventSource")
-    # Ceph sends raw keys; AWS form-encodes them (space as '+'); MinIO query-escapes them.
-    if source == "aws:s3":
+    # Ceph sends raw keys. AWS form-encodes them and MinIO escapes them with Go's url.QueryEscape: both write a
+    # space as '+' and a literal '+' as %2B, so `unquote_plus` is the inverse of either.
+    if raw.get("eventSource") in ("aws:s3", "minio:s3"):
         key = unquote_plus(key)
-    elif source == "minio:s3":
-        key = unquote(key)
     if not 0 < len(key.encode()) <= MAX_KEY_BYTES or "\0" in key:
         # No S3 object can have this key (Ceph also refuses NUL in keys): asking S3 for it would only be refused
         # (a 400, never healed).

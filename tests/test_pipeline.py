@@ -21,10 +21,11 @@ from conftest import (
     upload,
     xray_like,
 )
+from test_events import minio_notification
 
+from service.engine.pool import InferenceEngine
 from service.errors import ForbiddenBucket, ModelNotReady, StorageUnavailable
 from service.events import Delivery, Transport, parse_delivery
-from service.inference import InferenceEngine
 from service.object_keys import anonymized_key, failure_key, processed_key, pseudonym
 from service.pipeline import Outcome
 from service.settings import Settings
@@ -112,6 +113,19 @@ def test_new_content_under_the_same_key_is_processed_again(harness: Harness, s3:
     assert (late.outcome, late.reason) == (Outcome.SKIPPED, "duplicate")
     metadata = s3.head_object(Bucket=f"{input_bucket}-processed", Key="k-processed.jpg")["Metadata"]
     assert (metadata["source-etag"], metadata["label"]) == (second, "Normal")
+
+
+def test_minio_record_with_a_go_escaped_key_is_fetched_and_processed(harness: Harness, s3: Any,
+                                                                     input_bucket: str) -> None:
+    key = "ward 3/Anna Mcgehee+1.jpeg"  # on the wire: ward+3%2FAnna+Mcgehee%2B1.jpeg
+    etag = upload(s3, input_bucket, key, encode(xray_like(220)))
+    body = json.dumps(minio_notification(input_bucket, key, etag)).encode()
+    [record] = parse_delivery({}, body).records
+    result = harness.run(harness.pipeline().process_record(record))
+    assert (result.outcome, result.label) == (Outcome.PROCESSED, "Pneumonia"), result
+    processed = s3.head_object(Bucket=f"{input_bucket}-processed", Key=processed_key(key))
+    assert processed["Metadata"]["source-etag"] == etag
+    assert processed["Metadata"]["pseudonym"] == pseudonym(TEST_PSEUDONYM_KEY.encode(), input_bucket, key)
 
 
 @pytest.mark.parametrize(

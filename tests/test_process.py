@@ -9,12 +9,11 @@ import json
 import logging
 import os
 import string
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import TEST_PSEUDONYM_KEY, encode, interrupted, key_fragments, upload, xray_like
+from conftest import TEST_PSEUDONYM_KEY, encode, interrupted, key_fragments, upload, wait_until, xray_like
 
 from service.cli import main
 from service.local_process import LOCAL_BUCKET
@@ -195,13 +194,17 @@ def test_s3_prefix_in_s3_prefix_out_with_a_json_report(
     assert_private([report.read_text(), captured.out, captured.err], list(keys))
 
     # A rerun writes nothing but the report (no engine is even started).
-    def puts() -> int:
-        return sum(method == "PUT" and path.startswith(f"/{out_bucket}/") for method, path, _ in rgw.requests_served())
+    def puts() -> list[str]:
+        served = rgw.requests_served()
+        return [path for method, path, _ in served if method == "PUT" and path.startswith(f"/{out_bucket}/")]
 
     written = puts()
     assert main(command[:4]) == 0  # no --report: it goes beside the outputs
-    time.sleep(0.5)  # the RGW writes its access log asynchronously
-    assert puts() == written + 1
+    # The RGW logs asynchronously, in order: once the report (sent after every other write was answered) shows, any
+    # other write of the rerun shows too.
+    wait_until(lambda: any(path.endswith("/report.csv") for path in puts()), 10, "the report's PUT was never logged")
+    rerun_writes = puts()[len(written):]
+    assert len(rerun_writes) == 1 and rerun_writes[0].endswith("/report.csv"), rerun_writes
     published = s3.get_object(Bucket=out_bucket, Key="run 1/report.csv")["Body"].read().decode()
     published_rows = list(csv.DictReader(io.StringIO(published)))
     assert {row["status"] for row in published_rows} == {"skipped"} and len(published_rows) == len(keys)
