@@ -25,8 +25,8 @@ $(MODEL): model/fetch.py
 system-deps:
 	$(PYTHON) tests/local_rgw.py ensure-packages
 
-# Tesseract is the tests' OCR oracle for anonymization; DejaVu fonts render test text; curl is in the README
-# example that tests/test_readme.py runs.
+# Tesseract is the tests' OCR oracle for anonymization; DejaVu fonts render test text; curl is in the
+# docs/operator-tools.md example that tests/test_readme.py runs.
 test-deps: system-deps
 	@if ! command -v tesseract >/dev/null || ! command -v curl >/dev/null || [ ! -d /usr/share/fonts/truetype/dejavu ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \

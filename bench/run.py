@@ -2,7 +2,7 @@
 
 `.venv/bin/python bench/run.py [--quick]` measures, in one run and on this machine:
 
-1. the model alone: `service.backends.load_predict` called on preprocessed batches of 1 and 8 of the 16 real
+1. the model alone: `service.models.backends.load_predict` called on preprocessed batches of 1 and 8 of the 16 real
    validation X-rays, in a subprocess per backend (TensorFlow must not load into this process, whose CPU is
    shared with the service under test); wall throughput and CPU ms per image (process_time), medians of repeats;
 2. the service end to end: a throwaway Ceph RGW, `python -m service.cli serve` as a subprocess, cold start
@@ -65,13 +65,14 @@ def measure_model_in_this_process(backend: str, repeats: int) -> dict[str, float
     import cv2
     import numpy as np
 
-    from service.backends import load_predict
-    from service.model_spec import ModelSpec
+    from service.models.backends import load_predict
+    from service.models.preprocess import to_model_tensor
+    from service.models.spec import ModelSpec
 
     spec = ModelSpec.load(DEFAULT_SPEC).for_backend(backend)
     # All cores, as one service worker gets them (WORKER_THREADS defaults to CPUs / workers).
     predict = load_predict(spec, threads=os.cpu_count() or 1)
-    tensors = np.stack([spec.preprocess(cv2.imread(str(path), cv2.IMREAD_COLOR)) for path in VALIDATION_IMAGES])
+    tensors = np.stack([to_model_tensor(spec, cv2.imread(str(path), cv2.IMREAD_COLOR)) for path in VALIDATION_IMAGES])
     results: dict[str, float] = {}
     for batch_size in (1, 8):
         batches = [tensors[start:start + batch_size] for start in range(0, len(tensors), batch_size)]

@@ -21,8 +21,8 @@ from service import metrics
 from service.engine.pool import InferenceEngine
 from service.errors import MalformedDelivery, PipelineError, UnprocessableObject
 from service.events import Transport, parse_delivery
-from service.model_source import resolve_model
-from service.model_spec import ModelSpec
+from service.models.source import resolve_model
+from service.models.spec import ModelSpec
 from service.pipeline import DeliveryResult, Pipeline
 from service.settings import Settings, load_settings
 from service.storage import ObjectStore, make_s3_client

@@ -15,7 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="xray-pipeline", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    commands.add_parser("serve", help="run the HTTP sink (settings from the environment; see README)")
+    commands.add_parser("serve", help="run the HTTP sink (settings from the environment; see docs/configuration.md)")
 
     notify = commands.add_parser("notify", help="manage Ceph bucket notifications (topic + rule)")
     actions = notify.add_subparsers(dest="action", required=True)
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             return _process(args)
         if args.command == "backfill":
             return _backfill(args)
-        from service.demo import run_demo
+        from service.tools.demo import run_demo
 
         return run_demo(images=args.images, out=args.out, bucket=args.bucket)
     except ConfigurationError as error:
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
 def _serve() -> int:
     from service.engine.pool import InferenceEngine
     from service.logs import configure_logging
-    from service.model_source import resolve_model
+    from service.models.source import resolve_model
     from service.settings import load_settings
     from service.storage import make_s3_client
 
@@ -142,8 +142,8 @@ def _serve() -> int:
 def _export_model(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from service.export import export_onnx
     from service.settings import DEFAULT_MODEL_SPEC
+    from service.tools.export import export_onnx
 
     configured = os.environ.get("MODEL_URI") or os.environ.get("MODEL_SPEC")
     if args.spec is None and configured and "://" in configured:
@@ -155,13 +155,13 @@ def _export_model(args: argparse.Namespace) -> int:
 
 
 def _process(args: argparse.Namespace) -> int:
-    from service.local_process import run_process
+    from service.tools.process import run_process
 
     return run_process(args.paths, out=args.out, report=args.report, anonymize=args.anonymize, progress=args.progress)
 
 
 def _backfill(args: argparse.Namespace) -> int:
-    from service.backfill import run_backfill
+    from service.tools.backfill import run_backfill
 
     return run_backfill(args.source, rate=args.rate, emit=args.emit, dry_run=args.dry_run,
                         concurrency=args.concurrency, progress=args.progress)
@@ -182,7 +182,7 @@ def _replay(args: argparse.Namespace) -> int:
     """One JSON line per recording: file, status, the service's answer. Exit 1 if any was not answered 2xx."""
     from pathlib import Path
 
-    from service.recordings import RecordingError, load_recordings, replay
+    from service.tools.recordings import RecordingError, load_recordings, replay
 
     try:
         recordings = load_recordings([Path(path) for path in args.paths])
@@ -200,7 +200,7 @@ def _record_events(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from service.recordings import RecordingSink
+    from service.tools.recordings import RecordingSink
 
     sink = RecordingSink(Path(args.dir), host=args.host, port=args.port)
     with sink:
@@ -219,8 +219,8 @@ def _record_events(args: argparse.Namespace) -> int:
 
 
 def _notify(args: argparse.Namespace) -> int:
-    from service.notify import DEFAULT_EVENTS, NotificationAdmin, TopicOptions
     from service.settings import S3Settings, load_settings
+    from service.tools.notify import DEFAULT_EVENTS, NotificationAdmin, TopicOptions
 
     admin = NotificationAdmin(load_settings(S3Settings))
     output: Any

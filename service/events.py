@@ -21,7 +21,7 @@ from cloudevents.core.bindings.http import HTTPMessage, from_binary_event, from_
 from cloudevents.core.exceptions import BaseCloudEventException
 
 from service.errors import MalformedDelivery
-from service.object_keys import MAX_KEY_BYTES
+from service.outputs import MAX_KEY_BYTES
 
 STRUCTURED_CONTENT_TYPE = "application/cloudevents+json"
 BATCH_CONTENT_TYPE = "application/cloudevents-batch+json"

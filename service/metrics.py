@@ -28,7 +28,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 if TYPE_CHECKING:
-    from service.model_spec import ModelSpec
+    from service.models.spec import ModelSpec
 
 # One module-level set of metrics on a registry of our own, created once per process: the service runs one app
 # per process, so there is nothing to keep apart, and the pipeline and engine can observe without a metrics object

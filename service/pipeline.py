@@ -13,32 +13,33 @@ the newer upload's own event writes the newest content, which is what readers of
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from enum import StrEnum
 from typing import Any
 
 from service import __version__, metrics
-from service.analysis import Analysis
 from service.engine.pool import InferenceEngine
 from service.errors import ForbiddenBucket, PipelineError, StorageUnavailable, UnprocessableObject
 from service.events import Delivery, ObjectRecord
-from service.model_spec import ModelSpec
-from service.object_keys import MAX_KEY_BYTES, anonymized_key, failure_key, processed_key, pseudonym
+from service.models.spec import ModelSpec
+from service.outputs import (
+    MAX_KEY_BYTES,
+    FailureRecord,
+    Outcome,
+    failure_key,
+    failure_on_record,
+    outputs_in_write_order,
+    processed_key,
+    pseudonym,
+    recorded_source_etag,
+)
 from service.settings import Settings
-from service.storage import MISSING_BUCKET, SOURCE_ETAG, SOURCE_VERSION_ID, ObjectStore
+from service.storage import MISSING_BUCKET, ObjectStore
 
 logger = logging.getLogger(__name__)
-
-
-class Outcome(StrEnum):
-    PROCESSED = "processed"
-    SKIPPED = "skipped"
-    FAILED = "failed"
 
 
 @dataclass(frozen=True)
@@ -201,7 +202,7 @@ class Pipeline:
             await self._write_failure_record(record, alias, processed_bucket, error)
             return self._finish(RecordResult(Outcome.FAILED, alias, reason=error.reason), started, error.message)
         recorded = await asyncio.to_thread(self._store.recorded_metadata, processed_bucket, output_key)
-        recorded_etag = (recorded or {}).get(SOURCE_ETAG)
+        recorded_etag = recorded_source_etag(recorded)
         logger.debug("record %s: %s in %s, processed eTag on record: %s", alias, record.event_name, record.bucket,
                      recorded_etag or "none")
         if record.etag and recorded_etag == record.etag:
@@ -227,18 +228,14 @@ class Pipeline:
                      analysis.text_regions)
         if await self._superseded(record, fetched.etag):
             return self._finish(RecordResult(Outcome.SKIPPED, alias, reason="superseded"), started)
-        metadata = self._output_metadata(analysis, fetched.etag)
         anonymized_bucket = anonymized_name = None
-        if analysis.anonymized is not None:
-            anonymized_bucket = self._settings.anonymized_bucket_for(record.bucket)
-            anonymized_name = anonymized_key(alias, record.key, analysis.image_format)
-            await self._write(anonymized_bucket, anonymized_name, analysis.anonymized, analysis.content_type, metadata)
-        # Written last: its source eTag marks the object as done, so a crash before this point means a redelivery
-        # redoes everything (overwriting the same anonymized key) instead of skipping a half-done object.
-        processed_metadata = metadata | {"pseudonym": alias}
-        if fetched.version_id:
-            processed_metadata[SOURCE_VERSION_ID] = fetched.version_id
-        await self._write(processed_bucket, output_key, analysis.stamped, analysis.content_type, processed_metadata)
+        for output in outputs_in_write_order(analysis, self._spec, alias=alias, source_key=record.key,
+                                             source_etag=fetched.etag, source_version_id=fetched.version_id):
+            bucket = processed_bucket
+            if output.kind == "anonymized":
+                bucket = anonymized_bucket = self._settings.anonymized_bucket_for(record.bucket)
+                anonymized_name = output.key
+            await self._write(bucket, output.key, output.body, output.content_type, output.metadata)
         result = RecordResult(
             Outcome.PROCESSED,
             alias,
@@ -267,44 +264,20 @@ class Pipeline:
                 self._store.put_object, bucket, key, body, content_type=content_type, metadata=metadata
             )
 
-    def _output_metadata(self, analysis: Analysis, source_etag: str) -> dict[str, str]:
-        prediction = analysis.prediction
-        metadata = {
-            "label": prediction.label,
-            "model-name": self._spec.name,
-            "model-version": self._spec.version,
-            SOURCE_ETAG: source_etag,
-        }
-        if prediction.risk is not None:
-            metadata["risk"] = f"{prediction.risk:.6f}"
-        else:
-            metadata["top"] = ",".join(f"{name}:{probability:.4f}" for name, probability in prediction.top)
-        return metadata
-
     async def _write_failure_record(
         self, record: ObjectRecord, alias: str, processed_bucket: str, error: PipelineError
     ) -> None:
-        recorded = await asyncio.to_thread(self._store.recorded_metadata, processed_bucket, failure_key(alias)) or {}
+        recorded = await asyncio.to_thread(self._store.recorded_metadata, processed_bucket, failure_key(alias))
         # A redelivery (a Kafka replay, a sender's retry) of a failure already on record keeps the first record.
-        if record.etag and (recorded.get(SOURCE_ETAG), recorded.get("reason")) == (record.etag, error.reason):
+        if failure_on_record(recorded, record.etag) == error.reason:
             return
-        metadata = {"pseudonym": alias, "reason": error.reason}
-        if record.etag:
-            metadata[SOURCE_ETAG] = record.etag
-        document = {
-            "pseudonym": alias,
-            "bucket": record.bucket,
-            "reason": error.reason,
-            "message": error.message,
-            "event_id": record.event_id,
-            "event_name": record.event_name,
-            "source_etag": record.etag,
-            "time": self._clock().isoformat(),
-            "service_version": __version__,
-        }
+        failure = FailureRecord(
+            pseudonym=alias, bucket=record.bucket, reason=error.reason, message=error.message,
+            event_id=record.event_id, event_name=record.event_name, source_etag=record.etag, time=self._clock(),
+            service_version=__version__,
+        )
         try:
-            await self._write(processed_bucket, failure_key(alias), json.dumps(document, indent=2).encode(),
-                              "application/json", metadata)
+            await self._write(processed_bucket, failure.key, failure.document(), "application/json", failure.metadata)
         except StorageUnavailable:
             if error.reason != MISSING_BUCKET:
                 raise

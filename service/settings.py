@@ -1,6 +1,6 @@
 """The service's one settings class, read from the environment and validated at start-up.
 
-Variable names are the public interface used by the Knative manifests and documented in the README.
+Variable names are the public interface used by the Knative manifests and documented in docs/configuration.md.
 `S3Settings` is the part the S3-only tools (`xray-pipeline notify`) need; `Settings` is the whole service.
 """
 

@@ -20,9 +20,6 @@ from botocore.exceptions import BotoCoreError, ClientError
 from service.errors import StorageUnavailable, UnprocessableObject
 from service.settings import S3Settings
 
-# Prefix-free names of the metadata this service writes (boto3 adds `x-amz-meta-`).
-SOURCE_ETAG = "source-etag"
-SOURCE_VERSION_ID = "source-version-id"
 #: Reason of the permanent failure for an input bucket that does not exist.
 MISSING_BUCKET = "missing-bucket"
 _MISSING_OBJECT_CODES = {"NoSuchKey", "NoSuchVersion", "404", "NotFound"}

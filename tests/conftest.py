@@ -34,11 +34,11 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from local_rgw import LocalRGW
 
-from service.analysis import ImageLimits
 from service.app import create_app
+from service.engine.messages import ImageLimits
 from service.engine.pool import InferenceEngine
 from service.logs import configure_logging
-from service.model_spec import ModelSpec
+from service.models.spec import ModelSpec
 from service.pipeline import Pipeline
 from service.settings import Settings
 from service.storage import ObjectStore, make_s3_client
@@ -249,6 +249,25 @@ def wait_until(condition: Callable[[], Any], timeout_s: float, message: str | Ca
             pytest.fail(message() if callable(message) else message)
         time.sleep(interval_s)
     return result
+
+
+def write_spec(tmp_path: Path, body: str, weights: bool = True) -> Path:
+    """A model spec file with `body` in `tmp_path`, its weights a placeholder (a spec only checks they exist)."""
+    if weights:
+        (tmp_path / "w.keras").write_bytes(b"placeholder weights file: the spec only checks it exists")
+    path = tmp_path / "spec.yaml"
+    path.write_text(body)
+    return path
+
+
+#: A valid spec of a two-class model (for `write_spec`).
+BINARY = """
+name: binary
+weights: w.keras
+input: {width: 150, height: 150, color_mode: rgb, resize: nearest_exact, scale: x/127.5-1}
+output: {kind: logits, class_names: [NORMAL, PNEUMONIA], positive_class: PNEUMONIA}
+labels: {positive: Pneumonia, negative: Normal, uncertain: Unsure, positive_threshold: 0.8, negative_threshold: 0.6}
+"""
 
 
 def free_port() -> int:

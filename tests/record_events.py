@@ -16,7 +16,7 @@ from pathlib import Path
 
 from local_rgw import LocalRGW
 
-from service.recordings import RecordingSink
+from service.tools.recordings import RecordingSink
 
 OUT = Path(__file__).resolve().parent / "events"
 BUCKET = "xray-data-in"

@@ -25,10 +25,12 @@ import pytest
 from conftest import DEFAULT_SPEC, VALIDATION_IMAGES, free_port, key_fragments, serve_process
 from ocr_oracle import attack_views, crop, ink_box, patient_tokens, sharpened, tokens_read
 
-from service.imaging import decode_image, encode_image, find_text_regions, stamp_label
-from service.model_spec import ModelSpec, Prediction
-from service.object_keys import anonymized_key, processed_key, pseudonym
-from service.patient_text import burn_patient_text
+from service.imaging.codec import decode_image, encode_image
+from service.imaging.patient_text import burn_patient_text
+from service.imaging.stamp import stamp_label
+from service.imaging.text import find_text_regions
+from service.models.spec import ModelSpec, Prediction
+from service.outputs import anonymized_key, processed_key, pseudonym
 
 pytestmark = [pytest.mark.rgw, pytest.mark.model]
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from service.errors import MalformedDelivery
 from service.events import BATCH_CONTENT_TYPE, Transport, parse_delivery
-from service.object_keys import MAX_KEY_BYTES
+from service.outputs import MAX_KEY_BYTES
 
 KEY = "data/demo/PNEUMONIA/demo_Anna Mcgehee_3677+x 100%.jpeg"
 

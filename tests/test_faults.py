@@ -50,7 +50,7 @@ from test_knative import (
     setting_names,
 )
 
-from service.object_keys import anonymized_key, failure_key, processed_key, pseudonym
+from service.outputs import anonymized_key, failure_key, processed_key, pseudonym
 
 pytestmark = pytest.mark.rgw
 

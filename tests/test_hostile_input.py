@@ -1,6 +1,6 @@
 """Hostile input: arbitrary requests on `POST /`, and bad objects through the real RGW and the real pipeline.
 
-Whatever arrives, the answer is the documented one (README, the outcome table): never a 5xx for something a
+Whatever arrives, the answer is the documented one (docs/operations.md, Status codes): never a 5xx for something a
 retry cannot change, a JSON error for every 4xx, and every object either processed or left as a failure record,
 in bounded time and memory.
 """
@@ -37,7 +37,7 @@ from PIL import Image
 from test_events import kafkasource_headers
 
 from service.events import BATCH_CONTENT_TYPE, STRUCTURED_CONTENT_TYPE
-from service.object_keys import failure_key, processed_key, pseudonym
+from service.outputs import failure_key, processed_key, pseudonym
 from service.pipeline import Pipeline
 from service.storage import ObjectStore, make_s3_client
 

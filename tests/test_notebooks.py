@@ -21,10 +21,11 @@ import numpy as np
 import pytest
 from conftest import ROOT, TEST_PSEUDONYM_KEY, encode, free_port, serve_process, xray_like
 
-from service.analysis import Analysis, AnalysisRequest, ImageLimits, analyze_batch
-from service.backends import load_predict
-from service.model_spec import ModelSpec
-from service.object_keys import processed_key
+from service.engine.analysis import analyze_batch
+from service.engine.messages import Analysis, AnalysisRequest, ImageLimits
+from service.models.backends import load_predict
+from service.models.spec import ModelSpec
+from service.outputs import processed_key
 
 NOTEBOOKS = ROOT / "notebooks"
 CLASSES = ("NORMAL", "PNEUMONIA")

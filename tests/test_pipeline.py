@@ -26,8 +26,7 @@ from test_events import minio_notification
 from service.engine.pool import InferenceEngine
 from service.errors import ForbiddenBucket, ModelNotReady, StorageUnavailable
 from service.events import Delivery, Transport, parse_delivery
-from service.object_keys import anonymized_key, failure_key, processed_key, pseudonym
-from service.pipeline import Outcome
+from service.outputs import Outcome, anonymized_key, failure_key, processed_key, pseudonym
 from service.settings import Settings
 
 pytestmark = pytest.mark.rgw
@@ -188,8 +187,8 @@ def test_missing_output_bucket_is_transient_and_nothing_is_half_written(harness:
 
 
 def test_engine_not_started_is_transient(make_settings: Any, tiny_spec: Any, s3: Any, input_bucket: str) -> None:
-    from service.analysis import ImageLimits
-    from service.model_spec import ModelSpec
+    from service.engine.messages import ImageLimits
+    from service.models.spec import ModelSpec
     from service.pipeline import Pipeline
     from service.storage import ObjectStore, make_s3_client
 

@@ -20,9 +20,9 @@ from fastapi.testclient import TestClient
 from test_events import kafkasource_headers
 from test_pipeline import record_for
 
-from service.analysis import Analysis
+from service.engine.messages import Analysis
 from service.engine.pool import InferenceEngine
-from service.object_keys import processed_key
+from service.outputs import processed_key
 from service.pipeline import Outcome, Pipeline
 from service.storage import ObjectStore, make_s3_client
 

@@ -2,7 +2,7 @@
 
 Pure asyncio and no processes: the pool tells it when a worker becomes warm, frees its model, answers a batch or
 is lost, and the batcher hands batches to workers through `WorkerSlot.deliver`, which never blocks. Its tests
-drive those calls in any order with a double of the worker end (tests/test_batcher.py).
+drive those calls in any order with a double of the worker end (tests/engine/test_batcher.py).
 
 One rule makes the dispatcher impossible to wedge: it keeps no state across a suspension point. Each turn of
 `run` reads the queue and the workers afresh, does everything that is due without awaiting, and then sleeps until
@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from service.analysis import AnalysisOutcome, AnalysisRequest
+from service.engine.messages import AnalysisOutcome, AnalysisRequest
 from service.errors import InferenceTimedOut, ModelNotReady, PipelineError
 
 logger = logging.getLogger(__name__)

@@ -1,4 +1,5 @@
-"""What crosses the pipe between the web process and one worker process, in both directions.
+"""What crosses the pipe between the web process and one worker process, in both directions, and what one
+image's analysis is made of.
 
 Each message is a small frozen dataclass, pickled by multiprocessing; the parent's reader thread and the worker's
 loop match on the type, so a new message is a new class here rather than a new magic string.
@@ -6,9 +7,57 @@ loop match on the type, so a new message is a new class here rather than a new m
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from service.analysis import AnalysisOutcome, AnalysisRequest
+from service.models.spec import Prediction
+
+# --- what one image's analysis is made of (the web process and the worker share these) ----------------------
+
+CONTENT_TYPES = {
+    "jpeg": "image/jpeg",
+    "png": "image/png",
+    "tiff": "image/tiff",
+    "bmp": "image/bmp",
+    "webp": "image/webp",
+}
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_bytes: int
+    max_pixels: int
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """What a worker returns for one image: the prediction and both encoded outputs."""
+
+    prediction: Prediction
+    image_format: str
+    stamped: bytes
+    #: None when the anonymization policy did not ask for a copy.
+    anonymized: bytes | None
+    text_regions: int
+    #: Seconds this image spent in each worker stage (decode, infer, stamp, anonymize when done). Measured here,
+    #: in the worker, and observed by the web process (service.metrics), which alone keeps metrics.
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def content_type(self) -> str:
+        return CONTENT_TYPES.get(self.image_format, "application/octet-stream")
+
+
+@dataclass(frozen=True)
+class AnalysisRequest:
+    """One image to analyze: its encoded bytes (workers decode; arrays never cross the process boundary)."""
+
+    data: bytes
+    anonymize_always: bool
+
+
+#: A batch's per-item outcome: the analysis, or the error that belongs to that item alone.
+AnalysisOutcome = Analysis | Exception
+
 
 # --- parent -> worker --------------------------------------------------------------------------------------------
 

@@ -16,68 +16,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import multiprocessing
-import os
-import queue
-import signal
-import sys
 import threading
-import types
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
 from typing import Any
 
 from service import metrics
-from service.analysis import Analysis, AnalysisRequest, ImageLimits
 from service.engine.batcher import Batcher
-from service.engine.messages import AnalyzeBatch, BatchResults, LoadFailed, ModelFree, Ready, Stop, ToWorker
+from service.engine.messages import (
+    Analysis,
+    AnalysisRequest,
+    BatchResults,
+    ImageLimits,
+    LoadFailed,
+    ModelFree,
+    Ready,
+    Stop,
+)
+from service.engine.spawn import WorkerProcess, describe_exit, reap, spawn_worker, write_forever
 from service.engine.supervisor import SupervisedTask
 from service.errors import InferenceTimedOut, ModelNotReady
-from service.model_spec import ModelSpec
+from service.models.spec import ModelSpec
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
-_SPAWN = multiprocessing.get_context("spawn")
 #: Longest the pool waits between two attempts to start a replacement that failed.
 _MAX_RETRY_DELAY_S = 30.0
-#: How long a worker told to stop may take to finish what it holds before it is killed.
-_STOP_GRACE_S = 10.0
 #: Past INFERENCE_TIMEOUT_S, when `analyze` stops waiting for the batcher's own answer.
 _DEADLINE_GRACE_S = 5.0
-
-
-@dataclass(eq=False)
-class WorkerProcess:
-    """The parent's handle on one worker process: its pipe, its two threads, and what it has said."""
-
-    process: Any
-    connection: Connection
-    pid: int
-    #: Resolved by the worker's first message (Ready, or LoadFailed/exit as an error); made once a loop runs.
-    warmed: asyncio.Future[int] | None = None
-    outbox: queue.SimpleQueue[ToWorker | None] = field(default_factory=queue.SimpleQueue)
-    threads: list[threading.Thread] = field(default_factory=list)
-    #: Taking batches (warm and handed to the batcher).
-    serving: bool = False
-    #: Its pipe reached EOF: the process has exited or is about to.
-    exited: bool = False
-    #: The pool has taken it out of service (died, killed, failed to start, or stopped); it is reaped once.
-    gone: bool = False
-    #: How the process ended, once reaped (a negative number is the signal that killed it).
-    exit_code: int | None = None
-
-    def deliver(self, requests: list[AnalysisRequest]) -> None:
-        self.outbox.put(AnalyzeBatch(requests))
-
-    def abandon(self, reason: str) -> None:
-        logger.error("killing inference worker %d: %s", self.pid, reason)
-        self.kill()
-
-    def kill(self) -> None:
-        # A killed worker's pipe reaches EOF, and the reader thread reports the exit like any other death.
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            self.process.kill()
 
 
 class InferenceEngine:
@@ -238,7 +202,7 @@ class InferenceEngine:
         for worker in workers:
             worker.gone = True
             worker.outbox.put(Stop())
-        await asyncio.gather(*(asyncio.to_thread(_reap, worker) for worker in workers))
+        await asyncio.gather(*(asyncio.to_thread(reap, worker) for worker in workers))
 
     def _new_batcher(self) -> Batcher:
         return Batcher(
@@ -251,19 +215,7 @@ class InferenceEngine:
     # --- the workers --------------------------------------------------------------------------------------
 
     def _launch_worker(self) -> WorkerProcess:
-        from service.engine.worker import worker_main  # the worker's imports (OpenCV) only when one is spawned
-
-        parent_end, child_end = _SPAWN.Pipe()
-        process = _SPAWN.Process(
-            target=worker_main,
-            args=(child_end, self._spec, self._threads, self._limits),
-            name="xray-inference-worker",
-            daemon=True,  # never outlive the web process
-        )
-        with _main_module_hidden(), _worker_environment():
-            process.start()
-        child_end.close()
-        worker = WorkerProcess(process, parent_end, pid=process.pid)
+        worker = spawn_worker(self._spec, self._threads, self._limits)
         self._workers.append(worker)
         if self._loop is not None:
             self._start_threads(worker)
@@ -277,7 +229,7 @@ class InferenceEngine:
         worker.warmed = self._loop.create_future()
         worker.threads = [
             threading.Thread(target=self._read_forever, args=(worker,), daemon=True, name="worker-reader"),
-            threading.Thread(target=_write_forever, args=(worker,), daemon=True, name="worker-writer"),
+            threading.Thread(target=write_forever, args=(worker,), daemon=True, name="worker-writer"),
         ]
         for thread in worker.threads:
             thread.start()
@@ -304,7 +256,7 @@ class InferenceEngine:
         worker.kill()
         if worker in self._workers:
             self._workers.remove(worker)
-        await asyncio.shield(asyncio.to_thread(_reap, worker))
+        await asyncio.shield(asyncio.to_thread(reap, worker))
 
     def _read_forever(self, worker: WorkerProcess) -> None:
         """The worker's reader thread: blocking reads keep large results off the event loop; every message is
@@ -371,7 +323,7 @@ class InferenceEngine:
 
     async def _bury(self, worker: WorkerProcess, held: int) -> None:
         """Reap a dead worker (its exit code is known only then) and close its pipe, then say how it died."""
-        await asyncio.to_thread(_reap, worker)
+        await asyncio.to_thread(reap, worker)
         logger.error("inference worker %d died: %s; the %d request(s) it held were answered 503; replacing it",
                      worker.pid, describe_exit(worker.exit_code), held)
 
@@ -432,86 +384,3 @@ class InferenceEngine:
             metrics.observe_engine_task_crash("background")
             if self._pool_changed is not None:
                 self._pool_changed.set()  # whatever it was doing for the pool, the keeper looks again
-
-
-def _write_forever(worker: WorkerProcess) -> None:
-    """The worker's writer thread: a worker that stopped reading blocks only this thread (the batcher's
-    deadline then abandons it, and the kill ends the blocked send)."""
-    while (message := worker.outbox.get()) is not None:
-        try:
-            worker.connection.send(message)
-        except (OSError, ValueError):
-            worker.kill()  # its pipe is broken: make sure the reader sees the EOF and the pool replaces it
-            return
-        except Exception:
-            # A message that cannot be sent (a bug): the worker's batches would never be answered, so it is
-            # replaced like a dead one, and its requests answered 503 at once.
-            logger.exception("sending to inference worker %d failed; killing it", worker.pid)
-            metrics.observe_engine_task_crash("worker-writer")
-            worker.kill()
-            return
-        if isinstance(message, Stop):
-            return
-
-
-def _reap(worker: WorkerProcess) -> None:
-    """Join the process (no zombie), end both threads, close the pipe and the process's sentinel (no leaked
-    descriptor). Blocking; called once per worker."""
-    worker.process.join(timeout=_STOP_GRACE_S)
-    if worker.process.is_alive():
-        worker.process.kill()
-        worker.process.join(timeout=5)
-    worker.exit_code = worker.process.exitcode
-    worker.outbox.put(None)
-    for thread in worker.threads:
-        if thread is not threading.current_thread():
-            thread.join(timeout=5)
-    worker.connection.close()
-    if worker.exit_code is not None:
-        worker.process.close()
-
-
-def describe_exit(exit_code: int | None) -> str:
-    """How a process ended, in words: `killed by SIGKILL (...)` says more than `-9`, and says it was not a crash."""
-    if exit_code is None:
-        return "still running"
-    if exit_code < 0:
-        name = signal.Signals(-exit_code).name if -exit_code in signal.valid_signals() else f"signal {-exit_code}"
-        hint = " (the kernel's OOM killer, the watchdog, or an operator)" if -exit_code == signal.SIGKILL else ""
-        return f"killed by {name}{hint}"
-    return f"exit code {exit_code}"
-
-
-@contextlib.contextmanager
-def _main_module_hidden() -> Iterator[None]:
-    """Keep a spawned worker from importing the parent's `__main__` (multiprocessing does that by default).
-
-    For the service that module is the CLI, which pulls in FastAPI, uvicorn and boto3: about a second of CPU
-    and tens of MB per worker, none of it used there (`worker_main` is importable on its own). Only the
-    spawn reads `__main__` meanwhile; nothing in this service is defined in `__main__`.
-    """
-    main = sys.modules["__main__"]
-    sys.modules["__main__"] = types.ModuleType("__main__")
-    try:
-        yield
-    finally:
-        sys.modules["__main__"] = main
-
-
-#: Set for worker processes unless the environment already says otherwise. glibc reads MALLOC_ARENA_MAX when a
-#: process starts, so it must be in the environment the worker is spawned with. Its default, up to 8 malloc arenas
-#: per core, lets the model's threads and the finishing thread each fragment their own: 2 keep a Keras worker's
-#: peak ~16 MB lower at the same speed (measured with 64 X-rays).
-_WORKER_ENVIRONMENT = {"MALLOC_ARENA_MAX": "2"}
-
-
-@contextlib.contextmanager
-def _worker_environment() -> Iterator[None]:
-    """`_WORKER_ENVIRONMENT` in os.environ while a worker is spawned (it inherits it), then as it was."""
-    added = {name: value for name, value in _WORKER_ENVIRONMENT.items() if name not in os.environ}
-    os.environ.update(added)
-    try:
-        yield
-    finally:
-        for name in added:
-            os.environ.pop(name, None)

@@ -19,11 +19,19 @@ from typing import Any
 
 import cv2
 
-from service.analysis import AnalysisOutcome, ImageLimits, PredictedBatch, finish_batch, predict_batch
-from service.backends import load_predict
-from service.engine.messages import AnalyzeBatch, BatchResults, LoadFailed, ModelFree, Ready
+from service.engine.analysis import PredictedBatch, finish_batch, predict_batch
+from service.engine.messages import (
+    AnalysisOutcome,
+    AnalyzeBatch,
+    BatchResults,
+    ImageLimits,
+    LoadFailed,
+    ModelFree,
+    Ready,
+)
 from service.errors import PipelineError
-from service.model_spec import ModelSpec
+from service.models.backends import load_predict
+from service.models.spec import ModelSpec
 
 
 class _HeldOutput:

@@ -1,0 +1,84 @@
+"""One batch's analysis: decode once, one model call at the batch's own size, per-item errors, both outputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import BINARY, encode, write_spec, xray_like
+
+from service.engine.analysis import analyze_batch, finish_batch, predict_batch
+from service.engine.messages import Analysis, AnalysisRequest, ImageLimits
+from service.errors import UnprocessableObject
+from service.imaging.codec import decode_image
+from service.models.spec import ModelSpec
+
+LIMITS = ImageLimits(max_bytes=10**7, max_pixels=10**7)
+
+
+@pytest.fixture
+def spec(tmp_path: Path) -> ModelSpec:
+    return ModelSpec.load(write_spec(tmp_path, BINARY))
+
+
+class BrightnessModel:
+    """A stand-in for the compiled model call (not for any real service part): logits from mean brightness."""
+
+    def __init__(self) -> None:
+        self.batch_shapes: list[tuple[int, ...]] = []
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        self.batch_shapes.append(batch.shape)
+        brightness = batch.mean(axis=(1, 2, 3))  # -1 (black) .. 1 (white)
+        return np.stack([-4 * brightness, 4 * brightness], axis=1)
+
+
+def test_the_model_sees_the_batch_at_its_own_size_without_padding(spec: ModelSpec) -> None:
+    model = BrightnessModel()
+    requests = [AnalysisRequest(encode(xray_like(level)), anonymize_always=False) for level in (230, 20, 230)]
+    outcomes = analyze_batch(requests, spec=spec, predict=model, limits=LIMITS)
+    assert model.batch_shapes == [(3, 150, 150, 3)]
+    assert [outcome.prediction.label for outcome in outcomes if isinstance(outcome, Analysis)] == [
+        "Pneumonia", "Normal", "Pneumonia"
+    ]
+
+
+def test_a_bad_image_fails_alone_and_is_never_sent_to_the_model(spec: ModelSpec) -> None:
+    model = BrightnessModel()
+    requests = [
+        AnalysisRequest(b"not an image", anonymize_always=True),
+        AnalysisRequest(encode(xray_like(230)), anonymize_always=True),
+    ]
+    bad, good = analyze_batch(requests, spec=spec, predict=model, limits=LIMITS)
+    assert isinstance(bad, UnprocessableObject) and bad.reason == "not-an-image"
+    assert isinstance(good, Analysis) and good.anonymized is not None
+    assert model.batch_shapes == [(1, 150, 150, 3)]
+
+
+def test_a_batch_of_only_bad_images_never_calls_the_model(spec: ModelSpec) -> None:
+    model = BrightnessModel()
+    outcomes = analyze_batch([AnalysisRequest(b"", anonymize_always=False)], spec=spec, predict=model, limits=LIMITS)
+    assert isinstance(outcomes[0], UnprocessableObject)
+    assert model.batch_shapes == []
+
+
+def test_a_failing_model_call_fails_its_images_but_keeps_their_own_errors(spec: ModelSpec) -> None:
+    def broken(batch: np.ndarray) -> np.ndarray:
+        raise RuntimeError("model exploded")
+
+    requests = [AnalysisRequest(b"not an image", anonymize_always=False),
+                AnalysisRequest(encode(xray_like(230)), anonymize_always=False)]
+    bad, failed = finish_batch(predict_batch(requests, spec=spec, predict=broken, limits=LIMITS), spec=spec)
+    assert isinstance(bad, UnprocessableObject)
+    assert isinstance(failed, RuntimeError) and "exploded" in str(failed)
+
+
+def test_gray_uploads_stay_gray_and_positive_ones_get_an_anonymized_copy(spec: ModelSpec) -> None:
+    requests = [AnalysisRequest(encode(xray_like(230)), anonymize_always=False),
+                AnalysisRequest(encode(xray_like(20)), anonymize_always=False)]
+    positive, negative = analyze_batch(requests, spec=spec, predict=BrightnessModel(), limits=LIMITS)
+    assert isinstance(positive, Analysis) and isinstance(negative, Analysis)
+    assert positive.anonymized is not None and negative.anonymized is None  # ANONYMIZE_WHEN=positive
+    stamped = decode_image(positive.stamped, max_bytes=10**7, max_pixels=10**7)
+    assert stamped.format == positive.image_format and stamped.pixels.ndim == 2

@@ -1,0 +1,250 @@
+"""The inference pool: TensorFlow stays out of the web process; workers load once, warm, and fail loudly."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import ROOT, encode, upload, xray_like
+from test_pipeline import record_for
+
+from service.engine.messages import ImageLimits
+from service.engine.pool import InferenceEngine
+from service.errors import ModelNotReady, UnprocessableObject
+from service.models.spec import ModelSpec
+from service.outputs import Outcome, processed_key
+from service.pipeline import Pipeline
+from service.storage import ObjectStore, make_s3_client
+
+LIMITS = ImageLimits(max_bytes=10**7, max_pixels=10**7)
+
+
+def imported_by(modules: str) -> set[str]:
+    """The top-level packages a fresh interpreter holds after importing `modules` (a comma-separated list)."""
+    probe = f"import sys, {modules}\nprint(' '.join(sorted({{name.split('.')[0] for name in sys.modules}})))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=60,
+                          check=True)
+    return set(done.stdout.split())
+
+
+def test_the_web_process_imports_no_pixel_or_model_library() -> None:
+    """Only workers decode, draw and run the model: the web process stays small and starts fast."""
+    assert imported_by("service.app") & {"cv2", "PIL", "tensorflow", "keras", "onnxruntime"} == set()
+    # A check that can fail: the worker's modules do pull them in.
+    assert {"cv2", "PIL"} <= imported_by("service.engine.worker")
+
+
+def test_no_command_imports_tensorflow_outside_workers() -> None:
+    modules = "service.cli, service.pipeline, service.engine.pool, service.tools.demo, service.tools.process"
+    assert imported_by(modules) & {"tensorflow", "keras"} == set()
+
+
+def test_workers_do_not_import_the_parents_main_module(tiny_spec: Path, tmp_path: Path) -> None:
+    """multiprocessing re-imports `__main__` in spawned children; for the service that is the whole web CLI."""
+    marker = tmp_path / "main-imported-in-a-worker"
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import asyncio, pathlib, sys\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "if __name__ != '__main__':\n"
+        f"    pathlib.Path({str(marker)!r}).write_text(__name__)\n"
+        "from service.engine.messages import ImageLimits\n"
+        "from service.engine.pool import InferenceEngine\n"
+        "from service.models.spec import ModelSpec\n"
+        "async def main():\n"
+        f"    engine = InferenceEngine(ModelSpec.load({str(tiny_spec)!r}), workers=1, threads_per_worker=1,\n"
+        "                             limits=ImageLimits(10, 10))\n"
+        "    await engine.start()\n"
+        "    await engine.stop()\n"
+        "if __name__ == '__main__':\n"
+        "    asyncio.run(main())\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not marker.exists(), "the worker imported the parent's main module"
+
+
+def test_two_workers_warm_up_and_analyze(tiny_spec: Path) -> None:
+    engine = InferenceEngine(ModelSpec.load(tiny_spec), workers=2, threads_per_worker=1, limits=LIMITS)
+
+    async def scenario() -> tuple[list[int], list[str]]:
+        await engine.start()
+        try:
+            assert engine.ready
+            pids = engine.worker_pids()
+            analyses = await asyncio.gather(
+                *(engine.analyze(encode(xray_like(b)), anonymize_always=False) for b in (230, 20, 230, 20))
+            )
+            with pytest.raises(UnprocessableObject) as raised:
+                await engine.analyze(b"definitely not an image", anonymize_always=False)
+            assert raised.value.reason == "not-an-image"  # the error crosses the process boundary intact
+            return pids, [analysis.prediction.label for analysis in analyses]
+        finally:
+            await engine.stop()
+
+    pids, labels = asyncio.run(scenario())
+    assert not engine.ready and engine.worker_pids() == []
+    assert len(pids) == 2
+    assert labels == ["Pneumonia", "Normal", "Pneumonia", "Normal"]
+
+
+def test_workers_get_fewer_malloc_arenas_and_the_parent_keeps_its_environment(
+    tiny_spec: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    engine = InferenceEngine(ModelSpec.load(tiny_spec), workers=1, threads_per_worker=1, limits=LIMITS)
+
+    async def worker_environment() -> dict[str, str]:
+        await engine.start()
+        try:
+            [pid] = engine.worker_pids()
+            raw = Path(f"/proc/{pid}/environ").read_bytes()
+        finally:
+            await engine.stop()
+        return dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)
+
+    assert asyncio.run(worker_environment())["MALLOC_ARENA_MAX"] == "2"
+    assert "MALLOC_ARENA_MAX" not in os.environ
+    # An operator's own value wins.
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert asyncio.run(worker_environment())["MALLOC_ARENA_MAX"] == "4"
+
+
+def test_workers_launched_early_are_the_ones_start_waits_for(tiny_spec: Path) -> None:
+    """`serve` launches the workers before importing the web stack; start-up must not spawn a second set."""
+    engine = InferenceEngine(ModelSpec.load(tiny_spec), workers=2, threads_per_worker=1, limits=LIMITS)
+    engine.launch()
+    engine.launch()  # idempotent
+    launched = engine.worker_pids()
+    assert len(launched) == 2 and not engine.ready  # loading, not warm yet
+
+    async def scenario() -> list[int]:
+        await engine.start()
+        try:
+            await engine.analyze(encode(xray_like(230)), anonymize_always=False)
+            return engine.worker_pids()
+        finally:
+            await engine.stop()
+
+    assert asyncio.run(scenario()) == launched
+
+
+def test_unloadable_model_fails_start_up_clearly(tiny_spec: Path, tmp_path: Path) -> None:
+    shutil.copy(tiny_spec, tmp_path / "tiny.yaml")
+    (tmp_path / "tiny.keras").write_bytes(b"not a keras archive")
+    engine = InferenceEngine(ModelSpec.load(tmp_path / "tiny.yaml"), workers=1, threads_per_worker=1, limits=LIMITS)
+    with pytest.raises(RuntimeError, match="failed to load the model"):
+        asyncio.run(engine.start())
+    assert not engine.ready
+
+
+def test_concurrent_requests_are_batched_and_errors_stay_with_their_item(tiny_spec: Path) -> None:
+    engine = InferenceEngine(ModelSpec.load(tiny_spec), workers=1, threads_per_worker=1, limits=LIMITS,
+                             batch_max_size=4, batch_max_wait_ms=200)
+
+    async def scenario() -> list[object]:
+        await engine.start()
+        try:
+            images = [encode(xray_like(230)), b"not an image", encode(xray_like(20)), encode(xray_like(230))]
+            return await asyncio.gather(
+                *(engine.analyze(image, anonymize_always=True) for image in images), return_exceptions=True
+            )
+        finally:
+            await engine.stop()
+
+    outcomes = asyncio.run(scenario())
+    assert list(engine.batch_sizes) == [4], "four concurrent requests travel as one batch, in one round trip"
+    assert isinstance(outcomes[1], UnprocessableObject) and outcomes[1].reason == "not-an-image"
+    labels = [outcome.prediction.label for outcome in outcomes if not isinstance(outcome, BaseException)]
+    assert labels == ["Pneumonia", "Normal", "Pneumonia"]
+
+
+def test_a_full_batch_leaves_without_waiting_for_the_deadline(tiny_spec: Path) -> None:
+    engine = InferenceEngine(ModelSpec.load(tiny_spec), workers=1, threads_per_worker=1, limits=LIMITS,
+                             batch_max_size=2, batch_max_wait_ms=60_000)
+
+    async def scenario() -> None:
+        await engine.start()
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*(engine.analyze(encode(xray_like(200)), anonymize_always=False) for _ in range(4))),
+                timeout=30,
+            )
+        finally:
+            await engine.stop()
+
+    asyncio.run(scenario())
+    assert list(engine.batch_sizes) == [2, 2]
+
+
+def test_many_small_batches_in_flight_keep_every_answer_with_its_request(tiny_spec: Path) -> None:
+    """A worker runs the model on one batch while finishing the previous one; answers must not cross."""
+    engine = InferenceEngine(ModelSpec.load(tiny_spec), workers=1, threads_per_worker=1, limits=LIMITS,
+                             batch_max_size=3, batch_max_wait_ms=0)
+    brightness = [230 if index % 3 else 20 for index in range(25)]
+
+    async def scenario() -> list[str]:
+        await engine.start()
+        try:
+            analyses = await asyncio.gather(
+                *(engine.analyze(encode(xray_like(level, seed=index)), anonymize_always=False)
+                  for index, level in enumerate(brightness))
+            )
+            return [analysis.prediction.label for analysis in analyses]
+        finally:
+            await engine.stop()
+
+    labels = asyncio.run(scenario())
+    assert labels == ["Pneumonia" if level == 230 else "Normal" for level in brightness]
+    assert len(engine.batch_sizes) > 1 and max(engine.batch_sizes) <= 3
+
+
+@pytest.mark.rgw
+def test_worker_killed_during_a_burst_fails_only_its_batch_and_nothing_is_written_twice(
+    tiny_spec: Path, make_settings: Any, s3: Any, input_bucket: str
+) -> None:
+    """Every event ends processed after redelivery of the 503s, and each output is written exactly once."""
+    s3.put_bucket_versioning(Bucket=f"{input_bucket}-processed", VersioningConfiguration={"Status": "Enabled"})
+    keys = [f"burst/{index:02d}.jpg" for index in range(16)]
+    etags = {key: upload(s3, input_bucket, key, encode(xray_like(200, seed=index))) for index, key in enumerate(keys)}
+    settings = make_settings()
+    engine = InferenceEngine(ModelSpec.load(tiny_spec), workers=2, threads_per_worker=1, limits=LIMITS,
+                             batch_max_size=2, batch_max_wait_ms=1)
+    pipeline = Pipeline(settings, ObjectStore(make_s3_client(settings)), engine, ModelSpec.load(tiny_spec))
+
+    async def deliver(key: str) -> tuple[Outcome, int]:
+        for attempt in range(1, 60):
+            try:
+                result = await pipeline.process_record(record_for(input_bucket, key, etags[key]))
+                return result.outcome, attempt
+            except ModelNotReady:
+                await asyncio.sleep(0.5)  # Knative's retry, compressed
+        raise AssertionError("never processed")
+
+    async def burst() -> tuple[list[tuple[Outcome, int]], int]:
+        await engine.start()
+        try:
+            deliveries = [asyncio.ensure_future(deliver(key)) for key in keys]
+            while not engine.batch_sizes:  # kill while work is in flight
+                await asyncio.sleep(0.001)
+            victim = engine.worker_pids()[0]
+            os.kill(victim, signal.SIGKILL)
+            results = await asyncio.gather(*deliveries)
+            assert victim not in engine.worker_pids()
+            return results, engine.restarts
+        finally:
+            await engine.stop()
+
+    results, restarts = asyncio.run(burst())
+    assert restarts == 1
+    assert {outcome for outcome, _ in results} == {Outcome.PROCESSED}
+    assert any(attempts > 1 for _, attempts in results), "the killed worker's batch must have been answered 503"
+    versions = s3.list_object_versions(Bucket=f"{input_bucket}-processed")["Versions"]
+    assert sorted(version["Key"] for version in versions) == sorted(processed_key(key) for key in keys)
