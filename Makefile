@@ -3,11 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
-MODEL := model/.cache/pneumonia/pneumonia_xception.keras
 
 .PHONY: install model system-deps test-deps test lint demo bench bench-quick clean image
 
-install: $(INSTALLED) $(MODEL)
+install: $(INSTALLED) model
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,11 +14,9 @@ $(INSTALLED): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
-model: $(MODEL)
-
-$(MODEL): model/fetch.py
-	$(PYTHON) model/fetch.py
-	touch $@
+# The default model, into MODEL_CACHE_DIR (where the default MODEL_URI points); a no-op once it is there.
+model: $(INSTALLED)
+	$(BIN)/xray-pipeline model fetch > /dev/null
 
 # Debian's Ceph (mon, osd, radosgw) for the local RGW: installed when root and missing, else a clear message.
 system-deps:

@@ -45,8 +45,12 @@ sys.path.insert(0, str(ROOT / "tests"))  # local_rgw lives with the tests; it is
 
 from local_rgw import LocalRGW  # noqa: E402
 
-DEFAULT_SPEC = ROOT / "model" / "pneumonia.yaml"
-MODEL_DIR = ROOT / "model" / ".cache" / "pneumonia"
+from service.models.fetch import default_model_dir  # noqa: E402
+from service.settings import ModelCacheSettings  # noqa: E402
+
+# Where `make model` put the default model: MODEL_CACHE_DIR, as the service reads it.
+MODEL_DIR = default_model_dir(ModelCacheSettings().model_cache_dir)
+DEFAULT_SPEC = MODEL_DIR / "pneumonia.yaml"
 VALIDATION_IMAGES = sorted((MODEL_DIR / "val").glob("*.jpeg"))
 RESULTS_PATH = ROOT / "bench" / "results.json"
 BENCH_PSEUDONYM_KEY = "bench-pseudonym-key-0123456789abcdef"

@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--onnx", action="store_true", required=True, help="export to ONNX (ONNX Runtime backend)")
     export.add_argument("--spec", default=None, help="model spec to export (default: MODEL_URI or the default model)")
     export.add_argument("--out", default=None, help="folder for the new spec (default: beside the spec)")
+    model_actions.add_parser("fetch", help="download the default model (pinned PyPI wheel) into MODEL_CACHE_DIR; "
+                             "prints its folder")
 
     demo = commands.add_parser("demo", help="the local demo (needs a running S3, see `make demo`)")
     demo.add_argument("--images", default=None, help="folder of input images (default: the model's 16 X-rays)")
@@ -95,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "notify":
             return _notify(args)
         if args.command == "model":
-            return _export_model(args)
+            return _fetch_model() if args.action == "fetch" else _export_model(args)
         if args.command == "replay":
             return _replay(args)
         if args.command == "events":
@@ -139,16 +141,27 @@ def _serve() -> int:
     return 0
 
 
+def _fetch_model() -> int:
+    from service.models.fetch import fetch
+    from service.settings import ModelCacheSettings, load_settings
+
+    folder = fetch(load_settings(ModelCacheSettings).model_cache_dir)
+    print(f"default model ready in {folder}", file=sys.stderr)
+    print(folder)  # alone on stdout, for scripts: "$(xray-pipeline model fetch)/val" are its X-rays
+    return 0
+
+
 def _export_model(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from service.settings import DEFAULT_MODEL_SPEC
+    from service.models.fetch import default_spec
+    from service.settings import ModelCacheSettings, load_settings
     from service.tools.export import export_onnx
 
     configured = os.environ.get("MODEL_URI") or os.environ.get("MODEL_SPEC")
     if args.spec is None and configured and "://" in configured:
         raise ConfigurationError(f"MODEL_URI: {configured} is not a local file; pass the spec to export with --spec")
-    spec = Path(args.spec or configured or DEFAULT_MODEL_SPEC)
+    spec = Path(args.spec or configured or default_spec(load_settings(ModelCacheSettings).model_cache_dir))
     written = export_onnx(spec, Path(args.out) if args.out else spec.parent)
     print(f"wrote {written} (MODEL_URI={written} selects it)")
     return 0

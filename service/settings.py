@@ -16,14 +16,24 @@ from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_vali
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.errors import ConfigurationError
+from service.models.fetch import default_spec
 
-DEFAULT_MODEL_SPEC = Path(__file__).resolve().parent.parent / "model" / "pneumonia.yaml"
 S3_URI_SCHEME = "s3://"
 _SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 PROCESSED_SUFFIX = "-processed"
 ANONYMIZED_SUFFIX = "-anonymized"
 # Used only when DEV_MODE is set explicitly: pseudonyms made with it are not secret.
 DEVELOPMENT_PSEUDONYM_KEY = "xray-pipeline-development-key-not-secret"
+
+
+class ModelCacheSettings(BaseSettings):
+    """Where models are kept (for the commands that need only that: `model fetch`, `model export`, `demo`)."""
+
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", populate_by_name=True)
+
+    model_cache_dir: Path = Field(default_factory=lambda: Path(tempfile.gettempdir()) / "xray-pipeline-models")
+    """Where models fetched from S3 are kept, keyed by bucket, key and ETag, and the default model
+    (`xray-pipeline model fetch`); created on demand."""
 
 
 class S3Settings(BaseSettings):
@@ -60,15 +70,14 @@ class S3Settings(BaseSettings):
         return value or None
 
 
-class Settings(S3Settings):
+class Settings(S3Settings, ModelCacheSettings):
     """Everything the service reads from its environment."""
 
-    model_uri: str = Field(default=str(DEFAULT_MODEL_SPEC), validation_alias=AliasChoices("MODEL_URI", "MODEL_SPEC"))
-    """Model spec (YAML or JSON; see model/pneumonia.yaml): a local path or s3://bucket/key (`MODEL_SPEC` too)."""
+    model_uri: str = Field(default="", validation_alias=AliasChoices("MODEL_URI", "MODEL_SPEC"))
+    """Model spec (YAML or JSON; see model/README.md): a local path or s3://bucket/key (`MODEL_SPEC` too); default:
+    the default model, fetched into MODEL_CACHE_DIR by `xray-pipeline model fetch`."""
     model_sha256: str | None = None
     """Expected sha256 (hex) of the weights file the service loads; a mismatch stops start-up."""
-    model_cache_dir: Path = Field(default_factory=lambda: Path(tempfile.gettempdir()) / "xray-pipeline-models")
-    """Where models fetched from S3 are kept, keyed by bucket, key and ETag; created on demand."""
     model_backend: Literal["keras", "onnx"] | None = None
     """Overrides the spec's backend; the weights are then the spec's file with `.keras`/`.onnx` as suffix."""
     port: int = Field(default=8080, ge=1, le=65535)
@@ -133,6 +142,8 @@ class Settings(S3Settings):
     @field_validator("model_uri")
     @classmethod
     def _model_uri_usable(cls, value: str) -> str:
+        if not value:
+            return value  # unset: the default model, checked once MODEL_CACHE_DIR is known (`_consistent`)
         if split_s3_uri(value) is not None:
             return value
         if "://" in value:
@@ -165,6 +176,12 @@ class Settings(S3Settings):
         clash = sorted(set(outputs) & set(self.input_buckets))
         if clash:
             raise ValueError(f"INPUT_BUCKETS must not contain an output bucket ({', '.join(clash)})")
+        if not self.model_uri:
+            default = default_spec(self.model_cache_dir)
+            if not default.is_file():
+                raise ValueError(f"MODEL_URI: not set, and the default model is not in MODEL_CACHE_DIR ({default}): "
+                                 "run `xray-pipeline model fetch` (`make model` in a checkout), or set MODEL_URI")
+            self.model_uri = str(default)
         return self
 
     @property

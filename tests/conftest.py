@@ -38,14 +38,19 @@ from service.app import create_app
 from service.engine.messages import ImageLimits
 from service.engine.pool import InferenceEngine
 from service.logs import configure_logging
+from service.models.fetch import default_model_dir
 from service.models.spec import ModelSpec
 from service.pipeline import Pipeline
-from service.settings import Settings
+from service.settings import ModelCacheSettings, Settings
 from service.storage import ObjectStore, make_s3_client
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_SPEC = ROOT / "model" / "pneumonia.yaml"
-VALIDATION_IMAGES = ROOT / "model" / ".cache" / "pneumonia" / "val"
+#: Where `make model` (`xray-pipeline model fetch`) puts the default model: MODEL_CACHE_DIR, as the service reads it.
+MODEL_DIR = default_model_dir(ModelCacheSettings().model_cache_dir)
+DEFAULT_SPEC = MODEL_DIR / "pneumonia.yaml"
+VALIDATION_IMAGES = MODEL_DIR / "val"
+#: The default model's spec as the package ships it (its template, whether or not the model is fetched).
+SPEC_TEMPLATE = ROOT / "service" / "models" / "default" / "pneumonia.yaml"
 TEST_PSEUDONYM_KEY = "test-pseudonym-key-0123456789abcdef"
 # Keys as uploaders write them: spaces, '+', '%', non-ASCII, patient-like names and dates.
 HOSTILE_KEYS = [

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import SPEC_TEMPLATE
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -334,16 +335,17 @@ def test_port_matches_the_service_default() -> None:
     assert final_stage().env().get("PORT", str(default_port)) == str(default_port)
 
 
-def test_default_model_spec_is_copied_where_model_spec_points() -> None:
+def test_the_image_holds_no_model_and_leaves_model_uri_to_the_deployment() -> None:
     env = final_stage().env()
-    spec_copies = [copy for copy in context_copies() if copy.sources == ["model/pneumonia.yaml"]]
-    assert len(spec_copies) == 1, "the final stage should copy the default model spec"
-    assert spec_copies[0].destination == env["MODEL_SPEC"]
-    # MODEL_URI is the deployment's: set in the image, it would silently win over a deployment's MODEL_SPEC.
-    assert "MODEL_URI" not in env
-    # The weights stay outside the image: the spec names them relative to itself, in a path the image lacks.
-    weights = yaml.safe_load((ROOT / "model" / "pneumonia.yaml").read_text())["weights"]
-    assert not Path(weights).is_absolute() and Path(weights).suffix in WEIGHT_SUFFIXES
+    # MODEL_URI (or its old name) set in the image would silently win over, or fight with, a deployment's own.
+    assert "MODEL_URI" not in env and "MODEL_SPEC" not in env
+    assert env["MODEL_CACHE_DIR"], "the default model and models from S3 need a writable cache"
+    # The default spec ships inside the package (package data), naming its weights beside it: in the cache, where
+    # `xray-pipeline model fetch` puts them, never in the image.
+    package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert "models/default/*.yaml" in package_data["service"]
+    weights = yaml.safe_load(SPEC_TEMPLATE.read_text())["weights"]
+    assert "/" not in weights and Path(weights).suffix in WEIGHT_SUFFIXES
 
 
 def test_backend_argument_selects_an_existing_extra() -> None:
@@ -391,7 +393,8 @@ def test_no_model_weights_are_copied() -> None:
             weights = [file for file in context_files(source) if file.suffix in WEIGHT_SUFFIXES]
             assert not weights, f"line {copy.line}: {source} brings model weights {weights}"
     # Wherever they lie, weights never even enter the build context.
-    for path in ("model/.cache/pneumonia/pneumonia_xception.keras", "model/custom.onnx", "somewhere/model.h5"):
+    for path in ("model/.cache/pneumonia/pneumonia_xception.keras", "model/custom.onnx", "somewhere/model.h5",
+                 "service/models/default/pneumonia_xception.keras"):
         assert is_ignored(path), path
 
 
@@ -400,7 +403,8 @@ def test_build_context_leaves_out_local_state() -> None:
                  "demo-output/processed/a.jpeg", "bench/results.json", "xray_pipeline.egg-info/PKG-INFO",
                  ".pytest_cache/README.md", ".ruff_cache/CACHEDIR.TAG", "tests/test_app.py"):
         assert is_ignored(path), path
-    for path in ("pyproject.toml", "README.md", "service/app.py", "service/py.typed", "model/pneumonia.yaml"):
+    for path in ("pyproject.toml", "README.md", "service/app.py", "service/py.typed",
+                 "service/models/default/pneumonia.yaml"):
         assert not is_ignored(path), path
 
 

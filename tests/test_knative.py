@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import SPEC_TEMPLATE
 from jsonschema import Draft202012Validator
 from pydantic import AliasChoices
 
@@ -300,7 +301,7 @@ def test_probe_paths_are_routes_of_the_app(
     rendered: dict[str, list[dict[str, Any]]], clean_environment: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     # An app over a spec whose weights file exists but is never loaded: routes exist before the lifespan runs.
-    spec = yaml.safe_load((ROOT / "model" / "pneumonia.yaml").read_text())
+    spec = yaml.safe_load(SPEC_TEMPLATE.read_text())
     spec.update(backend="onnx", weights="tiny.onnx")
     (tmp_path / "tiny.onnx").write_bytes(b"never loaded")
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(spec))

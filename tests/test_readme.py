@@ -18,12 +18,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, free_port
+from conftest import MODEL_DIR, ROOT, free_port
 
 README = ROOT / "README.md"
 DOCS = ROOT / "docs"
 OPERATOR_TOOLS = DOCS / "operator-tools.md"
-DEFAULT_MODEL = ROOT / "model" / ".cache" / "pneumonia" / "pneumonia_xception.keras"
+DEFAULT_MODEL = MODEL_DIR / "pneumonia_xception.keras"
 README_LIMIT_BYTES = 10_000
 # Pages whose relative links are checked: the README, docs/, and the READMEs it hands the depth to.
 LINKED_PAGES = [README, *sorted(DOCS.glob("*.md")), ROOT / "model" / "README.md", ROOT / "bench" / "README.md"]

@@ -6,6 +6,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from conftest import DEFAULT_SPEC
 
 from service.errors import ConfigurationError
 from service.settings import Settings, load_settings
@@ -94,6 +95,7 @@ def test_model_sha256_is_normalised(monkeypatch: pytest.MonkeyPatch, tmp_path: P
     monkeypatch.setenv("PSEUDONYM_KEY", KEY)
     monkeypatch.setenv("MODEL_SHA256", " " + "AB" * 32 + " ")
     monkeypatch.setenv("MODEL_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("MODEL_URI", str(DEFAULT_SPEC))  # the default model is not in that empty cache
     settings = load_settings()
     assert settings.model_sha256 == "ab" * 32
     assert settings.model_cache_dir == tmp_path / "cache"

@@ -142,7 +142,7 @@ class ModelSpec(_StrictModel):
         spec = cls.parse(text, source=str(path), is_json=path.suffix == ".json")
         weights = spec.weights if spec.weights.is_absolute() else (path.parent / spec.weights).resolve()
         if not weights.is_file():
-            hint = " (run `make model` to fetch the default model)" if "pneumonia" in spec.name else ""
+            hint = " (run `xray-pipeline model fetch` for the default model)" if "pneumonia" in spec.name else ""
             raise ConfigurationError(f"MODEL_URI: {path}: weights file {weights} does not exist{hint}")
         return spec.model_copy(update={"weights": weights})
 

