@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -32,13 +31,13 @@ from service.storage import ObjectStore, make_s3_client
 from service.tools.listing import ListedObject, bucket_images, is_s3_uri, split_s3_prefix
 from service.tools.run import (
     CONTENT_FAILURES,
-    INTERRUPTED_EXIT,
     Console,
     ToolEngine,
     configure_tool_logging,
     default_concurrency,
     for_each,
     retrying,
+    run_to_the_end,
 )
 
 logger = logging.getLogger(__name__)
@@ -297,15 +296,8 @@ def run_backfill(source: str, *, rate: float | None, emit: str | None, dry_run: 
     objects = list(bucket_images(s3_client, bucket, prefix))
     run = BackfillRun(settings, store, objects, processor=processor, rate=rate,
                       concurrency=concurrency or default_concurrency(settings), progress=progress)
-    try:
-        asyncio.run(run.execute())
-    except KeyboardInterrupt:
-        print(f"backfill: interrupted after {_describe(run.counts)}; run the same command again to finish",
-              file=sys.stderr)
-        return INTERRUPTED_EXIT
-    print(f"backfill: {len(objects)} object(s){' (dry run)' if dry_run else ''}: {_describe(run.counts)}",
-          file=sys.stderr)
-    return 1 if FAILING_OUTCOMES & set(run.counts) else 0
+    return run_to_the_end("backfill", run, items=f"{len(objects)} object(s){' (dry run)' if dry_run else ''}",
+                          describe=_describe, failed=lambda counts: bool(FAILING_OUTCOMES & set(counts)))
 
 
 def _describe(counts: dict[str, int]) -> str:

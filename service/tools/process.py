@@ -15,7 +15,6 @@ import dataclasses
 import hashlib
 import logging
 import posixpath
-import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -42,13 +41,13 @@ from service.tools.listing import bucket_images, is_s3_uri, local_images, split_
 from service.tools.report import Report, ReportRow, write_atomically
 from service.tools.run import (
     CONTENT_FAILURES,
-    INTERRUPTED_EXIT,
     Console,
     ToolEngine,
     configure_tool_logging,
     default_concurrency,
     for_each,
     retrying,
+    run_to_the_end,
 )
 
 logger = logging.getLogger(__name__)
@@ -347,14 +346,8 @@ def run_process(paths: list[str], *, out: str, report: str | None, anonymize: st
     except OSError as error:
         raise ConfigurationError(f"--report: the report file cannot be written ({type(error).__name__})") from None
     run = ProcessRun(settings, spec, output, run_report, store, sources, progress=progress)
-    try:
-        asyncio.run(run.execute())
-    except KeyboardInterrupt:
-        print(f"process: interrupted after {_describe(run.counts)}; run the same command again to finish",
-              file=sys.stderr)
-        return INTERRUPTED_EXIT
-    print(f"process: {len(sources)} image(s): {_describe(run.counts)}", file=sys.stderr)
-    return 1 if run.counts.get(Outcome.FAILED) else 0
+    return run_to_the_end("process", run, items=f"{len(sources)} image(s)", describe=_describe,
+                          failed=lambda counts: bool(counts.get(Outcome.FAILED)))
 
 
 def _describe(counts: dict[str, int]) -> str:

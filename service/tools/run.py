@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Iterator
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from tqdm import tqdm
 
@@ -164,3 +164,27 @@ class Console:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+class ToolRun(Protocol):
+    """One run of an operator command: `execute` handles every item; `counts` are its outcomes so far."""
+
+    @property
+    def counts(self) -> dict[str, int]: ...
+
+    async def execute(self) -> None: ...
+
+
+def run_to_the_end(command: str, run: ToolRun, *, items: str, describe: Callable[[dict[str, int]], str],
+                   failed: Callable[[dict[str, int]], bool]) -> int:
+    """Execute a run and end it the way every command does: one summary line on stderr (`items` says what was
+    run over, e.g. "16 image(s)"), and the exit status: 130 after Ctrl-C (with how far it got: a rerun finishes
+    the rest), 1 when `failed(counts)`, else 0."""
+    try:
+        asyncio.run(run.execute())
+    except KeyboardInterrupt:
+        print(f"{command}: interrupted after {describe(run.counts)}; run the same command again to finish",
+              file=sys.stderr)
+        return INTERRUPTED_EXIT
+    print(f"{command}: {items}: {describe(run.counts)}", file=sys.stderr)
+    return 1 if failed(run.counts) else 0
