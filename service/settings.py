@@ -16,9 +16,12 @@ from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_vali
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.errors import ConfigurationError
-from service.models.fetch import default_spec
 
 S3_URI_SCHEME = "s3://"
+#: Below MODEL_CACHE_DIR, the default model as `xray-pipeline model fetch` puts it (service.models.fetch): the
+#: spec of this name beside its weights. Models fetched from S3 are files named by hash, so the two never meet.
+DEFAULT_MODEL_FOLDER = Path("default") / "pneumonia-xception-0.3.0"
+DEFAULT_SPEC_NAME = "pneumonia.yaml"
 _SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 PROCESSED_SUFFIX = "-processed"
 ANONYMIZED_SUFFIX = "-anonymized"
@@ -177,7 +180,7 @@ class Settings(S3Settings, ModelCacheSettings):
         if clash:
             raise ValueError(f"INPUT_BUCKETS must not contain an output bucket ({', '.join(clash)})")
         if not self.model_uri:
-            default = default_spec(self.model_cache_dir)
+            default = self.model_cache_dir / DEFAULT_MODEL_FOLDER / DEFAULT_SPEC_NAME
             if not default.is_file():
                 raise ValueError(f"MODEL_URI: not set, and the default model is not in MODEL_CACHE_DIR ({default}): "
                                  "run `xray-pipeline model fetch` (`make model` in a checkout), or set MODEL_URI")

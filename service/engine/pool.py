@@ -1,8 +1,9 @@
-"""The worker processes and `InferenceEngine`, the one object the rest of the service uses to analyze images.
+"""`InferenceEngine`, the one object the rest of the service uses to analyze images: it keeps the pool of worker
+processes full and feeds the batcher what they say.
 
-Workers are spawned (never forked from a process that holds TensorFlow), load the model once and warm it. Each has
-its own pipe, read by one reader thread and written by one writer thread, so neither a large result nor a worker
-that stopped reading can block the event loop or another worker. Every message is handled on the event loop.
+Workers (service.engine.spawn) load the model once and warm it. Each has its own pipe, read by one reader thread
+(here) and written by one writer thread, so neither a large result nor a worker that stopped reading can block the
+event loop or another worker. Every message is handled on the event loop.
 
 A worker that dies (SIGKILL, OOM, segfault) or is abandoned as hung fails only the requests it held (503, which
 Knative and Ceph redeliver); its pipe is closed, its process reaped and its exit logged, and the pool keeper starts

