@@ -203,7 +203,7 @@ class InferenceEngine:
         for worker in workers:
             worker.gone = True
             worker.outbox.put(Stop())
-        await asyncio.gather(*(asyncio.to_thread(reap, worker) for worker in workers))
+        await asyncio.gather(*(reap(worker) for worker in workers))
 
     def _new_batcher(self) -> Batcher:
         return Batcher(
@@ -257,7 +257,7 @@ class InferenceEngine:
         worker.kill()
         if worker in self._workers:
             self._workers.remove(worker)
-        await asyncio.shield(asyncio.to_thread(reap, worker))
+        await asyncio.shield(reap(worker))
 
     def _read_forever(self, worker: WorkerProcess) -> None:
         """The worker's reader thread: blocking reads keep large results off the event loop; every message is
@@ -324,7 +324,7 @@ class InferenceEngine:
 
     async def _bury(self, worker: WorkerProcess, held: int) -> None:
         """Reap a dead worker (its exit code is known only then) and close its pipe, then say how it died."""
-        await asyncio.to_thread(reap, worker)
+        await reap(worker)
         logger.error("inference worker %d died: %s; the %d request(s) it held were answered 503; replacing it",
                      worker.pid, describe_exit(worker.exit_code), held)
 

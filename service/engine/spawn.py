@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import queue
 import signal
@@ -99,21 +100,33 @@ def write_forever(worker: WorkerProcess) -> None:
             return
 
 
-def reap(worker: WorkerProcess) -> None:
-    """Join the process (no zombie), end both threads, close the pipe and the process's sentinel (no leaked
-    descriptor). Blocking; called once per worker."""
-    worker.process.join(timeout=_STOP_GRACE_S)
-    if worker.process.is_alive():
-        worker.process.kill()
-        worker.process.join(timeout=5)
+async def reap(worker: WorkerProcess) -> None:
+    """Wait for the process to end (killed after a grace period), end both threads, close the pipe; then reap it
+    (no zombie), keep its exit status and close its sentinel (no leaked descriptor). Called once per worker."""
+    if not await asyncio.to_thread(_release, worker):
+        return  # not ended even by SIGKILL (stuck in the kernel): multiprocessing reaps it whenever it ends
+    # Reaped here, on the event loop's thread, never in a helper thread: multiprocessing polls every child (a
+    # waitpid) from the thread that starts a process, which is this one; a helper thread's waitpid racing it could
+    # lose the exit status (ECHILD), and a death would be logged as "still running". The process has ended: this
+    # waits a moment at most.
+    worker.process.join(timeout=1)
     worker.exit_code = worker.process.exitcode
-    worker.outbox.put(None)
-    for thread in worker.threads:
-        if thread is not threading.current_thread():
-            thread.join(timeout=5)
-    worker.connection.close()
     if worker.exit_code is not None:
         worker.process.close()
+
+
+def _release(worker: WorkerProcess) -> bool:
+    """Blocking: wait until the process has ended (its sentinel closes with it), killing it after the grace
+    period; end its threads, close its pipe. Whether it has ended."""
+    ended = bool(multiprocessing.connection.wait([worker.process.sentinel], _STOP_GRACE_S))
+    if not ended:
+        worker.kill()
+        ended = bool(multiprocessing.connection.wait([worker.process.sentinel], 5))
+    worker.outbox.put(None)
+    for thread in worker.threads:
+        thread.join(timeout=5)
+    worker.connection.close()
+    return ended
 
 
 def describe_exit(exit_code: int | None) -> str:
