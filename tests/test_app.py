@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from cloudevents.core.bindings.http import to_binary_event, to_structured_event
 from cloudevents.core.v1.event import CloudEvent
-from conftest import HOSTILE_KEYS, ceph_record, encode, key_fragments, upload, wait_until, xray_like
+from conftest import HOSTILE_KEYS, ceph_record, encode, key_fragments, leaks, upload, wait_until, xray_like
 from fastapi.testclient import TestClient
 from test_events import kafkasource_headers
 
@@ -45,7 +45,7 @@ def test_kafkasource_delivery_is_processed(client: TestClient, s3: Any, input_bu
     assert summary["anonymized_bucket"] == f"{input_bucket}-anonymized"
     # The response carries the pseudonym, never the key.
     for fragment in key_fragments(key):
-        assert fragment not in response.text
+        assert not leaks(fragment, response.text)
     again = client.post(
         "/", content=notification(ceph_record(input_bucket, key, etag=etag)), headers=kafkasource_headers(43)
     )
@@ -212,7 +212,7 @@ def test_debug_logs_never_contain_keys(
     assert "record " in text  # the per-record lines were captured
     for key in HOSTILE_KEYS:
         for fragment in key_fragments(key):
-            assert fragment not in text, f"a log line contains the key fragment {fragment!r}"
+            assert not leaks(fragment, text), f"a log line contains the key fragment {fragment!r}"
 
 
 def test_binary_cloudevent_from_the_sdk(client: TestClient, s3: Any, input_bucket: str) -> None:
