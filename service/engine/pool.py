@@ -15,6 +15,7 @@ cannot be kept running, `healthy` turns false and /healthz answers 503, so Kuber
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import threading
@@ -85,7 +86,7 @@ class InferenceEngine:
         self._dispatcher = SupervisedTask("dispatcher", lambda: self._batcher.run(), on_crash=crashed)
         self._keeper = SupervisedTask("pool-keeper", self._keep_pool_full, on_crash=crashed, first_backoff_s=1.0)
         #: Sizes of the most recent batches dispatched (for tests; /metrics has them as a histogram).
-        self.batch_sizes: list[int] = []
+        self.batch_sizes: collections.deque[int] = collections.deque(maxlen=1000)
         self.restarts = 0
 
     @classmethod
@@ -369,7 +370,6 @@ class InferenceEngine:
 
     def _observe_batch(self, size: int) -> None:
         self.batch_sizes.append(size)
-        del self.batch_sizes[:-1000]
         metrics.observe_batch_size(size)
 
     def _background(self, coroutine: Any) -> None:
