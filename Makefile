@@ -23,14 +23,15 @@ system-deps:
 	$(PYTHON) tests/local_rgw.py ensure-packages
 
 # Tesseract is the tests' OCR oracle for anonymization; DejaVu fonts render test text; curl is in the
-# docs/operator-tools.md example that tests/test_readme.py runs.
+# docs/operator-tools.md example that tests/test_readme.py runs; dcmtk's dcmdump is the second, independent
+# reader every DICOM output must open with.
 test-deps: system-deps
-	@if ! command -v tesseract >/dev/null || ! command -v curl >/dev/null || [ ! -d /usr/share/fonts/truetype/dejavu ]; then \
+	@if ! command -v tesseract >/dev/null || ! command -v curl >/dev/null || ! command -v dcmdump >/dev/null || [ ! -d /usr/share/fonts/truetype/dejavu ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	      tesseract-ocr tesseract-ocr-eng fonts-dejavu-core curl >/dev/null; \
+	      tesseract-ocr tesseract-ocr-eng fonts-dejavu-core curl dcmtk >/dev/null; \
 	  else \
-	    echo "missing: run 'sudo apt-get install tesseract-ocr tesseract-ocr-eng fonts-dejavu-core curl'" >&2; exit 1; \
+	    echo "missing: run 'sudo apt-get install tesseract-ocr tesseract-ocr-eng fonts-dejavu-core curl dcmtk'" >&2; exit 1; \
 	  fi; \
 	fi
 

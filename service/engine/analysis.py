@@ -3,24 +3,34 @@
 Runs inside an inference worker, so the web process never spends CPU on pixels and each image is decoded
 exactly once. The model is passed in as a plain function over a preprocessed batch; this module imports no
 machine-learning framework.
+
+A DICOM object (recognised by content) takes the same steps on its frames: the model sees the display rendering
+of the classified frame, unless the object is outside the model's domain (then it is not assessed); every frame
+is searched for text, stamped for the processed copy and cleaned for the anonymized one, which is always made.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from service.dicom.instances import anonymized_instance, processed_instance
+from service.dicom.read import CLASSIFIED_FRAME, DicomImage, read_dicom
+from service.dicom.sniff import is_dicom
 from service.engine.messages import Analysis, AnalysisOutcome, AnalysisRequest, ImageLimits
+from service.errors import UnprocessableObject
 from service.imaging.codec import DecodedImage, decode_image, encode_image, to_model_input
 from service.imaging.redact import blur_text_regions
 from service.imaging.stamp import stamp_label
-from service.imaging.text import find_text_regions
+from service.imaging.text import Box, find_text_regions
 from service.models.backends import PredictBatch
 from service.models.preprocess import to_model_tensor
 from service.models.spec import ModelSpec, Prediction
+
+AnyImage = DecodedImage | DicomImage
 
 
 @dataclass
@@ -28,12 +38,15 @@ class PredictedBatch:
     """A batch between the model and the finishing stage: each item's decoded image (or its error) and output."""
 
     requests: Sequence[AnalysisRequest]
-    decoded: list[DecodedImage | Exception]
+    decoded: list[AnyImage | Exception]
+    #: One model output per assessed image, in order; None when no image of the batch went to the model.
     raw_outputs: np.ndarray | None
     #: Seconds each item took to decode and preprocess (aligned with `requests`).
     decode_seconds: list[float] = field(default_factory=list)
     #: Seconds of the batch's one model call, shared by every item in it.
     infer_seconds: float = 0.0
+    #: Per item: why the model did not assess it (a DICOM object outside the model's domain), else None.
+    not_assessed: list[str | None] = field(default_factory=list)
 
 
 def analyze_batch(
@@ -54,21 +67,27 @@ def predict_batch(
     The batch goes to the model at its own size: both backends run one graph for any batch size (a `None`
     batch dimension), so padding to fixed sizes would only spend model time on zeros.
     """
-    decoded: list[DecodedImage | Exception] = []
+    decoded: list[AnyImage | Exception] = []
     decode_seconds: list[float] = []
+    not_assessed: list[str | None] = []
     tensors = []
     for request in requests:
         started = time.perf_counter()
+        refusal = None
         try:
-            image = decode_image(request.data, max_bytes=limits.max_bytes, max_pixels=limits.max_pixels)
-            # Inference sees the uploaded pixels, before any stamping or blurring.
-            tensors.append(to_model_tensor(spec, to_model_input(image.pixels)))
+            image = _decode(request.data, limits)
+            if isinstance(image, DicomImage):
+                refusal = spec.domain.refusal(image.modality, image.body_part)
+            if refusal is None:
+                # Inference sees the uploaded pixels, before any stamping or blurring.
+                tensors.append(to_model_tensor(spec, to_model_input(_model_pixels(image))))
             decoded.append(image)
         except Exception as error:
             decoded.append(error)
+        not_assessed.append(refusal)
         decode_seconds.append(time.perf_counter() - started)
     if not tensors:
-        return PredictedBatch(requests, decoded, None, decode_seconds)
+        return PredictedBatch(requests, decoded, None, decode_seconds, not_assessed=not_assessed)
     started = time.perf_counter()
     try:
         raw_outputs = predict(np.stack(tensors))
@@ -76,8 +95,22 @@ def predict_batch(
         # A failed model call fails the batch's images (answered 500, so redelivered), not the worker: a crash
         # would cost a model reload.
         failed = [item if isinstance(item, Exception) else error for item in decoded]
-        return PredictedBatch(requests, failed, None, decode_seconds)
-    return PredictedBatch(requests, decoded, raw_outputs, decode_seconds, time.perf_counter() - started)
+        return PredictedBatch(requests, failed, None, decode_seconds, not_assessed=not_assessed)
+    return PredictedBatch(requests, decoded, raw_outputs, decode_seconds, time.perf_counter() - started,
+                          not_assessed)
+
+
+def _decode(data: bytes, limits: ImageLimits) -> AnyImage:
+    if len(data) > limits.max_bytes:
+        raise UnprocessableObject(f"image is {len(data)} bytes, over the limit of {limits.max_bytes}",
+                                  reason="too-large")
+    if is_dicom(data):
+        return read_dicom(data, max_pixels=limits.max_pixels)
+    return decode_image(data, max_bytes=limits.max_bytes, max_pixels=limits.max_pixels)
+
+
+def _model_pixels(image: AnyImage) -> np.ndarray:
+    return image.display(CLASSIFIED_FRAME) if isinstance(image, DicomImage) else image.pixels
 
 
 def finish_batch(batch: PredictedBatch, *, spec: ModelSpec) -> list[AnalysisOutcome]:
@@ -85,15 +118,20 @@ def finish_batch(batch: PredictedBatch, *, spec: ModelSpec) -> list[AnalysisOutc
     raw_outputs = iter(batch.raw_outputs if batch.raw_outputs is not None else [])
     # A batch built by hand (tests) may carry no timings.
     decode_seconds = iter(batch.decode_seconds or [0.0] * len(batch.requests))
+    not_assessed = iter(batch.not_assessed or [None] * len(batch.requests))
     results: list[AnalysisOutcome] = []
-    for request, image, decode in zip(batch.requests, batch.decoded, decode_seconds, strict=True):
-        if not isinstance(image, DecodedImage):
+    for request, image, decode, refusal in zip(batch.requests, batch.decoded, decode_seconds, not_assessed,
+                                               strict=True):
+        if isinstance(image, Exception):
             results.append(image)
             continue
-        raw = next(raw_outputs)
-        timings = {"decode": decode, "infer": batch.infer_seconds}
+        timings = {"decode": decode, "infer": 0.0 if refusal else batch.infer_seconds}
         try:
-            results.append(_finish(image, spec.interpret(raw), request.anonymize_always, timings))
+            prediction = Prediction.not_assessed(refusal) if refusal else spec.interpret(next(raw_outputs))
+            if isinstance(image, DicomImage):
+                results.append(_finish_dicom(image, prediction, request, spec, timings))
+            else:
+                results.append(_finish(image, prediction, request.anonymize_always, timings))
         except Exception as error:
             results.append(error)
     return results
@@ -121,3 +159,48 @@ def _finish(
         text_regions=len(regions),
         timings=timings,
     )
+
+
+def _finish_dicom(
+    image: DicomImage, prediction: Prediction, request: AnalysisRequest, spec: ModelSpec, timings: dict[str, float]
+) -> Analysis:
+    if not request.deid_key:
+        raise RuntimeError("DICOM de-identification needs PSEUDONYM_KEY; the request carried none")
+    started = time.perf_counter()
+    # Text is searched on what a viewer shows (stored values far outside the window are as white as the text).
+    regions = [find_text_regions(image.display(index)) for index in range(image.frame_count)]
+    # One stamp position for every frame (avoiding the text of all of them), so every frame keeps one size.
+    avoid: list[Box] = [box for frame_regions in regions for box in frame_regions]
+    white, black = (image.curve.white, image.curve.black) if image.curve is not None else (None, 0)
+    stamped = np.stack([stamp_label(frame, prediction.stamp_text, avoid=avoid, white=white, black=black)
+                        for frame in image.frames])
+    model = f"{spec.name} {spec.version}"
+    processed = _dicom_output(lambda: processed_instance(image, stamped, prediction, model=model))
+    timings["stamp"] = time.perf_counter() - started
+    # Always de-identified, whatever the anonymization policy: a DICOM object carries patient data in its header
+    # as well as its pixels, and an object the model did not assess still needs its anonymized copy.
+    started = time.perf_counter()
+    cleaned = np.stack([blur_text_regions(frame, frame_regions)
+                        for frame, frame_regions in zip(image.frames, regions, strict=True)])
+    anonymized = _dicom_output(lambda: anonymized_instance(image, cleaned, secret=request.deid_key))
+    timings["anonymize"] = time.perf_counter() - started
+    return Analysis(
+        prediction=prediction,
+        image_format="dicom",
+        stamped=processed,
+        anonymized=anonymized,
+        text_regions=len(avoid),
+        timings=timings,
+    )
+
+
+def _dicom_output(write: Callable[[], bytes]) -> bytes:
+    """Writing an output re-encodes header values pydicom could not encode or parse: such an object fails with a
+    message of ours (pydicom's would quote the value)."""
+    try:
+        return write()
+    except UnprocessableObject:
+        raise
+    except Exception:
+        raise UnprocessableObject("the DICOM object cannot be written back: its header or pixel description is "
+                                  "malformed", reason="corrupt-dicom") from None

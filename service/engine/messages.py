@@ -19,6 +19,7 @@ CONTENT_TYPES = {
     "tiff": "image/tiff",
     "bmp": "image/bmp",
     "webp": "image/webp",
+    "dicom": "application/dicom",
 }
 
 
@@ -53,6 +54,8 @@ class AnalysisRequest:
 
     data: bytes
     anonymize_always: bool
+    #: PSEUDONYM_KEY: keys the de-identification of DICOM headers (new UIDs, patient pseudonym).
+    deid_key: bytes = field(default=b"", repr=False)
 
 
 #: A batch's per-item outcome: the analysis, or the error that belongs to that item alone.

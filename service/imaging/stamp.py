@@ -16,8 +16,13 @@ _MIN_LABEL_HEIGHT_PX = 10
 _LINE_SPACING = 1.35
 
 
-def stamp_label(pixels: np.ndarray, text: str, *, avoid: Sequence[Box]) -> np.ndarray:
+def stamp_label(
+    pixels: np.ndarray, text: str, *, avoid: Sequence[Box], white: int | None = None, black: int = 0
+) -> np.ndarray:
     """A copy of `pixels` with `text` in white on a black box, never overlapping any box in `avoid`.
+
+    White and black are the pixel type's extremes unless given: a DICOM frame's stored values only look white
+    or black through its display curve (MONOCHROME1 is white at its lowest value, a CT at its highest).
 
     The text is sized from the image (about 3% of its shorter side, wrapped onto more lines if the image is
     narrow). Corners and edge centres are tried in turn; if every one overlaps `avoid`, a black band is added
@@ -31,14 +36,14 @@ def stamp_label(pixels: np.ndarray, text: str, *, avoid: Sequence[Box]) -> np.nd
         inside = x >= 0 and y >= 0 and x + tile_width <= width and y + tile_height <= height
         if inside and not any(_overlaps((x, y, tile_width, tile_height), box) for box in avoid):
             stamped = pixels.copy()
-            _paste(stamped, tile, x, y)
+            _paste(stamped, tile, x, y, white, black)
             return stamped
     band_height = tile_height + 2 * margin
-    stamped = np.zeros((height + band_height, width, *pixels.shape[2:]), pixels.dtype)
+    stamped = np.full((height + band_height, width, *pixels.shape[2:]), black, pixels.dtype)
     stamped[:height] = pixels
     if stamped.ndim == 3 and stamped.shape[2] == 4:
         stamped[height:, :, 3] = np.iinfo(stamped.dtype).max  # an opaque band
-    _paste(stamped, tile, margin, height + margin)
+    _paste(stamped, tile, margin, height + margin, white, black)
     return stamped
 
 
@@ -92,10 +97,15 @@ def _overlaps(first: Box, second: Box) -> bool:
     return x1 < x2 + w2 and x2 < x1 + w1 and y1 < y2 + h2 and y2 < y1 + h1
 
 
-def _paste(canvas: np.ndarray, tile: np.ndarray, x: int, y: int) -> None:
-    white = np.iinfo(canvas.dtype).max
-    # 255 * 257 == 65535: the tile's 8-bit antialiasing maps exactly onto 16 bits.
-    values = tile if canvas.dtype == np.uint8 else tile.astype(canvas.dtype) * (white // 255)
+def _paste(canvas: np.ndarray, tile: np.ndarray, x: int, y: int, white: int | None, black: int) -> None:
+    opaque = np.iinfo(canvas.dtype).max
+    if white is None and black == 0:
+        # 255 * 257 == 65535: the tile's 8-bit antialiasing maps exactly onto 16 bits.
+        values = tile if canvas.dtype == np.uint8 else tile.astype(canvas.dtype) * (opaque // 255)
+    else:
+        white = opaque if white is None else white
+        # Antialiasing blends from black to white, whichever way round the stored values run.
+        values = (black + (np.int64(white) - black) * tile.astype(np.int64) // 255).astype(canvas.dtype)
     target = canvas[y : y + tile.shape[0], x : x + tile.shape[1]]
     values = values[: target.shape[0], : target.shape[1]]  # only a band narrower than the label clips it
     if target.ndim == 2:
@@ -103,4 +113,4 @@ def _paste(canvas: np.ndarray, tile: np.ndarray, x: int, y: int) -> None:
     else:
         target[:, :, :3] = values[:, :, None]
         if target.shape[2] == 4:
-            target[:, :, 3] = white
+            target[:, :, 3] = opaque

@@ -94,6 +94,41 @@ class LabelSpec(_StrictModel):
         return self
 
 
+class DomainSpec(_StrictModel):
+    """What the model was made for, judged from a DICOM object's header. JPEG and PNG carry no such facts: they
+    are always assessed. An image outside the domain is still de-identified and written, but not classified."""
+
+    #: DICOM Modality values (0008,0060) the model accepts, e.g. [CR, DX]; empty: any.
+    modalities: list[str] = []
+    #: BodyPartExamined values (0018,0015), e.g. [CHEST]; empty: any. A header without the attribute (common in
+    #: real data) is judged by its modality alone.
+    body_parts: list[str] = []
+
+    @field_validator("modalities", "body_parts")
+    @classmethod
+    def _upper_case(cls, values: list[str]) -> list[str]:
+        return [value.strip().upper() for value in values]
+
+    def refusal(self, modality: str, body_part: str) -> str | None:
+        """Why an image of this modality and body part is outside the domain; None when it is inside."""
+        if self.modalities and modality not in self.modalities:
+            shown = _code_string(modality) or "unknown"
+            return f"modality {shown} is not one the model was made for ({', '.join(self.modalities)})"
+        if self.body_parts and body_part and body_part not in self.body_parts:
+            shown = _code_string(body_part)
+            return f"body part {shown} is not one the model was made for ({', '.join(self.body_parts)})"
+        return None
+
+
+def _code_string(value: str) -> str:
+    """A header's code string as it may appear in a reason: DICOM CS characters only, at most 16 of them."""
+    return re.sub(r"[^A-Z0-9_ ]", "", value.upper())[:16].strip()
+
+
+#: The label of an image outside the model's domain (a CT for a chest X-ray model).
+NOT_ASSESSED = "not-assessed"
+
+
 @dataclass(frozen=True)
 class Prediction:
     """One image's interpreted model output."""
@@ -104,9 +139,17 @@ class Prediction:
     is_positive: bool
     #: The top-k (class name, probability) pairs, most probable first.
     top: list[tuple[str, float]] = field(default_factory=list)
+    #: Why the model did not assess the image (outside its domain); None when it did.
+    not_assessed_reason: str | None = None
+
+    @classmethod
+    def not_assessed(cls, reason: str) -> Prediction:
+        return cls(label=NOT_ASSESSED, risk=None, is_positive=False, not_assessed_reason=reason)
 
     @property
     def stamp_text(self) -> str:
+        if self.not_assessed_reason is not None:
+            return f"Not assessed: {self.not_assessed_reason}"
         if self.risk is not None:
             return f"{self.label}, risk={self.risk * 100:.1f}%"
         name, probability = self.top[0]
@@ -124,6 +167,7 @@ class ModelSpec(_StrictModel):
     input: InputSpec
     output: OutputSpec
     labels: LabelSpec = LabelSpec()
+    domain: DomainSpec = DomainSpec()
 
     @model_validator(mode="after")
     def _positive_class_known(self) -> ModelSpec:

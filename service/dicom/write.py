@@ -1,0 +1,83 @@
+"""Writing a data set with new pixels as a Part 10 object, in the source's transfer syntax where it can be.
+
+Lossless syntaxes with an encoder here (RLE, JPEG-LS lossless, JPEG 2000 lossless, deflated, the native ones)
+are kept. Lossy sources (JPEG baseline/extended, lossy JPEG-LS and JPEG 2000) and syntaxes nobody here can encode
+(JPEG lossless, HTJ2K) are written as explicit VR little endian: no second generation of loss is added, and a
+lossy source stays flagged by its LossyImageCompression attribute.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.pixels import get_encoder
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLSLossless,
+    RLELossless,
+)
+
+_NATIVE = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian)
+_LOSSLESS_ENCODED = (RLELossless, JPEGLSLossless, JPEG2000Lossless)
+#: Palette colour is decoded to RGB: its lookup tables no longer describe the pixels written.
+_PALETTE_TAGS = (0x00281101, 0x00281102, 0x00281103, 0x00281199, 0x00281201, 0x00281202, 0x00281203,
+                 0x00281221, 0x00281222, 0x00281223)
+
+
+def output_transfer_syntax(source: UID) -> UID:
+    if source in _NATIVE:
+        return source
+    if source in _LOSSLESS_ENCODED:
+        try:
+            if get_encoder(source).is_available:
+                return source
+        except NotImplementedError:
+            pass
+    return ExplicitVRLittleEndian
+
+
+def header_without_pixels(dataset: Dataset) -> Dataset:
+    """A deep copy of `dataset` without its pixel data (copying the encoded pixels would only be thrown away)."""
+    header = Dataset()
+    for element in dataset:
+        if element.tag != 0x7FE00010:
+            header.add(copy.deepcopy(element))
+    header.set_original_encoding(dataset.is_implicit_VR, dataset.is_little_endian, dataset.original_character_set)
+    return header
+
+
+def encode_instance(
+    dataset: Dataset, frames: np.ndarray, *, photometric: str, bits_stored: int, transfer_syntax: UID
+) -> bytes:
+    """`dataset` (without pixel data) with `frames` (frames x rows x columns [x 3]) as its pixels, as Part 10
+    bytes in `transfer_syntax` (one `output_transfer_syntax` chose)."""
+    with warnings.catch_warnings():
+        # pydicom's warnings can quote header values.
+        warnings.simplefilter("ignore")
+        # The output's own File Meta: the source's names the source instance and the application that wrote it.
+        dataset.file_meta = FileMetaDataset()
+        for tag in _PALETTE_TAGS:
+            if tag in dataset:
+                del dataset[tag]
+        pixels = frames[0] if frames.shape[0] == 1 else frames
+        had_frame_count = "NumberOfFrames" in dataset
+        dataset.set_pixel_data(np.ascontiguousarray(pixels), photometric, bits_stored, generate_instance_uid=False)
+        if had_frame_count and "NumberOfFrames" not in dataset:
+            dataset.NumberOfFrames = 1  # a multi-frame IOD needs the attribute even for one frame
+        if transfer_syntax in _LOSSLESS_ENCODED:
+            dataset.compress(transfer_syntax, generate_instance_uid=False)
+        else:
+            dataset.file_meta.TransferSyntaxUID = transfer_syntax
+        dataset.file_meta.MediaStorageSOPClassUID = dataset.SOPClassUID
+        dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+        buffer = io.BytesIO()
+        dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
