@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from service.models.spec import ModelSpec
 
 PROCESSED_MARK = "-processed"
+DICOM_EXTENSION = ".dcm"
 #: S3 keys are 1 to 1024 bytes of UTF-8.
 MAX_KEY_BYTES = 1024
 FAILURE_PREFIX = "_failed/"
@@ -47,7 +48,12 @@ class Outcome(StrEnum):
 # Extensions kept on anonymized keys; anything else (which could itself be patient text) is replaced by the
 # canonical extension of the decoded format.
 _IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".jp2"}
-_CANONICAL_EXTENSIONS = {"jpeg": ".jpg", "png": ".png", "tiff": ".tiff", "bmp": ".bmp", "webp": ".webp"}
+_CANONICAL_EXTENSIONS = {"jpeg": ".jpg", "png": ".png", "tiff": ".tiff", "bmp": ".bmp", "webp": ".webp",
+                         "dicom": DICOM_EXTENSION}
+#: Extensions of DICOM keys, replaced by `.dcm` on the outputs (PACS exports often have none at all).
+_DICOM_EXTENSIONS = {".dcm", ".dicom", ".dic"}
+#: S3 metadata of an output whose image the model did not assess: why (e.g. its modality is outside the domain).
+NOT_ASSESSED_REASON = "not-assessed-reason"
 
 
 def pseudonym(secret: bytes, bucket: str, key: str) -> str:
@@ -56,19 +62,35 @@ def pseudonym(secret: bytes, bucket: str, key: str) -> str:
     return digest[:32]
 
 
-def processed_key(key: str) -> str:
-    """The original path with `-processed` before the extension: `a/b/scan.jpeg` -> `a/b/scan-processed.jpeg`."""
+def processed_key(key: str, *, dicom: bool | None = None) -> str:
+    """The original path with `-processed` before the extension: `a/b/scan.jpeg` -> `a/b/scan-processed.jpeg`.
+
+    A DICOM object's processed copy always ends in `.dcm`: `a/IM0001` -> `a/IM0001-processed.dcm`. Whether the
+    input is DICOM is known from its content (`dicom`); before it is fetched, `None` guesses from the key.
+    """
     directory, name = posixpath.split(key)
     stem, extension = posixpath.splitext(name)
     if not stem:  # a dot-file such as ".jpeg": splitext puts everything in the stem
         stem, extension = name, ""
+    if dicom is None:
+        dicom = looks_like_dicom(key)
+    if dicom:
+        if extension.lower() not in _DICOM_EXTENSIONS:
+            stem = f"{stem}{extension}"
+        extension = DICOM_EXTENSION
     return posixpath.join(directory, f"{stem}{PROCESSED_MARK}{extension}")
 
 
+def looks_like_dicom(key: str) -> bool:
+    """A guess from the key alone, for looking up a processed copy before the input is fetched."""
+    return posixpath.splitext(key)[1].lower() in _DICOM_EXTENSIONS
+
+
 def anonymized_key(pseudonym_value: str, source_key: str, image_format: str) -> str:
-    """`<pseudonym><ext>`: no part of the original path or name survives, only a known image extension."""
+    """`<pseudonym><ext>`: no part of the original path or name survives, only a known image extension (always
+    `.dcm` for DICOM)."""
     extension = posixpath.splitext(source_key)[1].lower()
-    if extension not in _IMAGE_EXTENSIONS:
+    if extension not in _IMAGE_EXTENSIONS or image_format == "dicom":
         extension = _CANONICAL_EXTENSIONS.get(image_format, "")
     return pseudonym_value + extension
 
@@ -108,8 +130,8 @@ def outputs_in_write_order(
     processed_metadata = metadata | {"pseudonym": alias}
     if source_version_id:
         processed_metadata[SOURCE_VERSION_ID] = source_version_id
-    outputs.append(Output("processed", processed_key(source_key), analysis.stamped, analysis.content_type,
-                          processed_metadata))
+    outputs.append(Output("processed", processed_key(source_key, dicom=analysis.image_format == "dicom"),
+                          analysis.stamped, analysis.content_type, processed_metadata))
     return outputs
 
 
@@ -118,7 +140,9 @@ def output_metadata(analysis: Analysis, spec: ModelSpec, source_etag: str) -> di
     prediction = analysis.prediction
     metadata = {"label": prediction.label, "model-name": spec.name, "model-version": spec.version,
                 SOURCE_ETAG: source_etag}
-    if prediction.risk is not None:
+    if prediction.not_assessed_reason is not None:
+        metadata[NOT_ASSESSED_REASON] = prediction.not_assessed_reason
+    elif prediction.risk is not None:
         metadata["risk"] = f"{prediction.risk:.6f}"
     else:
         metadata["top"] = ",".join(f"{name}:{probability:.4f}" for name, probability in prediction.top)

@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from service import __version__, metrics
+from service.dicom.sniff import is_dicom
 from service.engine.pool import InferenceEngine
 from service.errors import ForbiddenBucket, PipelineError, StorageUnavailable, UnprocessableObject
 from service.events import Delivery, ObjectRecord
@@ -41,6 +42,9 @@ from service.storage import MISSING_BUCKET, ObjectStore
 
 logger = logging.getLogger(__name__)
 
+#: A processed record's reason when the model did not assess its image (a DICOM object outside its domain).
+NOT_ASSESSED_REASON_CODE = "outside-model-domain"
+
 
 @dataclass(frozen=True)
 class RecordResult:
@@ -48,7 +52,8 @@ class RecordResult:
 
     outcome: Outcome
     pseudonym: str | None = None
-    #: Why it was skipped or failed (stable short codes such as "duplicate", "missing-object").
+    #: Why it was skipped, failed or not assessed (stable short codes such as "duplicate", "missing-object",
+    #: "outside-model-domain").
     reason: str | None = None
     label: str | None = None
     risk: float | None = None
@@ -194,13 +199,11 @@ class Pipeline:
         started = time.perf_counter()
         alias = pseudonym(self._secret, record.bucket, record.key)
         processed_bucket = self._settings.processed_bucket_for(record.bucket)
+        # Before the fetch only the key tells whether the input is DICOM (its processed copy ends in .dcm); the
+        # content decides, and a wrong guess costs one more lookup below.
         output_key = processed_key(record.key)
         if len(output_key.encode()) > MAX_KEY_BYTES:
-            # An input key of 1015-1024 bytes is valid, its processed key is not: S3 would refuse every request for
-            # it, so this is permanent, not a 503 redelivered for ever.
-            error = UnprocessableObject("the processed copy's key would exceed S3's limit", reason="key-too-long")
-            await self._write_failure_record(record, alias, processed_bucket, error)
-            return self._finish(RecordResult(Outcome.FAILED, alias, reason=error.reason), started, error.message)
+            return await self._key_too_long(record, alias, processed_bucket, started)
         recorded = await asyncio.to_thread(self._store.recorded_metadata, processed_bucket, output_key)
         recorded_etag = recorded_source_etag(recorded)
         logger.debug("record %s: %s in %s, processed eTag on record: %s", alias, record.event_name, record.bucket,
@@ -215,6 +218,13 @@ class Pipeline:
                     self._store.fetch_object, record.bucket, record.key, None, max_bytes=self._settings.max_image_bytes
                 )
             logger.debug("record %s: fetched %d bytes, eTag %s", alias, len(fetched.body), fetched.etag)
+            content_key = processed_key(record.key, dicom=is_dicom(fetched.body))
+            if content_key != output_key:
+                output_key = content_key
+                if len(output_key.encode()) > MAX_KEY_BYTES:
+                    return await self._key_too_long(record, alias, processed_bucket, started)
+                recorded = await asyncio.to_thread(self._store.recorded_metadata, processed_bucket, output_key)
+                recorded_etag = recorded_source_etag(recorded)
             if recorded_etag and recorded_etag == fetched.etag:
                 return self._finish(RecordResult(Outcome.SKIPPED, alias, reason="duplicate"), started)
             analysis = await self._engine.analyze(
@@ -239,12 +249,22 @@ class Pipeline:
         result = RecordResult(
             Outcome.PROCESSED,
             alias,
+            reason=NOT_ASSESSED_REASON_CODE if analysis.prediction.not_assessed_reason else None,
             label=analysis.prediction.label,
             risk=analysis.prediction.risk,
             anonymized_bucket=anonymized_bucket,
             anonymized_key=anonymized_name,
         )
         return self._finish(result, started)
+
+    async def _key_too_long(
+        self, record: ObjectRecord, alias: str, processed_bucket: str, started: float
+    ) -> RecordResult:
+        # An input key of 1015-1024 bytes is valid, its processed key is not: S3 would refuse every request for
+        # it, so this is permanent, not a 503 redelivered for ever.
+        error = UnprocessableObject("the processed copy's key would exceed S3's limit", reason="key-too-long")
+        await self._write_failure_record(record, alias, processed_bucket, error)
+        return self._finish(RecordResult(Outcome.FAILED, alias, reason=error.reason), started, error.message)
 
     async def _superseded(self, record: ObjectRecord, fetched_etag: str) -> bool:
         """Whether a newer version of the input was uploaded since it was fetched (its own event writes it).

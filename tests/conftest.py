@@ -150,6 +150,7 @@ class Harness:
             workers=settings.workers,
             threads_per_worker=1,
             limits=ImageLimits(settings.max_image_bytes, settings.max_image_pixels),
+            deid_key=settings.effective_pseudonym_key,
         )
         self.loop.run_until_complete(self.engine.start())
 

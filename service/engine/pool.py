@@ -56,6 +56,7 @@ class InferenceEngine:
         workers: int,
         threads_per_worker: int,
         limits: ImageLimits,
+        deid_key: bytes,
         start_timeout_s: float = 300.0,
         batch_max_size: int = 8,
         batch_max_wait_ms: float = 5.0,
@@ -66,6 +67,7 @@ class InferenceEngine:
         self._worker_count = workers
         self._threads = threads_per_worker
         self._limits = limits
+        self._deid_key = deid_key
         self._start_timeout_s = start_timeout_s
         self._restart_limit = restart_limit
         self._inference_timeout_s = inference_timeout_s
@@ -96,6 +98,7 @@ class InferenceEngine:
             workers=settings.workers,
             threads_per_worker=settings.effective_worker_threads,
             limits=ImageLimits(settings.max_image_bytes, settings.max_image_pixels),
+            deid_key=settings.effective_pseudonym_key,
             start_timeout_s=settings.worker_start_timeout_s,
             batch_max_size=settings.batch_max_size,
             batch_max_wait_ms=settings.batch_max_wait_ms,
@@ -178,7 +181,7 @@ class InferenceEngine:
         answers it within INFERENCE_TIMEOUT_S, when its worker dies, or at shutdown."""
         if not self.ready:
             raise ModelNotReady("the model is not loaded yet")
-        future = self._batcher.submit(AnalysisRequest(data, anonymize_always))
+        future = self._batcher.submit(AnalysisRequest(data, anonymize_always, self._deid_key))
         try:
             # The batcher answers by the deadline; this bound holds even if its dispatcher could not be kept running.
             outcome = await asyncio.wait_for(future, self._inference_timeout_s + _DEADLINE_GRACE_S)

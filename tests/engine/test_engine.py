@@ -24,6 +24,8 @@ from service.pipeline import Pipeline
 from service.storage import ObjectStore, make_s3_client
 
 LIMITS = ImageLimits(max_bytes=10**7, max_pixels=10**7)
+#: Every engine here: one thread per worker, the limits above, a de-identification key of its own.
+WORKER_OPTIONS: dict[str, Any] = {"threads_per_worker": 1, "limits": LIMITS, "deid_key": b"engine-test-pseudonym-key"}
 
 
 def imported_by(modules: str) -> set[str]:
@@ -60,7 +62,7 @@ def test_workers_do_not_import_the_parents_main_module(tiny_spec: Path, tmp_path
         "from service.models.spec import ModelSpec\n"
         "async def main():\n"
         f"    engine = InferenceEngine(ModelSpec.load({str(tiny_spec)!r}), workers=1, threads_per_worker=1,\n"
-        "                             limits=ImageLimits(10, 10))\n"
+        "                             limits=ImageLimits(10, 10), deid_key=b\"k\" * 16)\n"
         "    await engine.start()\n"
         "    await engine.stop()\n"
         "if __name__ == '__main__':\n"
@@ -72,7 +74,7 @@ def test_workers_do_not_import_the_parents_main_module(tiny_spec: Path, tmp_path
 
 
 def test_two_workers_warm_up_and_analyze(tiny_spec: Path) -> None:
-    engine = InferenceEngine(ModelSpec.load(tiny_spec), workers=2, threads_per_worker=1, limits=LIMITS)
+    engine = InferenceEngine(ModelSpec.load(tiny_spec), workers=2, **WORKER_OPTIONS)
 
     async def scenario() -> tuple[list[int], list[str]]:
         await engine.start()
@@ -99,7 +101,7 @@ def test_workers_get_fewer_malloc_arenas_and_the_parent_keeps_its_environment(
     tiny_spec: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
-    engine = InferenceEngine(ModelSpec.load(tiny_spec), workers=1, threads_per_worker=1, limits=LIMITS)
+    engine = InferenceEngine(ModelSpec.load(tiny_spec), workers=1, **WORKER_OPTIONS)
 
     async def worker_environment() -> dict[str, str]:
         await engine.start()
@@ -119,7 +121,7 @@ def test_workers_get_fewer_malloc_arenas_and_the_parent_keeps_its_environment(
 
 def test_workers_launched_early_are_the_ones_start_waits_for(tiny_spec: Path) -> None:
     """`serve` launches the workers before importing the web stack; start-up must not spawn a second set."""
-    engine = InferenceEngine(ModelSpec.load(tiny_spec), workers=2, threads_per_worker=1, limits=LIMITS)
+    engine = InferenceEngine(ModelSpec.load(tiny_spec), workers=2, **WORKER_OPTIONS)
     engine.launch()
     engine.launch()  # idempotent
     launched = engine.worker_pids()
@@ -139,14 +141,14 @@ def test_workers_launched_early_are_the_ones_start_waits_for(tiny_spec: Path) ->
 def test_unloadable_model_fails_start_up_clearly(tiny_spec: Path, tmp_path: Path) -> None:
     shutil.copy(tiny_spec, tmp_path / "tiny.yaml")
     (tmp_path / "tiny.keras").write_bytes(b"not a keras archive")
-    engine = InferenceEngine(ModelSpec.load(tmp_path / "tiny.yaml"), workers=1, threads_per_worker=1, limits=LIMITS)
+    engine = InferenceEngine(ModelSpec.load(tmp_path / "tiny.yaml"), workers=1, **WORKER_OPTIONS)
     with pytest.raises(RuntimeError, match="failed to load the model"):
         asyncio.run(engine.start())
     assert not engine.ready
 
 
 def test_concurrent_requests_are_batched_and_errors_stay_with_their_item(tiny_spec: Path) -> None:
-    engine = InferenceEngine(ModelSpec.load(tiny_spec), workers=1, threads_per_worker=1, limits=LIMITS,
+    engine = InferenceEngine(ModelSpec.load(tiny_spec), workers=1, **WORKER_OPTIONS,
                              batch_max_size=4, batch_max_wait_ms=200)
 
     async def scenario() -> list[object]:
@@ -167,7 +169,7 @@ def test_concurrent_requests_are_batched_and_errors_stay_with_their_item(tiny_sp
 
 
 def test_a_full_batch_leaves_without_waiting_for_the_deadline(tiny_spec: Path) -> None:
-    engine = InferenceEngine(ModelSpec.load(tiny_spec), workers=1, threads_per_worker=1, limits=LIMITS,
+    engine = InferenceEngine(ModelSpec.load(tiny_spec), workers=1, **WORKER_OPTIONS,
                              batch_max_size=2, batch_max_wait_ms=60_000)
 
     async def scenario() -> None:
@@ -186,7 +188,7 @@ def test_a_full_batch_leaves_without_waiting_for_the_deadline(tiny_spec: Path) -
 
 def test_many_small_batches_in_flight_keep_every_answer_with_its_request(tiny_spec: Path) -> None:
     """A worker runs the model on one batch while finishing the previous one; answers must not cross."""
-    engine = InferenceEngine(ModelSpec.load(tiny_spec), workers=1, threads_per_worker=1, limits=LIMITS,
+    engine = InferenceEngine(ModelSpec.load(tiny_spec), workers=1, **WORKER_OPTIONS,
                              batch_max_size=3, batch_max_wait_ms=0)
     brightness = [230 if index % 3 else 20 for index in range(25)]
 
@@ -215,7 +217,7 @@ def test_worker_killed_during_a_burst_fails_only_its_batch_and_nothing_is_writte
     keys = [f"burst/{index:02d}.jpg" for index in range(16)]
     etags = {key: upload(s3, input_bucket, key, encode(xray_like(200, seed=index))) for index, key in enumerate(keys)}
     settings = make_settings()
-    engine = InferenceEngine(ModelSpec.load(tiny_spec), workers=2, threads_per_worker=1, limits=LIMITS,
+    engine = InferenceEngine(ModelSpec.load(tiny_spec), workers=2, **WORKER_OPTIONS,
                              batch_max_size=2, batch_max_wait_ms=1)
     pipeline = Pipeline(settings, ObjectStore(make_s3_client(settings)), engine, ModelSpec.load(tiny_spec))
 

@@ -27,6 +27,8 @@ from service.errors import InferenceTimedOut, ModelNotReady
 from service.models.spec import ModelSpec
 
 LIMITS = ImageLimits(max_bytes=10**8, max_pixels=10**8)
+#: Every engine here: one thread per worker, the limits above, a de-identification key of its own.
+WORKER_OPTIONS: dict[str, Any] = {"threads_per_worker": 1, "limits": LIMITS, "deid_key": b"engine-test-pseudonym-key"}
 
 
 async def until(condition: Callable[[], Any], timeout_s: float, message: str) -> None:
@@ -69,7 +71,7 @@ def test_exits_are_described_by_their_cause() -> None:
 def test_a_killed_worker_is_reaped_logged_and_replaced(
     tiny_spec: Path, caplog: pytest.LogCaptureFixture, others: set[Any]
 ) -> None:
-    engine = InferenceEngine(ModelSpec.load(tiny_spec), workers=2, threads_per_worker=1, limits=LIMITS)
+    engine = InferenceEngine(ModelSpec.load(tiny_spec), workers=2, **WORKER_OPTIONS)
 
     async def scenario() -> tuple[int, int, int]:
         await engine.start()
@@ -97,7 +99,7 @@ def test_a_killed_worker_is_reaped_logged_and_replaced(
 def test_a_worker_that_stops_reading_is_killed_without_blocking_the_others(tiny_spec: Path) -> None:
     """SIGSTOP: alive, but reads nothing and answers nothing. Its send blocks only its writer thread; its
     requests get 503 at INFERENCE_TIMEOUT_S; it is killed and replaced; the other worker serves meanwhile."""
-    engine = InferenceEngine(ModelSpec.load(tiny_spec), workers=2, threads_per_worker=1, limits=LIMITS,
+    engine = InferenceEngine(ModelSpec.load(tiny_spec), workers=2, **WORKER_OPTIONS,
                              batch_max_size=1, batch_max_wait_ms=0, inference_timeout_s=4)
     # Larger than a pipe's buffer: the send to the stopped worker blocks for real.
     large = encode(xray_like(230, size=(1400, 1400)), ".png")
@@ -125,7 +127,7 @@ def test_a_worker_that_stops_reading_is_killed_without_blocking_the_others(tiny_
 
 def test_a_replacement_that_cannot_load_makes_the_engine_unhealthy_until_one_can(own_spec: Path) -> None:
     weights = own_spec.parent / "tiny.keras"
-    engine = InferenceEngine(ModelSpec.load(own_spec), workers=1, threads_per_worker=1, limits=LIMITS,
+    engine = InferenceEngine(ModelSpec.load(own_spec), workers=1, **WORKER_OPTIONS,
                              restart_limit=2)
 
     async def scenario() -> None:
@@ -150,7 +152,7 @@ def test_a_replacement_that_hangs_while_loading_is_killed_at_the_start_timeout(
     own_spec: Path, caplog: pytest.LogCaptureFixture, others: set[Any]
 ) -> None:
     weights = own_spec.parent / "tiny.keras"
-    engine = InferenceEngine(ModelSpec.load(own_spec), workers=1, threads_per_worker=1, limits=LIMITS,
+    engine = InferenceEngine(ModelSpec.load(own_spec), workers=1, **WORKER_OPTIONS,
                              start_timeout_s=20)
 
     async def scenario() -> None:
@@ -174,7 +176,7 @@ def test_a_replacement_that_hangs_while_loading_is_killed_at_the_start_timeout(
 
 
 def test_a_worker_killed_during_shutdown_is_not_replaced(tiny_spec: Path, others: set[Any]) -> None:
-    engine = InferenceEngine(ModelSpec.load(tiny_spec), workers=2, threads_per_worker=1, limits=LIMITS)
+    engine = InferenceEngine(ModelSpec.load(tiny_spec), workers=2, **WORKER_OPTIONS)
 
     async def scenario() -> None:
         await engine.start()
