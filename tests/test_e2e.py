@@ -1,5 +1,9 @@
 """End to end: real Ceph bucket notifications (HTTP push) to `xray-pipeline serve` with the default model.
 
+A DICOM study (CR, DX, CT, PET, a report without pixels) goes the same way, and one more DICOM object through the
+KafkaSource path (its record replayed in a KafkaSource's wire format): derived and de-identified outputs, new UIDs
+that match the keyed mapping computed here (another process), no header value left, no readable burned-in name.
+
 Uploads real chest X-rays with fake patient text burned in, under keys full of spaces, `+`, `%` and non-ASCII;
 checks both output buckets, that OCR reads no patient text on the anonymized copies, that the service's DEBUG log
 holds no key fragment, that TensorFlow never loaded in the web process, and that the risks through the service
@@ -8,6 +12,7 @@ equal the model run directly with the spec's preprocessing.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -21,16 +26,21 @@ from typing import Any
 
 import cv2
 import numpy as np
+import pydicom
 import pytest
-from conftest import DEFAULT_SPEC, VALIDATION_IMAGES, free_port, key_fragments, leaks, serve_process
-from ocr_oracle import attack_views, crop, ink_box, patient_tokens, sharpened, tokens_read
+from conftest import DEFAULT_SPEC, VALIDATION_IMAGES, ceph_record, free_port, key_fragments, leaks, serve_process
+from dicom_factory import Patient, leaked_phi, make_dicom, make_no_pixels, new_study, phi_values
+from ocr_oracle import attack_views, changed_box, crop, ink_box, patient_tokens, sharpened, tokens_read
+from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
 
+from service.dicom.deidentify import map_uid
+from service.dicom.read import read_dicom
 from service.imaging.codec import decode_image, encode_image
 from service.imaging.patient_text import burn_patient_text
 from service.imaging.stamp import stamp_label
 from service.imaging.text import find_text_regions
 from service.models.spec import ModelSpec, Prediction
-from service.outputs import anonymized_key, processed_key, pseudonym
+from service.outputs import anonymized_key, failure_key, processed_key, pseudonym
 
 pytestmark = [pytest.mark.rgw, pytest.mark.model]
 
@@ -235,6 +245,117 @@ def test_risks_equal_the_model_run_directly(service: dict[str, Any], s3: Any) ->
     assert through_service.keys() == direct.keys()
     for name, risk in direct.items():
         assert through_service[name] == pytest.approx(risk, abs=1e-4), name
+
+
+#: One patient's study as a hospital would send it: a CR chest X-ray (RLE, MONOCHROME1, the name burned in), a
+#: 12-bit DX of the chest, a CT and an RGB PET (outside the model's domain), and a report without pixels.
+DICOM_STUDY = {
+    "Doe Jane+Marie %41/CR chest 0001.dcm": {"modality": "CR", "photometric": "MONOCHROME1", "rows": 1024,
+                                              "columns": 896, "transfer_syntax": RLELossless},
+    "Doe Jane+Marie %41/DX 0002.dcm": {"modality": "DX", "bits_stored": 12, "rows": 768, "columns": 640},
+    "Doe Jane+Marie %41/CT 0003.dcm": {"modality": "CT", "signed": True, "bits_stored": 16, "body_part": "CHEST"},
+    "Doe Jane+Marie %41/PET 0004.dcm": {"modality": "PT", "photometric": "RGB", "bits_stored": 8,
+                                         "transfer_syntax": JPEG2000Lossless},
+}
+DICOM_REPORT_KEY = "Doe Jane+Marie %41/SR 0005.dcm"
+#: Pushed through the KafkaSource path instead (binary CloudEvent, no Content-Type); no extension: content decides.
+DICOM_KAFKA_KEY = "Doe Jane+Marie %41/IM 0006"
+BURNED_IN = ["DOE JANE MARIE", "PID 4471 0815"]
+
+
+def kafkasource_delivery(bucket: str, key: str, etag: str, offset: int) -> tuple[dict[str, str], bytes]:
+    """A Ceph record as a Knative KafkaSource delivers it from Kafka (tests/events/kafkasource-*.http)."""
+    headers = {
+        "ce-specversion": "1.0", "ce-id": f"partition:0/offset:{offset}",
+        "ce-source": "/apis/v1/namespaces/xray/kafkasources/kafka-source#storage",
+        "ce-type": "dev.knative.kafka.event", "ce-subject": f"partition:0#{offset}",
+        "ce-time": "2026-12-04T10:00:00.000Z", "Prefer": "reply", "Kn-Namespace": "xray",
+    }
+    return headers, json.dumps({"Records": [ceph_record(bucket, key, etag=etag)]}).encode()
+
+
+def test_a_dicom_study_is_classified_where_it_may_be_and_de_identified_everywhere(
+    service: dict[str, Any], s3: Any, tmp_path: Path
+) -> None:
+    bucket, quiet_bucket = "e2e-dicom", "e2e-dicom-kafka"
+    for name in (bucket, quiet_bucket):
+        for suffix in ("", "-processed", "-anonymized"):
+            s3.create_bucket(Bucket=name + suffix)
+    subprocess.run(
+        [sys.executable, "-m", "service.cli", "notify", "create", "--bucket", bucket, "--topic", "e2e-dicom",
+         "--endpoint", f"http://127.0.0.1:{service['port']}/", "--no-persistent", "--regex", r".*\.dcm$"],
+        env=service["env"], check=True, capture_output=True,
+    )
+    patient, study = Patient(), new_study()
+    uploads = {key: make_dicom(patient=patient, study=study, burned_in=BURNED_IN, **options)
+               for key, options in DICOM_STUDY.items()}
+    uploads[DICOM_REPORT_KEY] = make_no_pixels("SR", patient=patient, study=study)
+    for key, body in uploads.items():
+        s3.put_object(Bucket=bucket, Key=key, Body=body)
+    # The same study through the KafkaSource path: the object lands in a bucket without notifications and its
+    # record is replayed in the exact wire format of a KafkaSource.
+    kafka_body = make_dicom(patient=patient, study=study, burned_in=BURNED_IN, modality="DX", rows=512, columns=512,
+                            transfer_syntax=JPEGLSLossless)
+    etag = s3.put_object(Bucket=quiet_bucket, Key=DICOM_KAFKA_KEY, Body=kafka_body)["ETag"].strip('"')
+    headers, body = kafkasource_delivery(quiet_bucket, DICOM_KAFKA_KEY, etag, offset=7)
+    request = urllib.request.Request(f"http://127.0.0.1:{service['port']}/", data=body, headers=headers,
+                                     method="POST")
+    with urllib.request.urlopen(request, timeout=300) as response:
+        assert response.status == 200
+
+    anonymized_studies = set()
+    outputs = [(bucket, key, uploads[key]) for key in DICOM_STUDY] + [(quiet_bucket, DICOM_KAFKA_KEY, kafka_body)]
+    for source_bucket, key, uploaded in outputs:
+        source = pydicom.dcmread(io.BytesIO(uploaded))
+        processed = wait_for(s3, f"{source_bucket}-processed", processed_key(key, dicom=True))
+        metadata = processed["Metadata"]
+        derived = pydicom.dcmread(io.BytesIO(processed["Body"].read()))
+        assert processed["ContentType"] == "application/dicom"
+        assert derived.StudyInstanceUID == source.StudyInstanceUID and derived.PatientID == source.PatientID
+        assert derived.SOPInstanceUID != source.SOPInstanceUID and list(derived.ImageType) == ["DERIVED", "SECONDARY"]
+        assert derived.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+        if source.Modality in ("CR", "DX"):
+            assert metadata["label"] in {"Pneumonia", "Normal", "Unsure"} and 0 <= float(metadata["risk"]) <= 1
+        else:
+            assert metadata["label"] == "not-assessed" and source.Modality in metadata["not-assessed-reason"]
+        alias = pseudonym(E2E_KEY.encode(), source_bucket, key)
+        anonymized = wait_for(s3, f"{source_bucket}-anonymized", anonymized_key(alias, key, "dicom"))
+        assert anonymized_key(alias, key, "dicom") == f"{alias}.dcm"
+        data = anonymized["Body"].read()
+        assert leaked_phi(data, patient, study=study) == []
+        assert not any(leaks(fragment, json.dumps(anonymized["Metadata"])) for fragment in key_fragments(key))
+        clean = pydicom.dcmread(io.BytesIO(data))
+        assert clean.PatientIdentityRemoved == "YES" and clean.BurnedInAnnotation == "NO"
+        assert clean.StudyInstanceUID == map_uid(E2E_KEY.encode(), source.StudyInstanceUID)
+        anonymized_studies.add(clean.StudyInstanceUID)
+        path = tmp_path / f"{alias}.dcm"
+        path.write_bytes(data)
+        assert subprocess.run(["dcmdump", "-q", str(path)], capture_output=True).returncode == 0
+        if source.Modality == "CR":
+            before = read_dicom(uploaded, max_pixels=10**8).display(0)
+            after = read_dicom(data, max_pixels=10**8).display(0)
+            box = changed_box(read_dicom(make_dicom(patient=patient, study=study, **DICOM_STUDY[key]),
+                                         max_pixels=10**8).display(0), before)
+            size = max(12, box[3] // 3)
+            leaked, read_before = tokens_read(
+                [[(after, 11)] + [(view, 6) for view in attack_views(crop(after, box, size))],
+                 [(view, 6) for view in attack_views(crop(before, box, size))]], BURNED_IN)
+            assert read_before, "the OCR oracle must read the burned-in name on the upload"
+            assert not leaked, f"readable on the anonymized DICOM: {sorted(leaked)}"
+    assert len(anonymized_studies) == 1, "one study, one new Study Instance UID"
+
+    alias = pseudonym(E2E_KEY.encode(), bucket, DICOM_REPORT_KEY)
+    failure = wait_for(s3, f"{bucket}-processed", failure_key(alias))
+    record = json.loads(failure["Body"].read())
+    assert record["reason"] == "no-pixel-data"
+    assert not [value for value in phi_values(patient, study=study) if value in json.dumps(record)]
+
+
+def test_service_log_holds_no_dicom_header_value(service: dict[str, Any]) -> None:
+    text = service["log"].read_text()
+    entries = [json.loads(line) for line in text.splitlines() if line.strip()]
+    text += json.dumps(entries, ensure_ascii=False)
+    assert not [value for value in phi_values(Patient(), study=new_study()) if value in text]
 
 
 def test_sigterm_stops_cleanly(service: dict[str, Any]) -> None:
