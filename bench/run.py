@@ -13,7 +13,9 @@
    at 25 %, 50 % and 90 % of the capacity measured in step 2, each event a fresh object (processed eTags are
    skipped, which would flatter the numbers);
 4. cpu_efficiency = model CPU ms per image at batch 8 / service CPU ms per image: the share of the service's
-   CPU that is the model itself.
+   CPU that is the model itself;
+5. the DICOM row (bench/dicom.py): CPU ms per 2-megapixel CR around the model, as JPEG, uncompressed DICOM and
+   RLE DICOM, by stage, and the DICOM paths' extra over JPEG.
 
 It prints a table and writes bench/results.json (one row per backend x workers). Everything it starts it stops,
 also on failure or Ctrl-C. Only loopback traffic. The load generator runs in this process on the same cores as
@@ -42,9 +44,11 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # local_rgw lives with the tests; it is a plain module
+sys.path.insert(0, str(ROOT))  # bench.dicom, when run as `python bench/run.py`
 
 from local_rgw import LocalRGW  # noqa: E402
 
+from bench.dicom import print_row as print_dicom_row  # noqa: E402
 from service.models.fetch import default_model_dir  # noqa: E402
 from service.settings import ModelCacheSettings  # noqa: E402
 
@@ -425,6 +429,14 @@ def main(argv: list[str] | None = None) -> int:
     if "onnx" in backends:
         ensure_onnx_model()
     started = time.monotonic()
+    # In its own process, before the service runs: process CPU time then counts the DICOM path alone.
+    dicom = subprocess.run([sys.executable, str(ROOT / "bench" / "dicom.py"), "--json",
+                            "--repeats", "7" if args.quick else "15"],
+                           cwd=ROOT, check=True, capture_output=True, text=True, timeout=900)
+    dicom_row = json.loads(dicom.stdout.strip().splitlines()[-1])
+    print(f"[{time.monotonic() - started:5.0f} s] DICOM over JPEG: "
+          f"{dicom_row['dicom_explicit_extra_cpu_ms']:+.1f} CPU ms (explicit VR), "
+          f"{dicom_row['dicom_rle_extra_cpu_ms']:+.1f} (RLE)", flush=True)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="xray-bench-") as workdir:
         rgw = LocalRGW(Path(workdir) / "rgw")
@@ -452,9 +464,11 @@ def main(argv: list[str] | None = None) -> int:
             rgw.stop()
             if rows:  # a partial run still leaves its rows
                 add_ratios(rows)
-                args.output.write_text(json.dumps(rows, indent=2) + "\n")
+                args.output.write_text(json.dumps([*rows, {"dicom": dicom_row}], indent=2) + "\n")
     print()
     print_table(rows)
+    print()
+    print_dicom_row(dicom_row)
     print(f"\n{len(rows)} configurations in {time.monotonic() - started:.0f} s; rows in {args.output}")
     return 0
 
