@@ -12,6 +12,7 @@ import io
 import json
 import struct
 import time
+import warnings
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+import pydicom
 import pytest
 from conftest import (
     HOSTILE_KEYS,
@@ -31,10 +33,12 @@ from conftest import (
     upload,
     xray_like,
 )
+from dicom_factory import Patient, make_dicom, make_no_pixels, new_study, phi_values
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from pydicom.uid import MPEG2MPML, JPEGBaseline8Bit
 from test_events import kafkasource_headers
 
 from service.events import BATCH_CONTENT_TYPE, STRUCTURED_CONTENT_TYPE
@@ -485,6 +489,27 @@ def _truncated_jpeg() -> bytes:
     return data[: len(data) // 2]
 
 
+def _rewritten_dicom(change: Callable[[pydicom.Dataset], None], **options: Any) -> bytes:
+    """A DICOM object from the factory with one thing made wrong (its header then lies about its pixels)."""
+    dataset = pydicom.dcmread(io.BytesIO(make_dicom(rows=64, columns=64, patient=DICOM_PATIENT, study=DICOM_STUDY,
+                                                    **options)))
+    change(dataset)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns that the pixel data no longer matches: that is the point
+        dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _mpeg2(dataset: pydicom.Dataset) -> None:
+    dataset.file_meta.TransferSyntaxUID = MPEG2MPML
+
+
+def _declared_40000_square(dataset: pydicom.Dataset) -> None:
+    dataset.Rows = dataset.Columns = 40_000
+
+
+DICOM_PATIENT, DICOM_STUDY = Patient(), new_study()
 BAD_OBJECTS = [
     BadObject("zero-bytes", lambda: b"", ".jpg", "not-an-image"),
     BadObject("truncated-jpeg", _truncated_jpeg, ".jpg", "corrupt-image"),
@@ -510,13 +535,24 @@ BAD_OBJECTS = [
               _expect(_SHAPE, np.dtype(np.uint8))),
     BadObject("jpeg-exif-orientation-6", lambda: _exif_jpeg(6), ".jpg", None, _expect_upright(6)),
     BadObject("jpeg-exif-orientation-8", lambda: _exif_jpeg(8), ".jpg", None, _expect_upright(8)),
+    # DICOM: every header below is full of the factory's patient data, which no answer or record may hold.
+    BadObject("dicom-report-without-pixels", lambda: make_no_pixels("SR", patient=DICOM_PATIENT, study=DICOM_STUDY),
+              ".dcm", "no-pixel-data"),
+    BadObject("dicom-truncated", lambda: make_dicom(patient=DICOM_PATIENT, study=DICOM_STUDY)[:-4000], ".dcm",
+              "corrupt-dicom"),
+    BadObject("dicom-truncated-in-header", lambda: make_dicom(patient=DICOM_PATIENT, study=DICOM_STUDY)[:700], "",
+              "corrupt-dicom"),
+    BadObject("dicom-mpeg2", lambda: _rewritten_dicom(_mpeg2, bits_stored=8, transfer_syntax=JPEGBaseline8Bit), "",
+              "unsupported-dicom"),
+    BadObject("dicom-declared-40000x40000", lambda: _rewritten_dicom(_declared_40000_square), ".dcm",
+              "too-many-pixels", measure_memory=True),
 ]
 #: Patient-like keys, one per case and transport: none of their pieces may appear in an answer or a record.
 _PATIENTS = iter(
     f"ward {ward}/{first} {last}_{1930 + ward}-0{1 + ward % 9}-1{ward % 10}"
     for ward, (first, last) in enumerate(
         [(first, last) for first in ("Ingrid", "Tomasz", "Océane", "Björn", "Xiomara", "Kwabena", "Radhika")
-         for last in ("Mølnar", "Quispe", "Vukovic", "Zappacosta")]
+         for last in ("Mølnar", "Quispe", "Vukovic", "Zappacosta", "Okonkwo", "Haddad")]
     )
 )
 _KEYS_BY_CASE = {
@@ -590,6 +626,8 @@ def test_bad_object_ends_processed_or_as_a_failure_record(
         assert (record["reason"], record["pseudonym"], record["source_etag"]) == (case.reason, alias, etag)
         for fragment in fragments:
             assert fragment not in stored
+        assert not [value for value in phi_values(DICOM_PATIENT, study=DICOM_STUDY)
+                    if value in stored or value in response.text]
         assert "Contents" not in s3.list_objects_v2(Bucket=f"{input_bucket}-anonymized")
         return
 

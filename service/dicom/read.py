@@ -18,7 +18,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.pixels import get_decoder
-from pydicom.uid import UID
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from service.dicom.display import DisplayCurve, display_curve, to_display
 from service.errors import UnprocessableObject
@@ -95,13 +95,28 @@ def read_dicom(data: bytes, *, max_pixels: int) -> DicomImage:
 def _parse(data: bytes) -> Dataset:
     try:
         dataset = pydicom.dcmread(io.BytesIO(data))
+        truncated = not _ends_where_its_last_element_does(dataset, len(data))
         # pydicom reads lazily in places (deferred sequences, raw elements): touching every element now makes a
-        # truncated or malformed header fail here, with our message, rather than later in a writer.
+        # malformed header fail here, with our message, rather than later in a writer.
         for _element in dataset.iterall():
             pass
     except Exception:
-        raise UnprocessableObject("DICOM data is corrupt or truncated", reason="corrupt-dicom") from None
+        truncated = True
+    if truncated:
+        raise UnprocessableObject("DICOM data is corrupt or truncated", reason="corrupt-dicom")
     return dataset
+
+
+def _ends_where_its_last_element_does(dataset: Dataset, size: int) -> bool:
+    """pydicom stops silently where the data ends, even inside an element: a file cut short would otherwise read
+    as a complete object that merely lacks its later elements (its pixel data above all)."""
+    if not len(dataset) or dataset.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+        return True  # a deflated data set's offsets are in the inflated stream; its inflation fails if cut
+    last = dataset.get_item(max(dataset.keys()))
+    length, value_at = getattr(last, "length", None), getattr(last, "value_tell", None)
+    if length is None or value_at is None or length == 0xFFFFFFFF:
+        return True  # an undefined length (a sequence, encapsulated pixels): its own parsing finds the end
+    return value_at + length == size
 
 
 def _transfer_syntax(dataset: Dataset) -> UID:
