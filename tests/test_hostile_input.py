@@ -130,11 +130,17 @@ _JSON_LEAVES = st.one_of(
     st.floats(),
     st.text(max_size=20),
 )
-_JSON_VALUES = st.recursive(
-    _JSON_LEAVES,
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
-    max_leaves=12,
-)
+
+
+def _json_containers(children: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    # A named function, not a lambda: Hypothesis checks that `extend` uses its argument by reading its source,
+    # which for a lambda inside a call is fragile.
+    return st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4)
+
+
+_JSON_VALUES = st.recursive(_JSON_LEAVES, _json_containers, max_leaves=12)
+
+
 def _mostly(draw: st.DrawFn, usual: st.SearchStrategy[Any], *others: st.SearchStrategy[Any]) -> Any:
     """`usual` more often than all `others` together: most records get past intake and reach S3."""
     choice = draw(st.integers(0, 7 + len(others)))
