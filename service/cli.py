@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     create.add_argument("--event", action="append", dest="events",
                         help="event, repeatable (default: s3:ObjectCreated:*)")
     create.add_argument("--prefix")
-    create.add_argument("--suffix")
+    create.add_argument("--suffix", action="append", dest="suffixes", metavar="SUFFIX",
+                        help="key suffix, repeatable (several become one regex rule), e.g. .dcm")
     create.add_argument("--regex", help="Ceph's key regex filter, e.g. '.*\\.(jpe?g|png)$'")
     create.add_argument("--persistent", action=argparse.BooleanOptionalAction, default=True,
                         help="persistent (at-least-once) delivery (default: on)")
@@ -249,7 +250,7 @@ def _notify(args: argparse.Namespace) -> int:
         rule_id = args.id or args.topic
         admin.ensure_notification(
             args.bucket, arn, notification_id=rule_id, events=args.events or DEFAULT_EVENTS,
-            prefix=args.prefix, suffix=args.suffix, regex=args.regex,
+            prefix=args.prefix, suffix=args.suffixes, regex=args.regex,
         )
         output = {"topic_arn": arn, "bucket": args.bucket, "id": rule_id}
     elif args.action == "list":

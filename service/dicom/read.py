@@ -12,6 +12,8 @@ from __future__ import annotations
 import io
 import logging
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,6 +27,16 @@ from service.errors import UnprocessableObject
 
 # pydicom logs through this logger, sometimes quoting values; the service's own lines are the only ones wanted.
 logging.getLogger("pydicom").disabled = True
+
+
+@contextmanager
+def pydicom_quiet() -> Iterator[None]:
+    """pydicom's warnings quote header values (an undecodable name, a malformed date): none may escape, whether
+    to a log or to a test run with warnings as errors. Values decode lazily, on first use, so every use of a
+    header runs inside this."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 #: Photometric interpretations whose pixels we can render and write back. Palette colour, YBR_ICT/RCT (only
 #: ever inside JPEG 2000, decoded to RGB) and the retired ones are converted or refused by pydicom itself.
@@ -51,11 +63,13 @@ class DicomImage:
 
     @property
     def modality(self) -> str:
-        return str(self.dataset.get("Modality", "") or "").strip().upper()
+        with pydicom_quiet():
+            return str(self.dataset.get("Modality", "") or "").strip().upper()
 
     @property
     def body_part(self) -> str:
-        return str(self.dataset.get("BodyPartExamined", "") or "").strip().upper()
+        with pydicom_quiet():
+            return str(self.dataset.get("BodyPartExamined", "") or "").strip().upper()
 
     @property
     def bits_stored(self) -> int:
@@ -81,8 +95,7 @@ class DicomImage:
 
 def read_dicom(data: bytes, *, max_pixels: int) -> DicomImage:
     """Parse and decode a Part 10 object, or raise `UnprocessableObject` (never with a header value in it)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with pydicom_quiet():
         dataset = _parse(data)
         transfer_syntax = _transfer_syntax(dataset)
         frame_count, samples = _check_pixel_description(dataset, max_pixels)
@@ -95,11 +108,10 @@ def read_dicom(data: bytes, *, max_pixels: int) -> DicomImage:
 def _parse(data: bytes) -> Dataset:
     try:
         dataset = pydicom.dcmread(io.BytesIO(data))
+        # Elements stay raw (pydicom decodes a value when it is used): the processed copy then writes back the
+        # bytes of values it never touched, even those no character set decodes. A malformed one that is used
+        # fails where it is used, with a message of ours.
         truncated = not _ends_where_its_last_element_does(dataset, len(data))
-        # pydicom reads lazily in places (deferred sequences, raw elements): touching every element now makes a
-        # malformed header fail here, with our message, rather than later in a writer.
-        for _element in dataset.iterall():
-            pass
     except Exception:
         truncated = True
     if truncated:
@@ -110,7 +122,9 @@ def _parse(data: bytes) -> Dataset:
 def _ends_where_its_last_element_does(dataset: Dataset, size: int) -> bool:
     """pydicom stops silently where the data ends, even inside an element: a file cut short would otherwise read
     as a complete object that merely lacks its later elements (its pixel data above all)."""
-    if not len(dataset) or dataset.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+    if not len(dataset):
+        return False  # cut in the preamble or File Meta, or a data set pydicom gave up on (a sequence cut short)
+    if dataset.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
         return True  # a deflated data set's offsets are in the inflated stream; its inflation fails if cut
     last = dataset.get_item(max(dataset.keys()))
     length, value_at = getattr(last, "length", None), getattr(last, "value_tell", None)
@@ -125,6 +139,10 @@ def _transfer_syntax(dataset: Dataset) -> UID:
     if "PixelData" not in dataset:
         sop_class = UID(str(dataset.get("SOPClassUID", "")))
         kind = f" ({sop_class.name})" if sop_class.is_valid and sop_class.name != sop_class else ""
+        if "Image Storage" in kind:
+            # An image object always has pixel data: this one was cut short exactly between two elements.
+            raise UnprocessableObject(f"the DICOM image{kind} ends before its pixel data: it is truncated",
+                                      reason="corrupt-dicom")
         raise UnprocessableObject(f"the DICOM object{kind} has no pixel data", reason="no-pixel-data")
     if not transfer_syntax.is_valid:
         raise UnprocessableObject("the DICOM object names no valid transfer syntax", reason="unsupported-dicom")

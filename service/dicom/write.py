@@ -13,6 +13,7 @@ import io
 import warnings
 
 import numpy as np
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import get_encoder
 from pydicom.uid import (
@@ -45,11 +46,18 @@ def output_transfer_syntax(source: UID) -> UID:
 
 
 def header_without_pixels(dataset: Dataset) -> Dataset:
-    """A deep copy of `dataset` without its pixel data (copying the encoded pixels would only be thrown away)."""
+    """A copy of `dataset` without its pixel data (copying the encoded pixels would only be thrown away).
+
+    Elements pydicom has not decoded yet are copied as their raw bytes (immutable, so shared): decoding them here
+    would turn a value no character set decodes into replacement characters, and warn with the value.
+    """
     header = Dataset()
-    for element in dataset:
-        if element.tag != 0x7FE00010:
-            header.add(copy.deepcopy(element))
+    with warnings.catch_warnings():
+        # pydicom decodes a private element to find its creator: its warning would quote the value.
+        warnings.simplefilter("ignore")
+        for element in dataset.elements():
+            if element.tag != 0x7FE00010:
+                header[element.tag] = element if isinstance(element, RawDataElement) else copy.deepcopy(element)
     header.set_original_encoding(dataset.is_implicit_VR, dataset.is_little_endian, dataset.original_character_set)
     return header
 

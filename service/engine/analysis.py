@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service.dicom.instances import anonymized_instance, processed_instance
-from service.dicom.read import CLASSIFIED_FRAME, DicomImage, read_dicom
+from service.dicom.read import CLASSIFIED_FRAME, DicomImage, pydicom_quiet, read_dicom
 from service.dicom.sniff import is_dicom
 from service.engine.messages import Analysis, AnalysisOutcome, AnalysisRequest, ImageLimits
 from service.errors import UnprocessableObject
@@ -198,7 +198,8 @@ def _dicom_output(write: Callable[[], bytes]) -> bytes:
     """Writing an output re-encodes header values pydicom could not encode or parse: such an object fails with a
     message of ours (pydicom's would quote the value)."""
     try:
-        return write()
+        with pydicom_quiet():
+            return write()
     except UnprocessableObject:
         raise
     except Exception:

@@ -1,10 +1,10 @@
 """`xray-pipeline backfill`: gets the objects already in a bucket processed by the service's own rules.
 
-Objects are listed (image suffixes only, never the service's failure records), and each one whose processed copy
-does not yet record its ETag is either processed here by a real `Pipeline` (the service's code, its workers, its
-outputs) or announced to a running service as a plain Ceph notification (`--emit URL`), so a Knative fleet does
-the work. Rerunning after an interruption skips what is done through the same ETag check the service makes.
-Lines name pseudonyms and outcomes, never keys.
+Objects are listed (image suffixes, DICOM ones included, and keys without a suffix whose first bytes are DICOM;
+never the service's failure records), and each one whose processed copy does not yet record its ETag is either
+processed here by a real `Pipeline` (the service's code, its workers, its outputs) or announced to a running service
+as a plain Ceph notification (`--emit URL`), so a Knative fleet does the work. Rerunning after an interruption skips
+what is done through the same ETag check the service makes. Lines name pseudonyms and outcomes, never keys.
 """
 
 from __future__ import annotations
@@ -25,16 +25,18 @@ from service.errors import ConfigurationError, PipelineError, TransientFailure
 from service.events import ObjectRecord
 from service.models.source import resolve_model
 from service.outputs import failure_key, failure_on_record, is_done, processed_key, pseudonym
-from service.pipeline import Pipeline
+from service.pipeline import NOT_ASSESSED_REASON_CODE, Pipeline
 from service.settings import Settings, load_settings
 from service.storage import ObjectStore, make_s3_client
 from service.tools.listing import ListedObject, bucket_images, is_s3_uri, split_s3_prefix
 from service.tools.run import (
     CONTENT_FAILURES,
+    NOT_ASSESSED,
     Console,
     ToolEngine,
     configure_tool_logging,
     default_concurrency,
+    describe_not_assessed,
     for_each,
     retrying,
     run_to_the_end,
@@ -140,7 +142,10 @@ class InProcess:
             return ObjectOutcome(alias, "transient", error.reason)
         except PipelineError as error:  # a bucket outside INPUT_BUCKETS
             return ObjectOutcome(alias, "refused", error.reason)
-        return ObjectOutcome(alias, result.outcome.value, result.reason, result.label, result.risk)
+        # The pipeline's `duplicate`: the processed copy records this ETag after all (the listing's guess of where
+        # the copy is was wrong, e.g. a DICOM object named .jpeg): what this tool calls already processed.
+        reason = ALREADY_PROCESSED if result.reason == "duplicate" else result.reason
+        return ObjectOutcome(alias, result.outcome.value, reason, result.label, result.risk)
 
     async def close(self) -> None:
         await self._engine.stop()
@@ -222,7 +227,7 @@ class BackfillRun:
 
     @property
     def counts(self) -> dict[str, int]:
-        return dict(self.console.counts) if self.console else {}
+        return self.console.tally() if self.console else {}
 
     async def execute(self) -> None:
         # S3 calls run in threads, as in the service: enough of them for every object in flight.
@@ -239,13 +244,15 @@ class BackfillRun:
     async def _handle(self, listed: ListedObject) -> None:
         outcome = await self._outcome(listed)
         assert self.console is not None
-        self.console.record(outcome.outcome, outcome.line())
+        self.console.record(outcome.outcome, outcome.line(), not_assessed=outcome.reason == NOT_ASSESSED_REASON_CODE)
 
     async def _outcome(self, listed: ListedObject) -> ObjectOutcome:
         alias = pseudonym(self._secret, listed.bucket, listed.key)
         processed_bucket = self.settings.processed_bucket_for(listed.bucket)
         try:
-            recorded = await self._recorded(processed_bucket, processed_key(listed.key))
+            # Where the service puts it: `.dcm` for a DICOM object, known here from its key or, for a key without a
+            # suffix, its first bytes (the pipeline checks the content again after the fetch).
+            recorded = await self._recorded(processed_bucket, processed_key(listed.key, dicom=listed.dicom))
             if is_done(recorded, listed.etag):
                 return ObjectOutcome(alias, "skipped", ALREADY_PROCESSED)
             # A permanent failure of this very content is on record: analyzing it again would fail the same way.
@@ -301,4 +308,5 @@ def run_backfill(source: str, *, rate: float | None, emit: str | None, dry_run: 
 
 
 def _describe(counts: dict[str, int]) -> str:
-    return ", ".join(f"{count} {outcome}" for outcome, count in sorted(counts.items())) or "nothing to do"
+    outcomes = ", ".join(f"{count} {outcome}" for outcome, count in sorted(counts.items()) if outcome != NOT_ASSESSED)
+    return outcomes + describe_not_assessed(counts) if outcomes else "nothing to do"

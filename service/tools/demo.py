@@ -2,13 +2,15 @@
 
 Given an S3 endpoint in the environment (`make demo` boots a throwaway Ceph RGW for it), it creates the buckets,
 starts `xray-pipeline serve`, points a bucket notification at it, uploads the model's 16 validation X-rays with
-fake patient text burned in and patient-like keys, waits for both outputs of each, prints a table and saves the
+fake patient text burned in and patient-like keys, and one of them again as a DICOM chest X-ray (a CR with a fake
+patient in its header and burned into its pixels), waits for both outputs of each, prints a table and saves the
 images for viewing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import secrets
 import shutil
@@ -23,11 +25,15 @@ from pathlib import Path
 from typing import Any
 
 import cv2
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ComputedRadiographyImageStorage, ExplicitVRLittleEndian, RLELossless, generate_uid
 
 from service.errors import ConfigurationError
 from service.imaging.patient_text import burn_patient_text
 from service.models.fetch import validation_images
-from service.outputs import processed_key
+from service.outputs import anonymized_key, processed_key
 from service.settings import ANONYMIZED_SUFFIX, PROCESSED_SUFFIX, ModelCacheSettings, S3Settings, load_settings
 from service.tools.notify import NotificationAdmin, TopicOptions
 
@@ -38,6 +44,10 @@ FAKE_PATIENTS = [
     ("Ola Nordmann", "1979-01-23"), ("Chloé Dubois", "1990-10-10"),
 ]
 POSITIONS = ["top-left", "top-right", "bottom-left", "bottom-right"]
+#: The DICOM upload's invented patient, in its header and burned into its pixels.
+DICOM_PATIENT = "DEMO^PATIENT"
+DICOM_PATIENT_ID = "DEMO-4711"
+DICOM_BIRTH_DATE = "19500101"
 
 
 class DemoSettings(S3Settings, ModelCacheSettings):
@@ -49,6 +59,11 @@ class DemoUpload:
     source: Path
     key: str
     truth: str
+    dicom: bool = False
+
+    @property
+    def extension(self) -> str:
+        return ".dcm" if self.dicom else ".jpeg"
 
 
 def run_demo(*, images: str | None, out: str, bucket: str) -> int:
@@ -76,13 +91,14 @@ def run_demo(*, images: str | None, out: str, bucket: str) -> int:
             # Non-persistent: Ceph pushes inside each upload, which keeps the demo quick and ordered.
             TopicOptions(push_endpoint=f"http://127.0.0.1:{port}/", persistent=False, opaque_data="xray-demo"),
         )
-        admin.ensure_notification(bucket, arn, notification_id="xray-demo", regex=r".*\.(jpe?g|png)$")
+        admin.ensure_notification(bucket, arn, notification_id="xray-demo", regex=r".*\.(jpe?g|png|dcm)$")
         uploads = _upload(s3, bucket, sources, output_dir / "input")
         rows = _collect(s3, bucket, uploads, output_dir)
     finally:
         service.terminate()
         service.wait(timeout=60)
     _print_table(rows)
+    _print_dicom(uploads, rows, output_dir)
     print(f"\nimages saved under {output_dir}/ (input/, processed/, anonymized/)")
     print(f"service log: {output_dir}/service.log")
     return 0 if all(row["label"] != "-" for row in rows) else 1
@@ -148,8 +164,69 @@ def _upload(s3: Any, bucket: str, sources: list[Path], input_dir: Path) -> list[
         uploads.append(DemoUpload(source, key, truth))
         if sys.stdout.isatty():
             print(f"uploaded {index + 1}/{len(sources)}", end="\r", flush=True)
-    print(f"uploaded {len(sources)} X-rays with fake patient text burned in; waiting for the outputs ...")
+    uploads.append(_upload_dicom(s3, bucket, uploads[-1], len(uploads), input_dir))
+    print(f"uploaded {len(sources)} X-rays with fake patient text burned in, and the last one again as a DICOM CR; "
+          "waiting for the outputs ...")
     return uploads
+
+
+def _upload_dicom(s3: Any, bucket: str, like: DemoUpload, index: int, input_dir: Path) -> DemoUpload:
+    """`like`'s X-ray again, as a modality would send it: a DICOM CR with a patient in its header and its pixels."""
+    pixels = cv2.imread(str(like.source), cv2.IMREAD_GRAYSCALE)
+    study = 3600 + index
+    birth = f"{DICOM_BIRTH_DATE[:4]}-{DICOM_BIRTH_DATE[4:6]}-{DICOM_BIRTH_DATE[6:]}"
+    name = DICOM_PATIENT.replace("^", " ")
+    burned = burn_patient_text(pixels, [name, f"ID {DICOM_PATIENT_ID}  DOB {birth}"],
+                               position=POSITIONS[index % len(POSITIONS)])
+    data = demo_dicom(burned, accession=f"ACC{study}")
+    key = f"chest_xray/{like.truth}/{name}_{study}_{birth} CR {index:02d}.dcm"
+    s3.put_object(Bucket=bucket, Key=key, Body=data, ContentType="application/dicom")
+    (input_dir / f"{index:02d}.dcm").write_bytes(data)
+    return DemoUpload(like.source, key, like.truth, dicom=True)
+
+
+def demo_dicom(pixels: np.ndarray, *, accession: str) -> bytes:
+    """A DICOM chest X-ray as a CR plate reader writes it: `pixels` (8-bit grey, patient text burned in) as 12-bit
+    MONOCHROME1 (white is low), RLE lossless, with the fake patient and a study in the header."""
+    stored = (4095 - np.rint(pixels.astype(np.float32) * (4095 / 255))).astype(np.uint16)
+    sop_uid = generate_uid()
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ComputedRadiographyImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPClassUID = ComputedRadiographyImageStorage
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = time.strftime("%Y%m%d")
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = time.strftime("%H%M%S")
+    ds.AccessionNumber = accession
+    ds.StudyID = accession[-6:]
+    ds.StudyDescription = f"XR CHEST PA for {DICOM_PATIENT.replace('^', ' ')}"
+    ds.SeriesNumber = ds.InstanceNumber = 1
+    ds.Modality = "CR"
+    ds.BodyPartExamined = "CHEST"
+    ds.ViewPosition = "PA"
+    ds.Manufacturer = "xray-pipeline demo"
+    ds.InstitutionName = "Demo General Hospital"
+    ds.ReferringPhysicianName = "DEMO^DOCTOR"
+    ds.PatientName = DICOM_PATIENT
+    ds.PatientID = DICOM_PATIENT_ID
+    ds.PatientBirthDate = DICOM_BIRTH_DATE
+    ds.PatientSex = "O"
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME1"
+    ds.Rows, ds.Columns = stored.shape
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.WindowCenter, ds.WindowWidth = 2048, 4096
+    ds.BurnedInAnnotation = "YES"
+    ds.PixelData = stored.tobytes()
+    ds.compress(RLELossless)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
 
 
 def _collect(s3: Any, bucket: str, uploads: list[DemoUpload], output_dir: Path) -> list[dict[str, str]]:
@@ -167,13 +244,16 @@ def _collect(s3: Any, bucket: str, uploads: list[DemoUpload], output_dir: Path) 
                 time.sleep(0.3)
                 continue
             metadata = response["Metadata"]
-            (output_dir / "processed" / f"{index:02d}.jpeg").write_bytes(response["Body"].read())
+            name = f"{index:02d}{upload.extension}"
+            (output_dir / "processed" / name).write_bytes(response["Body"].read())
             alias = metadata["pseudonym"]
-            row |= {"pseudonym": alias, "label": metadata["label"], "risk": f"{float(metadata['risk']):.1%}"}
-            anonymized_key = alias + ".jpeg"
-            anonymized = s3.get_object(Bucket=bucket + ANONYMIZED_SUFFIX, Key=anonymized_key)
-            (output_dir / "anonymized" / f"{index:02d}.jpeg").write_bytes(anonymized["Body"].read())
-            row["anonymized"] = f"{bucket + ANONYMIZED_SUFFIX}/{anonymized_key}"
+            # A DICOM object outside the model's domain would have no risk (label `not-assessed`).
+            risk = f"{float(metadata['risk']):.1%}" if "risk" in metadata else "-"
+            row |= {"pseudonym": alias, "label": metadata["label"], "risk": risk}
+            anonymized_name = anonymized_key(alias, upload.key, "dicom" if upload.dicom else "")
+            anonymized = s3.get_object(Bucket=bucket + ANONYMIZED_SUFFIX, Key=anonymized_name)
+            (output_dir / "anonymized" / name).write_bytes(anonymized["Body"].read())
+            row["anonymized"] = f"{bucket + ANONYMIZED_SUFFIX}/{anonymized_name}"
             break
         rows.append(row)
     return rows
@@ -189,3 +269,21 @@ def _print_table(rows: list[dict[str, str]]) -> None:
     correct = sum((row["label"] == "Pneumonia") == (row["truth"] == "PNEUMONIA") for row in decided)
     print(f"\n{len(rows)} images; {len(decided)} labelled Pneumonia/Normal, {correct} of them correct; "
           f"{sum(row['label'] == 'Unsure' for row in rows)} Unsure")
+
+
+def _print_dicom(uploads: list[DemoUpload], rows: list[dict[str, str]], output_dir: Path) -> None:
+    """What became of the DICOM upload's patient: its anonymized copy names a keyed pseudonym instead."""
+    for upload, row in zip(uploads, rows, strict=True):
+        if not upload.dicom:
+            continue
+        original = next(other for other, twin in zip(rows, uploads, strict=True) if twin.source == upload.source)
+        print(f"\n{row['#']} is {original['#']} again as DICOM: a CR (MONOCHROME1, RLE lossless, 12 bits) with a fake "
+              "patient in its header and burned into its pixels.")
+        anonymized = output_dir / "anonymized" / f"{row['#']}.dcm"
+        if not anonymized.is_file():
+            print("   It has no anonymized copy.")
+            continue
+        header = pydicom.dcmread(anonymized, stop_before_pixels=True)
+        print(f"   Its anonymized copy names PatientName {header.get('PatientName', '')} (a keyed pseudonym); "
+              f"PatientIdentityRemoved {header.get('PatientIdentityRemoved', '')}, "
+              f"BurnedInAnnotation {header.get('BurnedInAnnotation', '')}.")

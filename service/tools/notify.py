@@ -4,6 +4,10 @@ Replaces the separate tool and the Postman collection the original demos needed.
 creating what exists updates it in place; removing what is absent is not an error. Ceph (Pacific) differs from
 AWS here: a PUT of a notification configuration merges rules by Id instead of replacing the set, and a single rule
 is removed with `DELETE /<bucket>?notification=<id>`, which boto3 has no call for.
+
+A rule's key filter holds at most one prefix, one suffix and one regex (Ceph refuses a second rule of a name), all of
+which must match, case-sensitively; Ceph's regex is a C++ std::regex (ECMAScript) matched against the whole key.
+Several suffixes (`.dcm` and `.jpeg`) therefore become one regex.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 from botocore.httpsession import URLLib3Session
 
+from service.errors import ConfigurationError
 from service.settings import S3Settings
 from service.storage import make_s3_client
 
@@ -84,10 +89,15 @@ class NotificationAdmin:
         notification_id: str,
         events: Sequence[str] = DEFAULT_EVENTS,
         prefix: str | None = None,
-        suffix: str | None = None,
+        suffix: str | Sequence[str] | None = None,
         regex: str | None = None,
     ) -> None:
-        """Add or replace the rule `notification_id` on `bucket`, keeping the bucket's other rules."""
+        """Add or replace the rule `notification_id` on `bucket`, keeping the bucket's other rules.
+
+        `suffix` may be several (`[".dcm", ".jpeg"]`): one is a suffix rule (AWS has no regex), more are one regex
+        rule matching any of them (Ceph), which leaves no room for a `regex` of the caller's.
+        """
+        suffix, regex = key_filter_rules(suffix, regex)
         rules = [
             {"Name": name, "Value": value}
             for name, value in (("prefix", prefix), ("suffix", suffix), ("regex", regex))
@@ -129,3 +139,22 @@ class NotificationAdmin:
         S3SigV4Auth(credentials, "s3", settings.aws_default_region).add_auth(request)
         response = URLLib3Session(timeout=int(settings.s3_read_timeout_s)).send(request.prepare())
         return 200 <= response.status_code < 300
+
+
+def key_filter_rules(suffix: str | Sequence[str] | None, regex: str | None) -> tuple[str | None, str | None]:
+    """The suffix rule and regex rule of a key filter for one or several suffixes (see the module docstring)."""
+    suffixes = [suffix] if isinstance(suffix, str) else [value for value in suffix or () if value]
+    suffixes = list(dict.fromkeys(suffixes))
+    if len(suffixes) <= 1:
+        return (suffixes[0] if suffixes else None), regex
+    if regex:
+        raise ConfigurationError("--suffix: several suffixes become Ceph's one regex rule; put them in --regex instead")
+    return None, ".*(" + "|".join(_ecmascript_escape(value) for value in suffixes) + ")"
+
+
+def _ecmascript_escape(text: str) -> str:
+    """`text` as a literal in an ECMAScript regex (std::regex's default grammar)."""
+    return "".join("\\" + character if character in _REGEX_SPECIAL else character for character in text)
+
+
+_REGEX_SPECIAL = frozenset("\\^$.|?*+()[]{}/")

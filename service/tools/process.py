@@ -3,9 +3,10 @@
 Each image goes through the same inference engine as an event (spawned workers, batches), and its outputs go to a
 folder or an S3 prefix: `processed/<path>-processed.<ext>` (stamped) and `anonymized/<pseudonym><ext>`, the
 anonymized copy first and the processed copy last, each written whole (a temporary file renamed into place; an S3
-put). The report has one row per image (pseudonym, status, reason, label, risk, ...): never a path or key, which
-hold patient names. A rerun skips unchanged inputs: the report keeps each input's fingerprint (sha256 of a file,
-ETag of an object) for folder outputs; for S3 outputs the processed copy's source eTag does (service.outputs).
+put). A DICOM input (known by its content) gets `.dcm` outputs, as in the service (service.outputs). The report has
+one row per image (pseudonym, status, reason, label, risk, ...): never a path or key, which hold patient names. A
+rerun skips unchanged inputs: the report keeps each input's fingerprint (sha256 of a file, ETag of an object) for
+folder outputs; for S3 outputs the processed copy's source eTag does (service.outputs).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import unquote
 
+from service.dicom.sniff import is_dicom
 from service.engine.messages import Analysis
 from service.errors import ConfigurationError, PipelineError, TransientFailure, UnprocessableObject
 from service.models.source import resolve_model
@@ -35,6 +37,7 @@ from service.outputs import (
     processed_key,
     pseudonym,
 )
+from service.pipeline import NOT_ASSESSED_REASON_CODE
 from service.settings import Settings, load_settings
 from service.storage import ObjectStore, make_s3_client
 from service.tools.listing import bucket_images, is_s3_uri, local_images, split_s3_prefix
@@ -45,6 +48,7 @@ from service.tools.run import (
     ToolEngine,
     configure_tool_logging,
     default_concurrency,
+    describe_not_assessed,
     for_each,
     retrying,
     run_to_the_end,
@@ -70,6 +74,8 @@ class Source:
     path: Path | None = None
     #: The listed ETag of an S3 input.
     etag: str = ""
+    #: Whether it is DICOM by its name (or, without a suffix, its first bytes): a guess until its content is read.
+    dicom: bool = False
     #: Another input already claimed the same output path (or the same pseudonym).
     duplicate: bool = False
 
@@ -95,16 +101,16 @@ class FolderOutput:
         parts = PurePosixPath(relative).parts
         return bool(parts) and not relative.startswith("/") and ".." not in parts
 
-    def processed_path(self, relative: str) -> Path:
-        return self.root / PROCESSED_FOLDER / PurePosixPath(processed_key(relative))
+    def processed_path(self, relative: str, *, dicom: bool) -> Path:
+        return self.root / PROCESSED_FOLDER / PurePosixPath(processed_key(relative, dicom=dicom))
 
     def find_done(self, source: Source, alias: str, fingerprint: str, previous: ReportRow | None,
-                  anonymize_always: bool) -> ReportRow | None:
+                  anonymize_always: bool, *, dicom: bool) -> ReportRow | None:
         if previous is None or previous.fingerprint != fingerprint:
             return None
         if previous.status is Outcome.FAILED:
             return previous if previous.reason in CONTENT_FAILURES else None
-        if not self.processed_path(source.relative).is_file():
+        if not self.processed_path(source.relative, dicom=dicom).is_file():
             return None
         if previous.anonymized:
             if not (self.root / ANONYMIZED_FOLDER / previous.anonymized).is_file():
@@ -113,12 +119,12 @@ class FolderOutput:
             return None
         return dataclasses.replace(previous, status=Outcome.SKIPPED, reason=ALREADY_PROCESSED)
 
-    def write(self, source: Source, outputs: list[Output]) -> None:
-        for output in outputs:  # in the contract's order, each whole (metadata has no place in a file)
-            if output.kind == "anonymized":
-                write_atomically(self.root / ANONYMIZED_FOLDER / output.key, output.body)
-            else:
-                write_atomically(self.processed_path(source.relative), output.body)
+    def write(self, outputs: list[Output]) -> None:
+        """Outputs named below the folder (see `ProcessRun._outcome`), in the contract's order, each whole (metadata
+        has no place in a file)."""
+        for output in outputs:
+            folder = ANONYMIZED_FOLDER if output.kind == "anonymized" else PROCESSED_FOLDER
+            write_atomically(self.root / folder / PurePosixPath(output.key), output.body)
 
     def publish_report(self, report: Report) -> None:
         pass  # a folder's report is a file in it already
@@ -143,19 +149,19 @@ class BucketOutput:
     def holds(self, relative: str) -> bool:
         return bool(relative)
 
-    def processed_object(self, relative: str) -> str:
-        return self.prefix + posixpath.join(PROCESSED_FOLDER, processed_key(relative))
+    def processed_object(self, relative: str, *, dicom: bool) -> str:
+        return self.prefix + posixpath.join(PROCESSED_FOLDER, processed_key(relative, dicom=dicom))
 
     def anonymized_object(self, name: str) -> str:
         return self.prefix + posixpath.join(ANONYMIZED_FOLDER, name)
 
     def find_done(self, source: Source, alias: str, fingerprint: str, previous: ReportRow | None,
-                  anonymize_always: bool) -> ReportRow | None:
-        recorded = self.store.recorded_metadata(self.bucket, self.processed_object(source.relative))
+                  anonymize_always: bool, *, dicom: bool) -> ReportRow | None:
+        recorded = self.store.recorded_metadata(self.bucket, self.processed_object(source.relative, dicom=dicom))
         if not is_done(recorded, fingerprint):
             return None
-        # Inputs are listed by image suffix, which the anonymized name keeps: it is known without decoding.
-        anonymized_name = anonymized_key(alias, source.key, "")
+        # The anonymized name keeps a known image suffix (`.dcm` for DICOM): it is known without decoding.
+        anonymized_name = anonymized_key(alias, source.key, "dicom" if dicom else "")
         has_anonymized = self.store.recorded_metadata(self.bucket, self.anonymized_object(anonymized_name)) is not None
         if anonymize_always and not has_anonymized:
             return None
@@ -164,12 +170,12 @@ class BucketOutput:
                          risk=float(risk) if risk else None, anonymized=anonymized_name if has_anonymized else "",
                          fingerprint=fingerprint)
 
-    def write(self, source: Source, outputs: list[Output]) -> None:
-        for output in outputs:  # in the contract's order
-            key = (self.anonymized_object(output.key) if output.kind == "anonymized"
-                   else self.processed_object(source.relative))
-            self.store.put_object(self.bucket, key, output.body, content_type=output.content_type,
-                                  metadata=output.metadata)
+    def write(self, outputs: list[Output]) -> None:
+        """Outputs named below the prefix (see `ProcessRun._outcome`), in the contract's order."""
+        for output in outputs:
+            folder = ANONYMIZED_FOLDER if output.kind == "anonymized" else PROCESSED_FOLDER
+            self.store.put_object(self.bucket, self.prefix + posixpath.join(folder, output.key), output.body,
+                                  content_type=output.content_type, metadata=output.metadata)
 
     def publish_report(self, report: Report) -> None:
         """The report beside the outputs, when no local report file was asked for."""
@@ -183,14 +189,19 @@ Destination = FolderOutput | BucketOutput
 
 
 def plan_sources(paths: list[str], output: Destination, s3_client: Any) -> list[Source]:
-    """Every input image, in argument order; inputs that would share an output path are marked duplicates."""
+    """Every input image, in argument order; inputs that would share an output path are marked duplicates.
+
+    The output path is the processed copy's: `scan.dcm`, `scan.dicom` and a DICOM `scan` all make
+    `scan-processed.dcm`. (Whether an input is DICOM is guessed from its name or first bytes here.)
+    """
     sources: list[Source] = []
     claimed: set[str] = set()
     names: set[tuple[str, str]] = set()
     for source in _sources(paths, output, s3_client):
         relative = str(PurePosixPath(source.relative)) if source.relative else ""
-        duplicate = relative in claimed or (source.bucket, source.key) in names
-        claimed.add(relative)
+        claim = processed_key(relative, dicom=source.dicom) if relative else ""
+        duplicate = claim in claimed or (source.bucket, source.key) in names
+        claimed.add(claim)
         names.add((source.bucket, source.key))
         sources.append(dataclasses.replace(source, duplicate=duplicate) if duplicate else source)
     return sources
@@ -204,14 +215,14 @@ def _sources(paths: list[str], output: Destination, s3_client: Any) -> Iterator[
             folder = prefix[: prefix.rfind("/") + 1]
             for listed in bucket_images(s3_client, bucket, prefix):
                 if not output.owns_object(bucket, listed.key):
-                    yield Source(bucket, listed.key, listed.key[len(folder):], etag=listed.etag)
+                    yield Source(bucket, listed.key, listed.key[len(folder):], etag=listed.etag, dicom=listed.dicom)
             continue
         root = Path(argument)
         if not root.exists():
             # The path itself is not repeated: operators name folders and files after patients too.
             raise ConfigurationError(f"PATH argument {number}: no such file or folder")
         for image in local_images(root, skip=output.owns_folder):
-            yield Source(LOCAL_BUCKET, image.relative, image.relative, path=image.path)
+            yield Source(LOCAL_BUCKET, image.relative, image.relative, path=image.path, dicom=image.dicom)
 
 
 def _read_image_file(path: Path, max_bytes: int) -> bytes:
@@ -239,7 +250,7 @@ class ProcessRun:
 
     @property
     def counts(self) -> dict[str, int]:
-        return dict(self.console.counts) if self.console else {}
+        return self.console.tally() if self.console else {}
 
     async def execute(self) -> None:
         limit = default_concurrency(self.settings)
@@ -262,7 +273,7 @@ class ProcessRun:
         row = await self._outcome(source)
         self.report.add(row)
         assert self.console is not None
-        self.console.record(row.status)
+        self.console.record(row.status, not_assessed=row.reason == NOT_ASSESSED_REASON_CODE)
 
     async def _outcome(self, source: Source) -> ReportRow:
         alias = pseudonym(self._secret, source.bucket, source.key)
@@ -278,33 +289,41 @@ class ProcessRun:
                 except OSError:
                     return ReportRow(alias, Outcome.FAILED, "unreadable")
                 fingerprint = hashlib.sha256(data).hexdigest()
-                done = await self._storage(self.output.find_done, source, alias, fingerprint,
-                                           self.report.previous.get(alias), self._always)
+                done = await self._find_done(source, alias, fingerprint, dicom=is_dicom(data))
                 if done is not None:
                     return done
             else:
                 assert self.store is not None
-                done = await self._storage(self.output.find_done, source, alias, source.etag,
-                                           self.report.previous.get(alias), self._always)
+                # Before the fetch only the name (or the listing's sniff) tells whether the input is DICOM, and so
+                # where its processed copy is; the content decides, and a wrong guess costs one more lookup.
+                done = await self._find_done(source, alias, source.etag, dicom=source.dicom)
                 if done is not None:
                     return done
                 fetched = await self._storage(self.store.fetch_object, source.bucket, source.key, None,
                                               max_bytes=self.settings.max_image_bytes)
                 data, fingerprint = fetched.body, fetched.etag
+                if is_dicom(data) != source.dicom:
+                    done = await self._find_done(source, alias, fingerprint, dicom=not source.dicom)
+                    if done is not None:
+                        return done
             engine = await self._engine.get()
             analysis: Analysis = await retrying(
                 lambda: engine.analyze(data, anonymize_always=self._always), retry_on=(TransientFailure,)
             )
-            outputs = outputs_in_write_order(analysis, self.spec, alias=alias, source_key=source.key,
+            # Named by the path below the folder or prefix named (the extension, all the anonymized name may keep,
+            # is the key's): the outputs' keys are their places below processed/ and anonymized/.
+            outputs = outputs_in_write_order(analysis, self.spec, alias=alias, source_key=source.relative,
                                              source_etag=fingerprint)
             anonymized_name = next((output.key for output in outputs if output.kind == "anonymized"), "")
             try:
-                await self._storage(self.output.write, source, outputs)
+                await self._storage(self.output.write, outputs)
             except OSError:
                 return ReportRow(alias, Outcome.FAILED, "unwritable", fingerprint=fingerprint)
             prediction = analysis.prediction
-            return ReportRow(alias, Outcome.PROCESSED, label=prediction.label, risk=prediction.risk,
-                             anonymized=anonymized_name, fingerprint=fingerprint)
+            return ReportRow(alias, Outcome.PROCESSED,
+                             NOT_ASSESSED_REASON_CODE if prediction.not_assessed_reason is not None else "",
+                             label=prediction.label, risk=prediction.risk, anonymized=anonymized_name,
+                             fingerprint=fingerprint)
         except PipelineError as error:
             return ReportRow(alias, Outcome.FAILED, error.reason, fingerprint=fingerprint)
         except ConfigurationError:
@@ -313,6 +332,11 @@ class ProcessRun:
             # Only the type: messages of arbitrary errors may carry a path.
             logger.error("image %s: unexpected %s", alias, type(error).__name__)
             return ReportRow(alias, Outcome.FAILED, "internal", fingerprint=fingerprint)
+
+    async def _find_done(self, source: Source, alias: str, fingerprint: str, *, dicom: bool) -> ReportRow | None:
+        done: ReportRow | None = await self._storage(self.output.find_done, source, alias, fingerprint,
+                                                     self.report.previous.get(alias), self._always, dicom=dicom)
+        return done
 
     @staticmethod
     async def _storage(call: Any, *args: Any, **kwargs: Any) -> Any:
@@ -351,4 +375,4 @@ def run_process(paths: list[str], *, out: str, report: str | None, anonymize: st
 
 
 def _describe(counts: dict[str, int]) -> str:
-    return ", ".join(f"{counts.get(status, 0)} {status}" for status in Outcome)
+    return ", ".join(f"{counts.get(status, 0)} {status}" for status in Outcome) + describe_not_assessed(counts)

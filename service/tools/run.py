@@ -24,6 +24,7 @@ from service.engine.pool import InferenceEngine
 from service.errors import ConfigurationError
 from service.logs import configure_logging
 from service.models.spec import ModelSpec
+from service.pipeline import NOT_ASSESSED_REASON_CODE
 from service.settings import Settings
 
 ItemT = TypeVar("ItemT")
@@ -31,7 +32,10 @@ ItemT = TypeVar("ItemT")
 INTERRUPTED_EXIT = 130
 #: Failure reasons the same bytes always meet again (unlike limits, which settings change): a rerun repeats a
 #: failure on record for unchanged content instead of analyzing it again.
-CONTENT_FAILURES = frozenset({"not-an-image", "corrupt-image", "unsupported-format", "animated-image"})
+CONTENT_FAILURES = frozenset({"not-an-image", "corrupt-image", "unsupported-format", "animated-image",
+                              "corrupt-dicom", "unsupported-dicom", "no-pixel-data"})
+#: In a run's counts (beside the outcomes): how many of the processed images the model did not assess.
+NOT_ASSESSED = "not assessed"
 
 
 def configure_tool_logging(settings: Settings) -> None:
@@ -43,6 +47,12 @@ def configure_tool_logging(settings: Settings) -> None:
     level = settings.log_level if "log_level" in settings.model_fields_set else "WARNING"
     log_format = settings.log_format if "log_format" in settings.model_fields_set else "text"
     configure_logging(level, log_format)
+
+
+def describe_not_assessed(counts: dict[str, int]) -> str:
+    """The end of a run's summary line: how many processed images were not assessed, when any were."""
+    count = counts.get(NOT_ASSESSED, 0)
+    return f"; {count} {NOT_ASSESSED} ({NOT_ASSESSED_REASON_CODE})" if count else ""
 
 
 def default_concurrency(settings: Settings) -> int:
@@ -136,6 +146,8 @@ class Console:
     def __init__(self, total: int, *, progress: bool, unit: str = "image") -> None:
         enabled = progress or sys.stderr.isatty()
         self.counts: collections.Counter[str] = collections.Counter()
+        #: Processed images the model did not assess (outside its domain), also counted as processed.
+        self.not_assessed = 0
         self._bar = tqdm(total=total, unit=unit, file=sys.stderr, disable=not enabled, dynamic_ncols=True,
                          mininterval=0.5)
         self._redirect = contextlib.ExitStack()
@@ -145,15 +157,21 @@ class Console:
 
             self._redirect.enter_context(logging_redirect_tqdm())
 
-    def record(self, outcome: str, line: str | None = None) -> None:
+    def record(self, outcome: str, line: str | None = None, *, not_assessed: bool = False) -> None:
         self.counts[outcome] += 1
+        self.not_assessed += not_assessed
         if line is not None:
             self._bar.write(line, file=sys.stdout)
         self._bar.set_postfix_str(self.summary(), refresh=False)
         self._bar.update()
 
+    def tally(self) -> dict[str, int]:
+        """The counts by outcome, and NOT_ASSESSED when some processed images were not assessed."""
+        return dict(self.counts) | ({NOT_ASSESSED: self.not_assessed} if self.not_assessed else {})
+
     def summary(self) -> str:
-        return ", ".join(f"{count} {outcome}" for outcome, count in sorted(self.counts.items())) or "nothing to do"
+        counts = ", ".join(f"{count} {outcome}" for outcome, count in sorted(self.counts.items()))
+        return counts + describe_not_assessed(self.tally()) if counts else "nothing to do"
 
     def close(self) -> None:
         self._bar.close()

@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 from conftest import TEST_PSEUDONYM_KEY, encode, interrupted, key_fragments, serving, upload, xray_like
+from dicom_factory import Patient, new_study
+from dicom_inputs import FOLDER, NOT_ASSESSED, assert_deidentified, chest_model, study_files
 
 from service.app import create_app
 from service.cli import main
@@ -221,3 +223,51 @@ def test_output_buckets_are_refused(tool_env: dict[str, str], input_bucket: str,
                                     capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["backfill", f"s3://{input_bucket}-processed", "--dry-run"]) == 2
     assert "is an output bucket" in capsys.readouterr().err
+
+
+def test_backfill_of_a_dicom_study_in_process_then_a_rerun_that_skips_it(
+    tool_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, tiny_spec: Path, tmp_path: Path, s3: Any,
+    input_bucket: str, capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("MODEL_URI", str(chest_model(tiny_spec, tmp_path / "model")))
+    patient, study = Patient(), new_study()
+    objects = {f"{FOLDER}/{name}": data for name, data in study_files(patient, study).items()}
+    jpeg = f"{FOLDER}/chest.jpeg"
+    for key, data in objects.items():
+        upload(s3, input_bucket, key, data)
+    upload(s3, input_bucket, jpeg, encode(xray_like(BRIGHT, size=(200, 160))))
+    upload(s3, input_bucket, f"{FOLDER}/notes", b"Doe Jane Marie, follow-up in 6 weeks" * 10)  # not listed
+    aliases = {pseudonym(SECRET, input_bucket, key): key for key in [*objects, jpeg]}
+
+    assert main(["backfill", f"s3://{input_bucket}", "--dry-run"]) == 0
+    dry = capsys.readouterr()
+    assert {line["pseudonym"]: line["outcome"] for line in lines(dry.out)} == dict.fromkeys(aliases, "would-process")
+
+    assert main(["backfill", f"s3://{input_bucket}"]) == 0
+    run = capsys.readouterr()
+    outcomes = {line["pseudonym"]: line for line in lines(run.out)}
+    assert set(outcomes) == set(aliases)
+    for alias, key in aliases.items():
+        line = outcomes[alias]
+        assert line["outcome"] == "processed"
+        if key.removeprefix(f"{FOLDER}/") in NOT_ASSESSED:
+            assert (line["label"], line["reason"]) == ("not-assessed", "outside-model-domain") and "risk" not in line
+        else:
+            assert line["label"] in {"Pneumonia", "Normal", "Unsure"} and "reason" not in line
+    assert processed_keys(s3, input_bucket) == {processed_key(key, dicom=True) for key in objects} | {
+        processed_key(jpeg)}
+    # Every DICOM object is anonymized (ANONYMIZE_WHEN is `positive`), as `<pseudonym>.dcm`; the bright JPEG too.
+    assert anonymized_keys(s3, input_bucket) == {f"{alias}.dcm" for alias, key in aliases.items() if key != jpeg} | {
+        f"{pseudonym(SECRET, input_bucket, jpeg)}.jpeg"}
+    for alias, key in aliases.items():
+        if key != jpeg:
+            data = s3.get_object(Bucket=f"{input_bucket}-anonymized", Key=f"{alias}.dcm")["Body"].read()
+            assert_deidentified(data, patient, study)
+    assert "5 processed; 1 not assessed (outside-model-domain)" in run.err
+    assert_private([dry.out, dry.err, run.out, run.err], [*aliases.values()])
+
+    # Done, the extensionless ones too: their first bytes said DICOM, so their processed copies were looked up as .dcm.
+    assert main(["backfill", f"s3://{input_bucket}"]) == 0
+    outcomes = {line["pseudonym"]: line for line in lines(capsys.readouterr().out)}
+    assert {(line["outcome"], line["reason"]) for line in outcomes.values()} == {("skipped", "already-processed")}
+    assert set(outcomes) == set(aliases)

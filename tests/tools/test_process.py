@@ -14,10 +14,13 @@ from typing import Any
 
 import pytest
 from conftest import TEST_PSEUDONYM_KEY, encode, interrupted, key_fragments, upload, wait_until, xray_like
+from dicom_factory import Patient, make_dicom, make_no_pixels, new_study, phi_values, read
+from dicom_inputs import FOLDER, NOT_ASSESSED, assert_deidentified, chest_model, study_files
 
 from service.cli import main
 from service.outputs import processed_key, pseudonym
-from service.tools.process import LOCAL_BUCKET
+from service.pipeline import NOT_ASSESSED_REASON_CODE
+from service.tools.process import LOCAL_BUCKET, FolderOutput, plan_sources
 
 pytestmark = pytest.mark.rgw
 
@@ -210,3 +213,126 @@ def test_s3_prefix_in_s3_prefix_out_with_a_json_report(
     assert {row["status"] for row in published_rows} == {"skipped"} and len(published_rows) == len(keys)
     assert all(row["anonymized"] for row in published_rows)
     assert_private([published], list(keys))
+
+
+# ------------------------------------------------------------------------------------------------------ DICOM
+
+
+def test_dicom_folder_gets_dcm_outputs_not_assessed_rows_and_a_rerun_skips_everything(
+    tool_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, tiny_spec: Path, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("MODEL_URI", str(chest_model(tiny_spec, tmp_path / "model")))
+    folder, out = tmp_path / "in", tmp_path / "out"
+    patient, study = Patient(), new_study()
+    dicoms = {f"{FOLDER}/{name}": data for name, data in study_files(patient, study).items()}
+    jpeg = f"{FOLDER}/chest {BRIGHT}.jpeg"
+    files = dicoms | {
+        jpeg: encode(xray_like(BRIGHT, size=(200, 160))),
+        # Without a suffix, but not DICOM: not listed. Nor is the medium's directory, a DICOM file without pixels.
+        f"{FOLDER}/notes": b"Doe Jane Marie, follow-up in 6 weeks" * 10,
+        "DICOMDIR": make_no_pixels("SR", patient=patient, study=study),
+    }
+    for relative, data in files.items():
+        (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+        (folder / relative).write_bytes(data)
+
+    assert main(["process", str(folder), "--out", str(out)]) == 0
+
+    report_text = (out / "report.csv").read_text(encoding="utf-8")
+    rows = read_report(out / "report.csv")
+    assert set(rows) == {alias(relative) for relative in [*dicoms, jpeg]}
+    for relative in dicoms:
+        row = rows[alias(relative)]
+        assert row["status"] == "processed"
+        processed = out / "processed" / processed_key(relative, dicom=True)
+        assert processed.name.endswith("-processed.dcm") and processed.is_file()
+        assert read(processed.read_bytes()).ImageType == ["DERIVED", "SECONDARY"]
+        # Always anonymized, whatever the policy (ANONYMIZE_WHEN is `positive` here), and always `.dcm`.
+        assert row["anonymized"] == f"{alias(relative)}.dcm"
+        assert_deidentified((out / "anonymized" / row["anonymized"]).read_bytes(), patient, study)
+        if relative.removeprefix(f"{FOLDER}/") in NOT_ASSESSED:
+            assert (row["label"], row["reason"], row["risk"]) == ("not-assessed", NOT_ASSESSED_REASON_CODE, "")
+        else:
+            assert row["label"] in {"Pneumonia", "Normal", "Unsure"} and 0 <= float(row["risk"]) <= 1
+            assert row["reason"] == ""
+    assert (rows[alias(jpeg)]["label"], rows[alias(jpeg)]["anonymized"]) == ("Pneumonia", f"{alias(jpeg)}.jpeg")
+    assert (out / "processed" / processed_key(jpeg)).is_file()
+    captured = capsys.readouterr()
+    assert "5 processed, 0 skipped, 0 failed; 1 not assessed (outside-model-domain)" in captured.err
+    assert_private([report_text, captured.out, captured.err], list(files))
+    for text in (report_text, captured.out, captured.err):
+        assert not [value for value in phi_values(patient, study=study) if value in text]
+
+    # A rerun reads each file (its sha256 is its fingerprint), so it knows the DICOM ones without a suffix too.
+    before = output_files(out)
+    assert main(["process", str(folder), "--out", str(out)]) == 0
+    assert output_files(out) == before
+    rows = read_report(out / "report.csv")
+    assert {(row["status"], row["reason"]) for row in rows.values()} == {("skipped", "already-processed")}
+    assert rows[alias(f"{FOLDER}/CT 0003.dcm")]["label"] == "not-assessed"
+    assert "0 processed, 5 skipped, 0 failed" in capsys.readouterr().err
+
+
+def test_dicom_objects_from_s3_to_s3_and_a_rerun_that_fetches_only_what_was_misnamed(
+    tool_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, tiny_spec: Path, rgw: Any, s3: Any,
+    input_bucket: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("MODEL_URI", str(chest_model(tiny_spec, tmp_path / "model")))
+    patient, study = Patient(), new_study()
+    objects = {f"{FOLDER}/{name}": data for name, data in study_files(patient, study).items()}
+    # A DICOM object named as a JPEG: listed by its name, known as DICOM only once fetched.
+    misnamed = f"{FOLDER}/Doe Jane scan.jpeg"
+    objects[misnamed] = make_dicom(patient=patient, study=study, modality="DX", rows=256, columns=256, seed=9)
+    for key, data in objects.items():
+        upload(s3, input_bucket, key, data)
+    upload(s3, input_bucket, f"{FOLDER}/notes", b"Doe Jane Marie, follow-up in 6 weeks" * 10)
+    upload(s3, input_bucket, f"{FOLDER}/", b"")  # a folder marker
+    out_bucket = f"{input_bucket}-tools"
+    s3.create_bucket(Bucket=out_bucket)
+    command = ["process", f"s3://{input_bucket}/{FOLDER}/", "--out", f"s3://{out_bucket}/run"]
+
+    assert main(command) == 0
+
+    aliases = {key: pseudonym(SECRET, input_bucket, key) for key in objects}
+    stored = {item["Key"] for item in s3.list_objects_v2(Bucket=out_bucket)["Contents"]}
+    names = [key.removeprefix(f"{FOLDER}/") for key in objects]
+    assert stored == {f"run/processed/{processed_key(name, dicom=True)}" for name in names} | {
+        f"run/anonymized/{aliases[key]}.dcm" for key in objects} | {"run/report.csv"}
+    for key in objects:
+        assert_deidentified(s3.get_object(Bucket=out_bucket, Key=f"run/anonymized/{aliases[key]}.dcm")["Body"].read(),
+                            patient, study)
+    ct = s3.head_object(Bucket=out_bucket, Key=f"run/processed/{processed_key('CT 0003.dcm')}")
+    assert ct["ContentType"] == "application/dicom" and ct["Metadata"]["label"] == "not-assessed"
+    assert "5 processed, 0 skipped, 0 failed; 1 not assessed" in capsys.readouterr().err
+
+    def requests() -> list[tuple[str, str]]:
+        return [(method, path) for method, path, _ in rgw.requests_served()
+                if path.startswith((f"/{input_bucket}/", f"/{out_bucket}/run/report.csv"))]
+
+    before = len(requests())
+    assert main(command) == 0
+    # The RGW logs in order: once the report's PUT (the rerun's last request) shows, its GETs show too.
+    wait_until(lambda: ("PUT", f"/{out_bucket}/run/report.csv") in requests()[before:], 10,
+               "the report's PUT was never logged")
+    gets = [path for method, path in requests()[before:] if method == "GET" and "list-type" not in path]
+    # Fetched: only the misnamed object (its processed copy was not where its name said). Keys without a suffix
+    # are sniffed by a ranged GET each: IM0002, the one named by its UID and the notes (the folder marker is not).
+    assert len(gets) == 4, gets
+    published = s3.get_object(Bucket=out_bucket, Key="run/report.csv")["Body"].read().decode()
+    rows = {row["pseudonym"]: row for row in csv.DictReader(io.StringIO(published))}
+    assert set(rows) == set(aliases.values())
+    assert {(row["status"], row["reason"]) for row in rows.values()} == {("skipped", "already-processed")}
+    assert all(row["anonymized"] == f"{row['pseudonym']}.dcm" for row in rows.values())
+    assert rows[aliases[f"{FOLDER}/CT 0003.dcm"]]["label"] == "not-assessed"
+
+
+def test_inputs_that_would_share_a_processed_dicom_copy_are_duplicates(tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    scan = make_dicom(rows=64, columns=64)
+    for name in ("IM0001", "IM0001.dcm", "IM0001.DICOM", "IM0002.dcm"):
+        (folder / name).write_bytes(scan)
+    sources = plan_sources([str(folder)], FolderOutput(tmp_path / "out"), None)
+    assert [(source.relative, source.dicom, source.duplicate) for source in sources] == [
+        ("IM0001", True, False), ("IM0001.DICOM", True, True), ("IM0001.dcm", True, True), ("IM0002.dcm", True, False)]
