@@ -54,6 +54,9 @@ _CANONICAL_EXTENSIONS = {"jpeg": ".jpg", "png": ".png", "tiff": ".tiff", "bmp": 
 _DICOM_EXTENSIONS = {".dcm", ".dicom", ".dic"}
 #: S3 metadata of an output whose image the model did not assess: why (e.g. its modality is outside the domain).
 NOT_ASSESSED_REASON = "not-assessed-reason"
+#: The reason code of a processed input the model did not assess (a DICOM object outside its domain), in record
+#: results, logs, metrics and the tools' reports.
+NOT_ASSESSED_REASON_CODE = "outside-model-domain"
 
 
 def pseudonym(secret: bytes, bucket: str, key: str) -> str:

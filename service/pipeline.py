@@ -28,6 +28,7 @@ from service.events import Delivery, ObjectRecord
 from service.models.spec import ModelSpec
 from service.outputs import (
     MAX_KEY_BYTES,
+    NOT_ASSESSED_REASON_CODE,
     FailureRecord,
     Outcome,
     failure_key,
@@ -41,9 +42,6 @@ from service.settings import Settings
 from service.storage import MISSING_BUCKET, ObjectStore
 
 logger = logging.getLogger(__name__)
-
-#: A processed record's reason when the model did not assess its image (a DICOM object outside its domain).
-NOT_ASSESSED_REASON_CODE = "outside-model-domain"
 
 
 @dataclass(frozen=True)

@@ -263,6 +263,11 @@ DICOM_KAFKA_KEY = "Doe Jane+Marie %41/IM 0006"
 BURNED_IN = ["DOE JANE MARIE", "PID 4471 0815"]
 
 
+def shown(data: bytes) -> np.ndarray:
+    """The first frame of a DICOM object as a viewer (and the service's text search) shows it."""
+    return read_dicom(data, max_bytes=len(data), max_pixels=10**8).display(0)
+
+
 def kafkasource_delivery(bucket: str, key: str, etag: str, offset: int) -> tuple[dict[str, str], bytes]:
     """A Ceph record as a Knative KafkaSource delivers it from Kafka (tests/events/kafkasource-*.http)."""
     headers = {
@@ -332,10 +337,8 @@ def test_a_dicom_study_is_classified_where_it_may_be_and_de_identified_everywher
         path.write_bytes(data)
         assert subprocess.run(["dcmdump", "-q", str(path)], capture_output=True).returncode == 0
         if source.Modality == "CR":
-            before = read_dicom(uploaded, max_pixels=10**8).display(0)
-            after = read_dicom(data, max_pixels=10**8).display(0)
-            box = changed_box(read_dicom(make_dicom(patient=patient, study=study, **DICOM_STUDY[key]),
-                                         max_pixels=10**8).display(0), before)
+            before, after = shown(uploaded), shown(data)
+            box = changed_box(shown(make_dicom(patient=patient, study=study, **DICOM_STUDY[key])), before)
             size = max(12, box[3] // 3)
             leaked, read_before = tokens_read(
                 [[(after, 11)] + [(view, 6) for view in attack_views(crop(after, box, size))],

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 from service.imaging.codec import to_8bit
@@ -132,8 +133,8 @@ def first_number(value: object, *, default: float | None) -> float | None:
     """The first value of a numeric (possibly multi-valued) element; `default` when absent or malformed."""
     if value is None or value == "":
         return default
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-        value = value[0] if len(value) else None  # type: ignore[index, arg-type]
+    if isinstance(value, (list, tuple, MultiValue)):
+        value = value[0] if len(value) else None
     try:
         number = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):

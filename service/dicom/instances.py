@@ -49,7 +49,7 @@ def processed_instance(image: DicomImage, stamped: np.ndarray, prediction: Predi
     reference.ReferencedSOPClassUID = source_class
     reference.ReferencedSOPInstanceUID = source_instance
     header.SourceImageSequence = [reference]
-    return encode_instance(header, stamped, photometric=_photometric(image), bits_stored=image.bits_stored,
+    return encode_instance(header, stamped, photometric=image.photometric, bits_stored=image.bits_stored,
                            transfer_syntax=output_transfer_syntax(image.transfer_syntax))
 
 
@@ -61,12 +61,8 @@ def anonymized_instance(image: DicomImage, cleaned: np.ndarray, *, secret: bytes
         if element.tag.group in _OVERLAY_GROUPS:
             del header[element.tag]
     header.BurnedInAnnotation = "NO"
-    return encode_instance(header, cleaned, photometric=_photometric(image), bits_stored=image.bits_stored,
+    return encode_instance(header, cleaned, photometric=image.photometric, bits_stored=image.bits_stored,
                            transfer_syntax=output_transfer_syntax(image.transfer_syntax))
-
-
-def _photometric(image: DicomImage) -> str:
-    return image.photometric if image.curve is not None else "RGB"
 
 
 def _derived_uid(kind: str, source_uid: str, model: str) -> str:

@@ -24,6 +24,7 @@ from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from service.dicom.display import DisplayCurve, display_curve, to_display
 from service.errors import UnprocessableObject
+from service.imaging.codec import check_byte_count
 
 # pydicom logs through this logger, sometimes quoting values; the service's own lines are the only ones wanted.
 logging.getLogger("pydicom").disabled = True
@@ -63,13 +64,19 @@ class DicomImage:
 
     @property
     def modality(self) -> str:
-        with pydicom_quiet():
-            return str(self.dataset.get("Modality", "") or "").strip().upper()
+        return self._code_string("Modality")
 
     @property
     def body_part(self) -> str:
+        return self._code_string("BodyPartExamined")
+
+    def _code_string(self, keyword: str) -> str:
+        """A code string of the header, upper case; "" when absent or when pydicom cannot decode it."""
         with pydicom_quiet():
-            return str(self.dataset.get("BodyPartExamined", "") or "").strip().upper()
+            try:
+                return str(self.dataset.get(keyword, "") or "").strip().upper()
+            except Exception:
+                return ""
 
     @property
     def bits_stored(self) -> int:
@@ -93,8 +100,9 @@ class DicomImage:
         return self._display[index]
 
 
-def read_dicom(data: bytes, *, max_pixels: int) -> DicomImage:
+def read_dicom(data: bytes, *, max_bytes: int, max_pixels: int) -> DicomImage:
     """Parse and decode a Part 10 object, or raise `UnprocessableObject` (never with a header value in it)."""
+    check_byte_count(data, max_bytes)
     with pydicom_quiet():
         dataset = _parse(data)
         transfer_syntax = _transfer_syntax(dataset)

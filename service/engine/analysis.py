@@ -101,11 +101,8 @@ def predict_batch(
 
 
 def _decode(data: bytes, limits: ImageLimits) -> AnyImage:
-    if len(data) > limits.max_bytes:
-        raise UnprocessableObject(f"image is {len(data)} bytes, over the limit of {limits.max_bytes}",
-                                  reason="too-large")
     if is_dicom(data):
-        return read_dicom(data, max_pixels=limits.max_pixels)
+        return read_dicom(data, max_bytes=limits.max_bytes, max_pixels=limits.max_pixels)
     return decode_image(data, max_bytes=limits.max_bytes, max_pixels=limits.max_pixels)
 
 

@@ -13,8 +13,10 @@ import queue
 import sys
 import tempfile
 import threading
+import traceback
 from collections.abc import Iterator
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -116,8 +118,12 @@ def worker_main(connection: Connection, spec: ModelSpec, threads: int, limits: I
 
 
 def _picklable(outcome: AnalysisOutcome) -> AnalysisOutcome:
-    # Our errors pickle by design; any other exception is reduced to its text so one odd error cannot
-    # break the pipe for the whole batch.
+    """Our errors pickle by design and carry messages we wrote; any other exception (a bug) is reduced to its type
+    and where it was raised, so one odd error cannot break the pipe for the whole batch. Its text stays here: the
+    web process logs what it gets, and a library's message can quote what it was parsing (a DICOM header's
+    patient name)."""
     if isinstance(outcome, Exception) and not isinstance(outcome, PipelineError):
-        return RuntimeError(f"{type(outcome).__name__}: {outcome}")
+        frames = traceback.extract_tb(outcome.__traceback__)
+        where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
+        return RuntimeError(f"{type(outcome).__name__}{where} in the worker (its message is not passed on)")
     return outcome

@@ -61,10 +61,7 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> DecodedImag
     which keeps 16-bit depth and alpha. Multi-frame images (animated GIF/APNG/WebP, multi-page TIFF) are
     refused rather than cut to their first frame: the other frames could hold more patient text.
     """
-    if len(data) > max_bytes:
-        raise UnprocessableObject(
-            f"image is {len(data)} bytes, over the limit of {max_bytes}", reason="too-large"
-        )
+    check_byte_count(data, max_bytes)
     header = _open_header(data)
     container = header.format or "unknown"
     if container not in _ACCEPTED_CONTAINERS:
@@ -96,6 +93,12 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> DecodedImag
     if upright is not None:
         pixels = upright(pixels)
     return DecodedImage(pixels=pixels, format=_ACCEPTED_CONTAINERS[container])
+
+
+def check_byte_count(data: bytes, max_bytes: int) -> None:
+    """The first check of any upload, the cheapest (DICOM objects get it too)."""
+    if len(data) > max_bytes:
+        raise UnprocessableObject(f"image is {len(data)} bytes, over the limit of {max_bytes}", reason="too-large")
 
 
 def _open_header(data: bytes) -> Image.Image:

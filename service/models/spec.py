@@ -110,19 +110,25 @@ class DomainSpec(_StrictModel):
         return [value.strip().upper() for value in values]
 
     def refusal(self, modality: str, body_part: str) -> str | None:
-        """Why an image of this modality and body part is outside the domain; None when it is inside."""
+        """Why an image of this modality and body part is outside the domain; None when it is inside.
+
+        The reason travels in both outputs' metadata, the anonymized copy's too, so it names only what the spec or
+        the standard spells: a header value is shown only when it is a modality the standard defines (a hostile or
+        careless header can hold anything, a name included), a body part never.
+        """
         if self.modalities and modality not in self.modalities:
-            shown = _code_string(modality) or "unknown"
-            return f"modality {shown} is not one the model was made for ({', '.join(self.modalities)})"
+            shown = f"modality {modality}" if modality in _STANDARD_MODALITIES else "an unlisted modality"
+            return f"{shown} is not one the model was made for ({', '.join(self.modalities)})"
         if self.body_parts and body_part and body_part not in self.body_parts:
-            shown = _code_string(body_part)
-            return f"body part {shown} is not one the model was made for ({', '.join(self.body_parts)})"
+            return f"the body part examined is not one the model was made for ({', '.join(self.body_parts)})"
         return None
 
 
-def _code_string(value: str) -> str:
-    """A header's code string as it may appear in a reason: DICOM CS characters only, at most 16 of them."""
-    return re.sub(r"[^A-Z0-9_ ]", "", value.upper())[:16].strip()
+#: Modality defined terms (DICOM PS3.3 C.7.3.1.1.1) of images and image-like objects.
+_STANDARD_MODALITIES = frozenset({
+    "AR", "BDUS", "BMD", "CR", "CT", "DG", "DX", "ES", "GM", "IO", "IVOCT", "IVUS", "LS", "MG", "MR", "NM", "OAM",
+    "OCT", "OP", "OPM", "OPT", "OPV", "OT", "PT", "PX", "RF", "RG", "RTIMAGE", "SM", "SRF", "TG", "US", "XA", "XC",
+})
 
 
 #: The label of an image outside the model's domain (a CT for a chest X-ray model).

@@ -24,19 +24,25 @@ import httpx
 from service.errors import ConfigurationError, PipelineError, TransientFailure
 from service.events import ObjectRecord
 from service.models.source import resolve_model
-from service.outputs import failure_key, failure_on_record, is_done, processed_key, pseudonym
-from service.pipeline import NOT_ASSESSED_REASON_CODE, Pipeline
+from service.outputs import (
+    NOT_ASSESSED_REASON_CODE,
+    failure_key,
+    failure_on_record,
+    is_done,
+    processed_key,
+    pseudonym,
+)
+from service.pipeline import Pipeline
 from service.settings import Settings, load_settings
 from service.storage import ObjectStore, make_s3_client
 from service.tools.listing import ListedObject, bucket_images, is_s3_uri, split_s3_prefix
 from service.tools.run import (
     CONTENT_FAILURES,
-    NOT_ASSESSED,
     Console,
     ToolEngine,
     configure_tool_logging,
     default_concurrency,
-    describe_not_assessed,
+    describe_outcomes,
     for_each,
     retrying,
     run_to_the_end,
@@ -304,9 +310,4 @@ def run_backfill(source: str, *, rate: float | None, emit: str | None, dry_run: 
     run = BackfillRun(settings, store, objects, processor=processor, rate=rate,
                       concurrency=concurrency or default_concurrency(settings), progress=progress)
     return run_to_the_end("backfill", run, items=f"{len(objects)} object(s){' (dry run)' if dry_run else ''}",
-                          describe=_describe, failed=lambda counts: bool(FAILING_OUTCOMES & set(counts)))
-
-
-def _describe(counts: dict[str, int]) -> str:
-    outcomes = ", ".join(f"{count} {outcome}" for outcome, count in sorted(counts.items()) if outcome != NOT_ASSESSED)
-    return outcomes + describe_not_assessed(counts) if outcomes else "nothing to do"
+                          describe=describe_outcomes, failed=lambda counts: bool(FAILING_OUTCOMES & set(counts)))

@@ -29,6 +29,7 @@ from service.errors import ConfigurationError, PipelineError, TransientFailure, 
 from service.models.source import resolve_model
 from service.models.spec import ModelSpec
 from service.outputs import (
+    NOT_ASSESSED_REASON_CODE,
     Outcome,
     Output,
     anonymized_key,
@@ -37,7 +38,6 @@ from service.outputs import (
     processed_key,
     pseudonym,
 )
-from service.pipeline import NOT_ASSESSED_REASON_CODE
 from service.settings import Settings, load_settings
 from service.storage import ObjectStore, make_s3_client
 from service.tools.listing import bucket_images, is_s3_uri, local_images, split_s3_prefix

@@ -24,7 +24,7 @@ from service.engine.pool import InferenceEngine
 from service.errors import ConfigurationError
 from service.logs import configure_logging
 from service.models.spec import ModelSpec
-from service.pipeline import NOT_ASSESSED_REASON_CODE
+from service.outputs import NOT_ASSESSED_REASON_CODE
 from service.settings import Settings
 
 ItemT = TypeVar("ItemT")
@@ -53,6 +53,12 @@ def describe_not_assessed(counts: dict[str, int]) -> str:
     """The end of a run's summary line: how many processed images were not assessed, when any were."""
     count = counts.get(NOT_ASSESSED, 0)
     return f"; {count} {NOT_ASSESSED} ({NOT_ASSESSED_REASON_CODE})" if count else ""
+
+
+def describe_outcomes(tally: dict[str, int]) -> str:
+    """A run's counts (a `Console.tally`) as one line: "3 processed, 1 skipped; 1 not assessed (...)"."""
+    outcomes = ", ".join(f"{count} {outcome}" for outcome, count in sorted(tally.items()) if outcome != NOT_ASSESSED)
+    return outcomes + describe_not_assessed(tally) if outcomes else "nothing to do"
 
 
 def default_concurrency(settings: Settings) -> int:
@@ -170,8 +176,7 @@ class Console:
         return dict(self.counts) | ({NOT_ASSESSED: self.not_assessed} if self.not_assessed else {})
 
     def summary(self) -> str:
-        counts = ", ".join(f"{count} {outcome}" for outcome, count in sorted(self.counts.items()))
-        return counts + describe_not_assessed(self.tally()) if counts else "nothing to do"
+        return describe_outcomes(self.tally())
 
     def close(self) -> None:
         self._bar.close()

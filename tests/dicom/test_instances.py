@@ -97,7 +97,7 @@ def spec() -> ModelSpec:
 
 
 def _images(data: bytes) -> DicomImage:
-    return read_dicom(data, max_pixels=LIMITS.max_pixels)
+    return read_dicom(data, max_bytes=LIMITS.max_bytes, max_pixels=LIMITS.max_pixels)
 
 
 @dataclass

@@ -11,7 +11,7 @@ from PIL import Image
 
 from service.errors import ConfigurationError
 from service.models.preprocess import to_model_tensor
-from service.models.spec import ModelSpec
+from service.models.spec import DomainSpec, ModelSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -133,3 +133,15 @@ def test_output_size_must_match_class_names(tmp_path: Path) -> None:
     spec = ModelSpec.load(write_spec(tmp_path, BINARY))
     with pytest.raises(ValueError, match="3 values but the spec names 2"):
         spec.interpret(np.zeros(3))
+
+
+def test_the_domain_says_why_an_image_is_outside_it_naming_only_standard_terms() -> None:
+    domain = DomainSpec(modalities=["cr", "DX"], body_parts=["chest"])
+    assert domain.refusal("CR", "CHEST") is None and domain.refusal("DX", "") is None  # no body part: by modality
+    assert domain.refusal("CT", "CHEST") == "modality CT is not one the model was made for (CR, DX)"
+    # Header values can hold anything, a name included: a modality the standard does not define is not echoed,
+    # nor is any body part (the reason goes into the anonymized copy's metadata).
+    assert domain.refusal("DOEJANE", "CHEST") == "an unlisted modality is not one the model was made for (CR, DX)"
+    knee = domain.refusal("CR", "KNEE JANE DOE")
+    assert knee is not None and "KNEE" not in knee and "JANE" not in knee
+    assert DomainSpec().refusal("CT", "KNEE") is None  # a spec without a domain assesses everything

@@ -18,8 +18,7 @@ from dicom_factory import Patient, make_dicom, make_no_pixels, new_study, phi_va
 from dicom_inputs import FOLDER, NOT_ASSESSED, assert_deidentified, chest_model, study_files
 
 from service.cli import main
-from service.outputs import processed_key, pseudonym
-from service.pipeline import NOT_ASSESSED_REASON_CODE
+from service.outputs import NOT_ASSESSED_REASON_CODE, processed_key, pseudonym
 from service.tools.process import LOCAL_BUCKET, FolderOutput, plan_sources
 
 pytestmark = pytest.mark.rgw
