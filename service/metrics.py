@@ -44,7 +44,7 @@ PlatformCollector(registry=REGISTRY)  # python_info
 disable_created_metrics()
 
 #: The stages of one record, in order; fetch and write run in the web process, the others in a worker.
-STAGES = ("fetch", "decode", "infer", "stamp", "anonymize", "write")
+STAGES = ("fetch", "decode", "infer", "detect", "stamp", "anonymize", "write")
 
 # From a decode of a small image (~5 ms) to a slow S3 write or a cold model (30 s, past Knative's usual patience).
 _STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)

@@ -22,6 +22,8 @@ S3_URI_SCHEME = "s3://"
 #: spec of this name beside its weights. Models fetched from S3 are files named by hash, so the two never meet.
 DEFAULT_MODEL_FOLDER = Path("default") / "pneumonia-xception-0.3.0"
 DEFAULT_SPEC_NAME = "pneumonia.yaml"
+#: Below MODEL_CACHE_DIR, the text models as `xray-pipeline model fetch` puts them (service.models.fetch).
+TEXT_MODELS_FOLDER = Path("text") / "pp-ocrv4"
 _SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 PROCESSED_SUFFIX = "-processed"
 ANONYMIZED_SUFFIX = "-anonymized"
@@ -95,6 +97,12 @@ class Settings(S3Settings, ModelCacheSettings):
     """Comma-separated allow-list of input buckets; events for others get 403. Empty: any bucket."""
     anonymize_when: Literal["positive", "always"] = "positive"
     """`positive`: anonymize only images whose risk reaches the positive threshold; `always`: every image."""
+    text_models_dir: Path | None = None
+    """Folder of the text detector and recognizer (service.imaging.detection); default: where
+    `xray-pipeline model fetch` puts them below MODEL_CACHE_DIR. The service image carries them here."""
+    redact_orientation_markers: bool = False
+    """Orientation markers burned into an image (an isolated `R` or `L`, `AP`, `PA`, `PORTABLE`, `SUPINE`, `ERECT`)
+    are anatomy-side information and are kept in the anonymized copy; set this to redact them with all other text."""
     pseudonym_key: SecretStr | None = None
     """Secret for the keyed pseudonyms (HMAC) that replace object keys; required unless DEV_MODE is set."""
     dev_mode: bool = False
@@ -186,6 +194,10 @@ class Settings(S3Settings, ModelCacheSettings):
                                  "run `xray-pipeline model fetch` (`make model` in a checkout), or set MODEL_URI")
             self.model_uri = str(default)
         return self
+
+    @property
+    def effective_text_models_dir(self) -> Path:
+        return self.text_models_dir or self.model_cache_dir / TEXT_MODELS_FOLDER
 
     @property
     def effective_pseudonym_key(self) -> bytes:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import http.client
 import io
 import itertools
@@ -36,10 +37,10 @@ from fastapi.testclient import TestClient
 from local_rgw import LocalRGW
 
 from service.app import create_app
-from service.engine.messages import ImageLimits
+from service.engine.messages import ImageLimits, TextOptions
 from service.engine.pool import InferenceEngine
 from service.logs import configure_logging
-from service.models.fetch import default_model_dir
+from service.models.fetch import default_model_dir, text_models_dir
 from service.models.spec import ModelSpec
 from service.pipeline import Pipeline
 from service.settings import ModelCacheSettings, Settings
@@ -52,6 +53,8 @@ DEFAULT_SPEC = MODEL_DIR / "pneumonia.yaml"
 VALIDATION_IMAGES = MODEL_DIR / "val"
 #: The default model's spec as the package ships it (its template, whether or not the model is fetched).
 SPEC_TEMPLATE = ROOT / "service" / "models" / "default" / "pneumonia.yaml"
+#: The text models (`make model` fetches them with the default model), as every test engine's workers use them.
+TEXT_OPTIONS = TextOptions(text_models_dir(ModelCacheSettings().model_cache_dir))
 TEST_PSEUDONYM_KEY = "test-pseudonym-key-0123456789abcdef"
 # Keys as uploaders write them: spaces, '+', '%', non-ASCII, patient-like names and dates.
 HOSTILE_KEYS = [
@@ -90,6 +93,19 @@ def rgw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRGW]:
 @pytest.fixture(scope="session")
 def s3(rgw: LocalRGW) -> Any:
     return rgw.s3_client()
+
+
+@functools.cache
+def shared_text_detector() -> Any:
+    """The text detector a worker loads (service.imaging.detection), orientation markers kept; loaded once."""
+    from service.imaging.detection import TextDetector
+
+    return TextDetector.load(TEXT_OPTIONS.models)
+
+
+@pytest.fixture(scope="session")
+def text_detector() -> Any:
+    return shared_text_detector()
 
 
 @pytest.fixture(scope="session")
@@ -151,6 +167,7 @@ class Harness:
             threads_per_worker=1,
             limits=ImageLimits(settings.max_image_bytes, settings.max_image_pixels),
             deid_key=settings.effective_pseudonym_key,
+            text=TEXT_OPTIONS,
         )
         self.loop.run_until_complete(self.engine.start())
 

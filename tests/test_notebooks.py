@@ -19,7 +19,7 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
-from conftest import ROOT, TEST_PSEUDONYM_KEY, encode, free_port, serve_process, xray_like
+from conftest import ROOT, TEST_PSEUDONYM_KEY, encode, free_port, serve_process, shared_text_detector, xray_like
 
 from service.engine.analysis import analyze_batch
 from service.engine.messages import Analysis, AnalysisRequest, ImageLimits
@@ -152,7 +152,8 @@ def test_training_notebook_writes_a_model_the_service_runs(tmp_path: Path) -> No
     for pneumonia in (False, True):
         requests = [AnalysisRequest(encode(synthetic_xray(pneumonia, seed=90_000 + seed), ".jpeg"), False)
                     for seed in range(6)]
-        for outcome in analyze_batch(requests, spec=onnx_spec, predict=predict, limits=ImageLimits(1 << 24, 10**7)):
+        for outcome in analyze_batch(requests, spec=onnx_spec, predict=predict, limits=ImageLimits(1 << 24, 10**7),
+                                     detector=shared_text_detector()):
             assert isinstance(outcome, Analysis), outcome
             assert outcome.prediction.risk is not None
             risks[pneumonia].append(outcome.prediction.risk)

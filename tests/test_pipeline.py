@@ -13,6 +13,7 @@ import pytest
 from conftest import (
     HOSTILE_KEYS,
     TEST_PSEUDONYM_KEY,
+    TEXT_OPTIONS,
     Harness,
     ceph_record,
     encode,
@@ -196,7 +197,7 @@ def test_engine_not_started_is_transient(make_settings: Any, tiny_spec: Any, s3:
     settings: Settings = make_settings()
     spec = ModelSpec.load(tiny_spec)
     engine = InferenceEngine(spec, workers=1, threads_per_worker=1, limits=ImageLimits(10**6, 10**6),
-                             deid_key=TEST_PSEUDONYM_KEY.encode())
+                             deid_key=TEST_PSEUDONYM_KEY.encode(), text=TEXT_OPTIONS)
     pipeline = Pipeline(settings, ObjectStore(make_s3_client(settings)), engine, spec)
     etag = upload(s3, input_bucket, "a.jpg", encode(xray_like(220)))
     with pytest.raises(ModelNotReady):

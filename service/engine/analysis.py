@@ -23,9 +23,10 @@ from service.dicom.sniff import is_dicom
 from service.engine.messages import Analysis, AnalysisOutcome, AnalysisRequest, ImageLimits
 from service.errors import UnprocessableObject
 from service.imaging.codec import DecodedImage, decode_image, encode_image, to_model_input
+from service.imaging.detection import TextDetector
 from service.imaging.redact import blur_text_regions
 from service.imaging.stamp import stamp_label
-from service.imaging.text import Box, find_text_regions
+from service.imaging.text import Box
 from service.models.backends import PredictBatch
 from service.models.preprocess import to_model_tensor
 from service.models.spec import ModelSpec, Prediction
@@ -50,13 +51,19 @@ class PredictedBatch:
 
 
 def analyze_batch(
-    requests: Sequence[AnalysisRequest], *, spec: ModelSpec, predict: PredictBatch, limits: ImageLimits
+    requests: Sequence[AnalysisRequest],
+    *,
+    spec: ModelSpec,
+    predict: PredictBatch,
+    limits: ImageLimits,
+    detector: TextDetector,
 ) -> list[AnalysisOutcome]:
     """Decode each image once, run the model once for the whole batch, then stamp, anonymize and encode each.
 
     A bad image fails only its own item (`UnprocessableObject` in its place); the others are analyzed.
     """
-    return finish_batch(predict_batch(requests, spec=spec, predict=predict, limits=limits), spec=spec)
+    return finish_batch(predict_batch(requests, spec=spec, predict=predict, limits=limits), spec=spec,
+                        detector=detector)
 
 
 def predict_batch(
@@ -110,7 +117,7 @@ def _model_pixels(image: AnyImage) -> np.ndarray:
     return image.display(CLASSIFIED_FRAME) if isinstance(image, DicomImage) else image.pixels
 
 
-def finish_batch(batch: PredictedBatch, *, spec: ModelSpec) -> list[AnalysisOutcome]:
+def finish_batch(batch: PredictedBatch, *, spec: ModelSpec, detector: TextDetector) -> list[AnalysisOutcome]:
     """The second stage: interpret each output, then stamp, anonymize and encode each image."""
     raw_outputs = iter(batch.raw_outputs if batch.raw_outputs is not None else [])
     # A batch built by hand (tests) may carry no timings.
@@ -126,48 +133,61 @@ def finish_batch(batch: PredictedBatch, *, spec: ModelSpec) -> list[AnalysisOutc
         try:
             prediction = Prediction.not_assessed(refusal) if refusal else spec.interpret(next(raw_outputs))
             if isinstance(image, DicomImage):
-                results.append(_finish_dicom(image, prediction, request, spec, timings))
+                results.append(_finish_dicom(image, prediction, request, spec, detector, timings))
             else:
-                results.append(_finish(image, prediction, request.anonymize_always, timings))
+                results.append(_finish(image, prediction, request.anonymize_always, detector, timings))
         except Exception as error:
             results.append(error)
     return results
 
 
 def _finish(
-    decoded: DecodedImage, prediction: Prediction, anonymize_always: bool, timings: dict[str, float]
+    decoded: DecodedImage,
+    prediction: Prediction,
+    anonymize_always: bool,
+    detector: TextDetector,
+    timings: dict[str, float],
 ) -> Analysis:
     started = time.perf_counter()
     # Text is searched on the original, so the stamp is never mistaken for patient text and blurred.
-    regions = find_text_regions(decoded.pixels)
-    stamped = stamp_label(decoded.pixels, prediction.stamp_text, avoid=regions)
+    text = detector.find(decoded.pixels)
+    timings["detect"] = time.perf_counter() - started
+    started = time.perf_counter()
+    stamped = stamp_label(decoded.pixels, prediction.stamp_text, avoid=text.all_text)
     stamped_encoded = encode_image(stamped, decoded.format)
     timings["stamp"] = time.perf_counter() - started
     anonymized = None
     if anonymize_always or prediction.is_positive:
         started = time.perf_counter()
-        anonymized = encode_image(blur_text_regions(stamped, regions), decoded.format)
+        anonymized = encode_image(blur_text_regions(stamped, text.redact), decoded.format)
         timings["anonymize"] = time.perf_counter() - started
     return Analysis(
         prediction=prediction,
         image_format=decoded.format,
         stamped=stamped_encoded,
         anonymized=anonymized,
-        text_regions=len(regions),
+        text_regions=len(text.redact),
         timings=timings,
     )
 
 
 def _finish_dicom(
-    image: DicomImage, prediction: Prediction, request: AnalysisRequest, spec: ModelSpec, timings: dict[str, float]
+    image: DicomImage,
+    prediction: Prediction,
+    request: AnalysisRequest,
+    spec: ModelSpec,
+    detector: TextDetector,
+    timings: dict[str, float],
 ) -> Analysis:
     if not request.deid_key:
         raise RuntimeError("DICOM de-identification needs PSEUDONYM_KEY; the request carried none")
     started = time.perf_counter()
     # Text is searched on what a viewer shows (stored values far outside the window are as white as the text).
-    regions = [find_text_regions(image.display(index)) for index in range(image.frame_count)]
+    found = [detector.find(image.display(index)) for index in range(image.frame_count)]
+    timings["detect"] = time.perf_counter() - started
+    started = time.perf_counter()
     # One stamp position for every frame (avoiding the text of all of them), so every frame keeps one size.
-    avoid: list[Box] = [box for frame_regions in regions for box in frame_regions]
+    avoid: list[Box] = [box for text in found for box in text.all_text]
     white, black = (image.curve.white, image.curve.black) if image.curve is not None else (None, 0)
     stamped = np.stack([stamp_label(frame, prediction.stamp_text, avoid=avoid, white=white, black=black)
                         for frame in image.frames])
@@ -177,8 +197,7 @@ def _finish_dicom(
     # Always de-identified, whatever the anonymization policy: a DICOM object carries patient data in its header
     # as well as its pixels, and an object the model did not assess still needs its anonymized copy.
     started = time.perf_counter()
-    cleaned = np.stack([blur_text_regions(frame, frame_regions)
-                        for frame, frame_regions in zip(image.frames, regions, strict=True)])
+    cleaned = np.stack([blur_text_regions(frame, text.redact) for frame, text in zip(image.frames, found, strict=True)])
     anonymized = _dicom_output(lambda: anonymized_instance(image, cleaned, secret=request.deid_key))
     timings["anonymize"] = time.perf_counter() - started
     return Analysis(
@@ -186,7 +205,7 @@ def _finish_dicom(
         image_format="dicom",
         stamped=processed,
         anonymized=anonymized,
-        text_regions=len(avoid),
+        text_regions=sum(len(text.redact) for text in found),
         timings=timings,
     )
 

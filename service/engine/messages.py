@@ -8,6 +8,7 @@ loop match on the type, so a new message is a new class here rather than a new m
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from service.models.spec import Prediction
 
@@ -27,6 +28,15 @@ CONTENT_TYPES = {
 class ImageLimits:
     max_bytes: int
     max_pixels: int
+
+
+@dataclass(frozen=True)
+class TextOptions:
+    """How a worker finds burned-in text (service.imaging.detection): its models' folder, and whether orientation
+    markers are kept."""
+
+    models: Path
+    keep_markers: bool = True
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from service.engine.messages import (
     ModelFree,
     Ready,
     Stop,
+    TextOptions,
 )
 from service.engine.spawn import WorkerProcess, describe_exit, reap, spawn_worker, write_forever
 from service.engine.supervisor import SupervisedTask
@@ -57,6 +58,7 @@ class InferenceEngine:
         threads_per_worker: int,
         limits: ImageLimits,
         deid_key: bytes,
+        text: TextOptions,
         start_timeout_s: float = 300.0,
         batch_max_size: int = 8,
         batch_max_wait_ms: float = 5.0,
@@ -68,6 +70,7 @@ class InferenceEngine:
         self._threads = threads_per_worker
         self._limits = limits
         self._deid_key = deid_key
+        self._text = text
         self._start_timeout_s = start_timeout_s
         self._restart_limit = restart_limit
         self._inference_timeout_s = inference_timeout_s
@@ -99,6 +102,7 @@ class InferenceEngine:
             threads_per_worker=settings.effective_worker_threads,
             limits=ImageLimits(settings.max_image_bytes, settings.max_image_pixels),
             deid_key=settings.effective_pseudonym_key,
+            text=TextOptions(settings.effective_text_models_dir, keep_markers=not settings.redact_orientation_markers),
             start_timeout_s=settings.worker_start_timeout_s,
             batch_max_size=settings.batch_max_size,
             batch_max_wait_ms=settings.batch_max_wait_ms,
@@ -220,7 +224,7 @@ class InferenceEngine:
     # --- the workers --------------------------------------------------------------------------------------
 
     def _launch_worker(self) -> WorkerProcess:
-        worker = spawn_worker(self._spec, self._threads, self._limits)
+        worker = spawn_worker(self._spec, self._threads, self._limits, self._text)
         self._workers.append(worker)
         if self._loop is not None:
             self._start_threads(worker)

@@ -21,7 +21,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from service import metrics
-from service.engine.messages import AnalysisRequest, AnalyzeBatch, ImageLimits, Stop, ToWorker
+from service.engine.messages import AnalysisRequest, AnalyzeBatch, ImageLimits, Stop, TextOptions, ToWorker
 from service.models.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -63,14 +63,14 @@ class WorkerProcess:
             self.process.kill()
 
 
-def spawn_worker(spec: ModelSpec, threads: int, limits: ImageLimits) -> WorkerProcess:
+def spawn_worker(spec: ModelSpec, threads: int, limits: ImageLimits, text: TextOptions) -> WorkerProcess:
     """Start a worker process (it loads the model on its own); the caller starts its threads once a loop runs."""
     from service.engine.worker import worker_main  # the worker's imports (OpenCV) only when one is spawned
 
     parent_end, child_end = _SPAWN.Pipe()
     process = _SPAWN.Process(
         target=worker_main,
-        args=(child_end, spec, threads, limits),
+        args=(child_end, spec, threads, limits, text),
         name="xray-inference-worker",
         daemon=True,  # never outlive the web process
     )

@@ -30,8 +30,10 @@ from service.engine.messages import (
     LoadFailed,
     ModelFree,
     Ready,
+    TextOptions,
 )
 from service.errors import PipelineError
+from service.imaging.detection import TextDetector
 from service.models.backends import load_predict
 from service.models.spec import ModelSpec
 
@@ -71,8 +73,11 @@ def _receive(connection: Connection) -> Any:
         return None  # the parent is gone
 
 
-def worker_main(connection: Connection, spec: ModelSpec, threads: int, limits: ImageLimits) -> None:
-    """Load and warm the model, say so, then analyze batches until told to stop or the parent goes away."""
+def worker_main(
+    connection: Connection, spec: ModelSpec, threads: int, limits: ImageLimits, text: TextOptions
+) -> None:
+    """Load and warm the model and the text models, say so, then analyze batches until told to stop or the parent
+    goes away."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     # The model's threads already use the cores this worker is given; OpenCV's own pool on top of them would
     # spend CPU on hand-offs and spinning (about 20 % more CPU for the imaging, measured).
@@ -80,6 +85,7 @@ def worker_main(connection: Connection, spec: ModelSpec, threads: int, limits: I
     with _native_start_notices_held() as held:
         try:
             predict = load_predict(spec, threads)
+            detector = TextDetector.load(text.models, keep_markers=text.keep_markers)
         except Exception as error:
             notices = held.read_tail()
             connection.send(LoadFailed(f"{type(error).__name__}: {error}" + (f" [{notices}]" if notices else "")))
@@ -95,7 +101,7 @@ def worker_main(connection: Connection, spec: ModelSpec, threads: int, limits: I
 
     def finish_forever() -> None:
         while (batch := to_finish.get()) is not None:
-            outcomes = finish_batch(batch, spec=spec)
+            outcomes = finish_batch(batch, spec=spec, detector=detector)
             try:
                 send(BatchResults([_picklable(outcome) for outcome in outcomes]))
             except (OSError, ValueError):

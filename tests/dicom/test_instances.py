@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 import pydicom
 import pytest
-from conftest import SPEC_TEMPLATE, TEST_PSEUDONYM_KEY
+from conftest import SPEC_TEMPLATE, TEST_PSEUDONYM_KEY, TEXT_OPTIONS, shared_text_detector
 from dicom_factory import Patient, Study, leaked_phi, make_dicom, new_study, phi_values, read
 from ocr_oracle import View, attack_views, ink_box, tokens_read
 from pydicom import uid
@@ -29,7 +29,6 @@ from service.dicom.read import DicomImage, read_dicom
 from service.engine.analysis import analyze_batch
 from service.engine.messages import Analysis, AnalysisOutcome, AnalysisRequest, ImageLimits
 from service.errors import UnprocessableObject
-from service.imaging.text import find_text_regions
 from service.models.spec import NOT_ASSESSED, ModelSpec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -137,7 +136,8 @@ class Analyzed:
 def _analyze(sources: list[bytes], spec: ModelSpec, model: ConstantModel | None = None,
              key: bytes = KEY) -> list[AnalysisOutcome]:
     requests = [AnalysisRequest(data, anonymize_always=False, deid_key=key) for data in sources]
-    return analyze_batch(requests, spec=spec, predict=model or ConstantModel(), limits=LIMITS)
+    return analyze_batch(requests, spec=spec, predict=model or ConstantModel(), limits=LIMITS,
+                         detector=shared_text_detector())
 
 
 @pytest.fixture(scope="module")
@@ -247,22 +247,13 @@ def test_dcmdump_reads_both_outputs(analyzed: Analyzed, tmp_path: Path) -> None:
         assert problems == [], name
 
 
-_STAMP_BAND = ("known limit, issue 15 (a learned text detector): the text search (service/imaging/text.py) finds one "
-               "box over nearly the whole "
-               "windowed CT slice, so no corner is free and the stamp adds a band below the image (512 -> 567 rows)")
-
-
 def _changed(before: np.ndarray, after: np.ndarray) -> np.ndarray:
     """Per frame, where `after` differs from `before` (any channel)."""
     differs = before != after
     return differs.any(axis=-1) if differs.ndim == 4 else differs
 
 
-@pytest.mark.parametrize("case", [
-    pytest.param(case, id=case.name, marks=[pytest.mark.xfail(raises=AssertionError, strict=True, reason=_STAMP_BAND)]
-                 if case.kwargs["modality"] == "CT" else [])
-    for case in CASES
-])
+@by_case
 def test_the_stamp_changes_a_small_area_of_every_frame_and_shows_white_on_black(analyzed: Analyzed) -> None:
     source, processed = analyzed.source_image, analyzed.processed_image
     assert processed.frames.shape == source.frames.shape, "the stamp added a band to the image"
@@ -344,12 +335,13 @@ from pathlib import Path
 import numpy as np, pydicom
 from service.engine.analysis import analyze_batch
 from service.engine.messages import AnalysisRequest, ImageLimits
+from service.imaging.detection import TextDetector
 from service.models.spec import ModelSpec
 template, source, key = Path(sys.argv[1]), Path(sys.argv[2]).read_bytes(), sys.argv[3].encode()
 spec = ModelSpec.parse(template.read_text(), source=str(template))
 [outcome] = analyze_batch([AnalysisRequest(source, anonymize_always=True, deid_key=key)], spec=spec,
                           predict=lambda batch: np.zeros((len(batch), 2), np.float32),
-                          limits=ImageLimits(10**8, 10**8))
+                          limits=ImageLimits(10**8, 10**8), detector=TextDetector.load(Path(sys.argv[4])))
 ds = pydicom.dcmread(io.BytesIO(outcome.anonymized))
 print(ds.StudyInstanceUID, ds.PatientID)
 """
@@ -361,7 +353,8 @@ def test_the_new_study_uid_is_the_same_in_another_process(spec: ModelSpec, tmp_p
     source.write_bytes(make_dicom(modality="CR", rows=128, columns=128, study=study))
     here = _anonymized_header(source.read_bytes(), spec)
     run = subprocess.run([sys.executable, "-c", _IN_ANOTHER_PROCESS, str(SPEC_TEMPLATE), str(source),
-                          TEST_PSEUDONYM_KEY], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                          TEST_PSEUDONYM_KEY, str(TEXT_OPTIONS.models)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == [here.StudyInstanceUID, here.PatientID]
 
@@ -369,12 +362,16 @@ def test_the_new_study_uid_is_the_same_in_another_process(spec: ModelSpec, tmp_p
 # --------------------------------------------------------------------------------------- the anonymized pixels
 
 
-def _burned_box(case: Case) -> tuple[int, int, int, int]:
+def _burned_ink(case: Case) -> np.ndarray:
     """Where the text is burned (its ink, every frame), from the same object made with and without it."""
     twin = {**case.kwargs, "transfer_syntax": uid.ExplicitVRLittleEndian}
     burned = _images(make_dicom(burned_in=BURNED, **twin)).frames
     plain = _images(make_dicom(**twin)).frames
-    return ink_box(_changed(plain, burned).any(axis=0))
+    return _changed(plain, burned).any(axis=0)
+
+
+def _burned_box(case: Case) -> tuple[int, int, int, int]:
+    return ink_box(_burned_ink(case))
 
 
 _TEXT_MARGIN = 8
@@ -436,26 +433,14 @@ def test_anonymized_pixels_outside_the_text_found_are_the_source_values(analyzed
     assert anonymized.frames.shape == source.frames.shape
     for index in range(source.frame_count):
         kept = np.ones(source.frames.shape[1:3], bool)
-        for x, y, width, height in find_text_regions(source.display(index)):
+        for x, y, width, height in shared_text_detector().find(source.display(index)).redact:
             kept[max(0, y) : y + height, max(0, x) : x + width] = False
         assert kept.any()
         np.testing.assert_array_equal(anonymized.frames[index][kept], source.frames[index][kept])
-        burned = ~kept
-        x, y, width, height = _burned_box(analyzed.case)
-        assert burned[y : y + height, x : x + width].all()  # the text is inside what was redacted
+        assert not kept[_burned_ink(analyzed.case)].any()  # every pixel of the text is inside what was redacted
 
 
-_OVER_REDACTION = ("known limit, issue 15 (a learned text detector): the text search (service/imaging/text.py) "
-                   "boxes anatomy as text on these displays "
-                   "(the ribs and clavicles of the radiographs, the whole body of the CT slice, the heart of the PET, "
-                   "the echoes of the ultrasound), so 23-92 % of the pixels outside the burned-in text are redacted")
-
-
-@pytest.mark.parametrize("case", [
-    pytest.param(case, id=case.name, marks=[pytest.mark.xfail(raises=AssertionError, strict=True,
-                                                              reason=_OVER_REDACTION)])
-    for case in CASES
-])
+@by_case
 def test_most_pixels_outside_the_burned_in_text_are_unchanged(analyzed: Analyzed) -> None:
     source, anonymized = analyzed.source_image, analyzed.anonymized_image
     x, y, width, height = _burned_box(analyzed.case)

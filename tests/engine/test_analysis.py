@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import BINARY, encode, write_spec, xray_like
+from conftest import BINARY, encode, shared_text_detector, write_spec, xray_like
 
 from service.engine.analysis import analyze_batch, finish_batch, predict_batch
 from service.engine.messages import Analysis, AnalysisRequest, ImageLimits
@@ -37,7 +37,8 @@ class BrightnessModel:
 def test_the_model_sees_the_batch_at_its_own_size_without_padding(spec: ModelSpec) -> None:
     model = BrightnessModel()
     requests = [AnalysisRequest(encode(xray_like(level)), anonymize_always=False) for level in (230, 20, 230)]
-    outcomes = analyze_batch(requests, spec=spec, predict=model, limits=LIMITS)
+    outcomes = analyze_batch(requests, spec=spec, predict=model, limits=LIMITS,
+                             detector=shared_text_detector())
     assert model.batch_shapes == [(3, 150, 150, 3)]
     assert [outcome.prediction.label for outcome in outcomes if isinstance(outcome, Analysis)] == [
         "Pneumonia", "Normal", "Pneumonia"
@@ -50,7 +51,8 @@ def test_a_bad_image_fails_alone_and_is_never_sent_to_the_model(spec: ModelSpec)
         AnalysisRequest(b"not an image", anonymize_always=True),
         AnalysisRequest(encode(xray_like(230)), anonymize_always=True),
     ]
-    bad, good = analyze_batch(requests, spec=spec, predict=model, limits=LIMITS)
+    bad, good = analyze_batch(requests, spec=spec, predict=model, limits=LIMITS,
+                             detector=shared_text_detector())
     assert isinstance(bad, UnprocessableObject) and bad.reason == "not-an-image"
     assert isinstance(good, Analysis) and good.anonymized is not None
     assert model.batch_shapes == [(1, 150, 150, 3)]
@@ -58,7 +60,8 @@ def test_a_bad_image_fails_alone_and_is_never_sent_to_the_model(spec: ModelSpec)
 
 def test_a_batch_of_only_bad_images_never_calls_the_model(spec: ModelSpec) -> None:
     model = BrightnessModel()
-    outcomes = analyze_batch([AnalysisRequest(b"", anonymize_always=False)], spec=spec, predict=model, limits=LIMITS)
+    outcomes = analyze_batch([AnalysisRequest(b"", anonymize_always=False)], spec=spec, predict=model, limits=LIMITS,
+                             detector=shared_text_detector())
     assert isinstance(outcomes[0], UnprocessableObject)
     assert model.batch_shapes == []
 
@@ -69,7 +72,8 @@ def test_a_failing_model_call_fails_its_images_but_keeps_their_own_errors(spec: 
 
     requests = [AnalysisRequest(b"not an image", anonymize_always=False),
                 AnalysisRequest(encode(xray_like(230)), anonymize_always=False)]
-    bad, failed = finish_batch(predict_batch(requests, spec=spec, predict=broken, limits=LIMITS), spec=spec)
+    bad, failed = finish_batch(predict_batch(requests, spec=spec, predict=broken, limits=LIMITS), spec=spec,
+                                 detector=shared_text_detector())
     assert isinstance(bad, UnprocessableObject)
     assert isinstance(failed, RuntimeError) and "exploded" in str(failed)
 
@@ -77,7 +81,8 @@ def test_a_failing_model_call_fails_its_images_but_keeps_their_own_errors(spec: 
 def test_gray_uploads_stay_gray_and_positive_ones_get_an_anonymized_copy(spec: ModelSpec) -> None:
     requests = [AnalysisRequest(encode(xray_like(230)), anonymize_always=False),
                 AnalysisRequest(encode(xray_like(20)), anonymize_always=False)]
-    positive, negative = analyze_batch(requests, spec=spec, predict=BrightnessModel(), limits=LIMITS)
+    positive, negative = analyze_batch(requests, spec=spec, predict=BrightnessModel(), limits=LIMITS,
+                             detector=shared_text_detector())
     assert isinstance(positive, Analysis) and isinstance(negative, Analysis)
     assert positive.anonymized is not None and negative.anonymized is None  # ANONYMIZE_WHEN=positive
     stamped = decode_image(positive.stamped, max_bytes=10**7, max_pixels=10**7)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, encode, upload, xray_like
+from conftest import ROOT, TEXT_OPTIONS, encode, upload, xray_like
 from test_pipeline import record_for
 
 from service.engine.messages import ImageLimits
@@ -25,7 +25,8 @@ from service.storage import ObjectStore, make_s3_client
 
 LIMITS = ImageLimits(max_bytes=10**7, max_pixels=10**7)
 #: Every engine here: one thread per worker, the limits above, a de-identification key of its own.
-WORKER_OPTIONS: dict[str, Any] = {"threads_per_worker": 1, "limits": LIMITS, "deid_key": b"engine-test-pseudonym-key"}
+WORKER_OPTIONS: dict[str, Any] = {"threads_per_worker": 1, "limits": LIMITS, "deid_key": b"engine-test-pseudonym-key",
+                                  "text": TEXT_OPTIONS}
 
 
 def imported_by(modules: str) -> set[str]:
@@ -57,12 +58,13 @@ def test_workers_do_not_import_the_parents_main_module(tiny_spec: Path, tmp_path
         f"sys.path.insert(0, {str(ROOT)!r})\n"
         "if __name__ != '__main__':\n"
         f"    pathlib.Path({str(marker)!r}).write_text(__name__)\n"
-        "from service.engine.messages import ImageLimits\n"
+        "from service.engine.messages import ImageLimits, TextOptions\n"
         "from service.engine.pool import InferenceEngine\n"
         "from service.models.spec import ModelSpec\n"
         "async def main():\n"
         f"    engine = InferenceEngine(ModelSpec.load({str(tiny_spec)!r}), workers=1, threads_per_worker=1,\n"
-        "                             limits=ImageLimits(10, 10), deid_key=b\"k\" * 16)\n"
+        "                             limits=ImageLimits(10, 10), deid_key=b\"k\" * 16,\n"
+        f"                             text=TextOptions(pathlib.Path({str(TEXT_OPTIONS.models)!r})))\n"
         "    await engine.start()\n"
         "    await engine.stop()\n"
         "if __name__ == '__main__':\n"

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import encode, xray_like
+from conftest import TEXT_OPTIONS, encode, xray_like
 
 from service.engine.messages import ImageLimits
 from service.engine.pool import InferenceEngine
@@ -28,7 +28,8 @@ from service.models.spec import ModelSpec
 
 LIMITS = ImageLimits(max_bytes=10**8, max_pixels=10**8)
 #: Every engine here: one thread per worker, the limits above, a de-identification key of its own.
-WORKER_OPTIONS: dict[str, Any] = {"threads_per_worker": 1, "limits": LIMITS, "deid_key": b"engine-test-pseudonym-key"}
+WORKER_OPTIONS: dict[str, Any] = {"threads_per_worker": 1, "limits": LIMITS, "deid_key": b"engine-test-pseudonym-key",
+                                  "text": TEXT_OPTIONS}
 
 
 async def until(condition: Callable[[], Any], timeout_s: float, message: str) -> None:

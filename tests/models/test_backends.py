@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, encode, xray_like
+from conftest import ROOT, TEXT_OPTIONS, encode, xray_like
 
 from service.engine.messages import ImageLimits
 from service.engine.pool import InferenceEngine
@@ -29,7 +29,8 @@ def onnx_spec(tiny_spec: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 def risks(spec_path: Path, images: list[bytes]) -> list[float]:
     engine = InferenceEngine(ModelSpec.load(spec_path), workers=1, threads_per_worker=1,
-                             limits=ImageLimits(10**7, 10**7), deid_key=b"k" * 16, batch_max_size=4)
+                             limits=ImageLimits(10**7, 10**7), deid_key=b"k" * 16, batch_max_size=4,
+                             text=TEXT_OPTIONS)
 
     async def run() -> list[float]:
         await engine.start()

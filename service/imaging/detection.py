@@ -1,0 +1,320 @@
+"""Finding burned-in text precisely: the fast line search proposes, the learned detector decides.
+
+The line search (service.imaging.text) costs a few milliseconds and finds every burned-in line, but on bright
+textured anatomy (a CT body, a PET heart, ribs) it also proposes regions that are not text. PP-OCR's DB detector
+(service.imaging.ocr_models) tells text from anatomy with tight boxes, but costs about 2 ms per 10,000 pixels: a
+chest X-ray at full resolution would take half a second. So the detector sees only the proposals: each one is
+cropped with a margin, turned upright if it runs vertically, scaled so its text is about as tall as the detector
+reads best, contrast-stretched (faint text becomes plain text), and packed with the others into one mosaic that
+the detector reads in a single run. What it finds there is redacted; a proposal it finds no text in is anatomy
+and stays untouched. Proposals too small to verify usefully are redacted as they are: they cost no anatomy.
+
+Orientation markers (an isolated `R` or `L`, `AP`, `PA`, `PORTABLE`, `SUPINE`, `ERECT`) say how the patient lay,
+not who they are: the recognizer reads each isolated short line, and the markers are kept unless
+`keep_markers` is off.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from service.imaging.codec import to_8bit
+from service.imaging.ocr_models import CtcTextRecognizer, DbTextDetector, TextRegion
+from service.imaging.text import Box, propose_text
+
+#: Proposals of at most this many pixels are redacted without asking the detector: too small to hold more than
+#: a few small characters, so verifying them would cost more (about 1 ms each) than the anatomy they hide.
+_UNVERIFIED_MAX_PIXELS = 32 * 32
+#: Context around each proposal in its crop: this many of its text lines (at least, at most this many pixels).
+#: The detector sees the line's surroundings, and a line of the same block the line search missed (a faint
+#: name over grain, above the ID it found) is read with it.
+_CROP_MARGIN_LINES = 1.5
+_CROP_MARGIN_PX = 8
+_MAX_CROP_MARGIN_PX = 64
+#: Text is scaled down to about this height: the detector finds lines from ~8 px up, and fewer pixels cost less.
+_TEXT_HEIGHT_PX = 24
+#: No crop goes to the detector larger than this (a proposal spanning a whole CT body is scaled down to it).
+_MAX_CROP_PIXELS = 640 * 640
+#: A proposal this much taller than wide runs vertically: its crop is turned to horizontal.
+_VERTICAL_ASPECT = 1.5
+#: The mosaic: crops on shelves this far apart (the detector's input is a multiple of 32).
+_MOSAIC_GAP_PX = 16
+_DETECTOR_STRIDE = 32
+#: A crop whose contrast spans fewer grey levels than this holds no readable text; stretching it would only
+#: magnify its noise.
+_MIN_CROP_RANGE = 8
+#: Redaction padding around each detected line, as a fraction of its height, and at least this many pixels: the
+#: detector's box fits the glyphs; the padding takes their antialiased edges and what JPEG rang around them.
+_PAD_FRACTION = 0.3
+_MIN_PAD_PX = 3
+#: Orientation markers (normalised: capitals and digits only).
+MARKERS = frozenset({"R", "L", "AP", "PA", "PORTABLE", "SUPINE", "ERECT"})
+#: A region the detector finds that is less than this many times wider than tall is text only if the recognizer
+#: reads at least one character in it with this confidence (a lone glyph reads at 0.9 and more, stripes of
+#: anatomy at 0.3 or nothing).
+_MIN_LINE_ASPECT = 2.5
+_MIN_READ_CONFIDENCE = 0.5
+#: A line is a marker candidate if no other text is within this many of its heights, and it is short.
+_MARKER_ISOLATION = 1.5
+_MARKER_MAX_ASPECT = 7.0
+_MARKER_MIN_CONFIDENCE = 0.8
+
+
+@dataclass(frozen=True)
+class TextFindings:
+    """Where an image's burned-in text is: the boxes to redact, and the orientation markers kept as they are."""
+
+    redact: list[Box]
+    markers: list[Box]
+
+    @property
+    def all_text(self) -> list[Box]:
+        """Every box holding text (what the stamp must not cover)."""
+        return [*self.redact, *self.markers]
+
+
+@dataclass(frozen=True)
+class _Crop:
+    """One proposal's crop: where it came from and where it sits in the mosaic."""
+
+    left: int
+    top: int
+    #: The crop's size in the image (before turning and scaling).
+    width: int
+    height: int
+    scale: float
+    #: Turned 90 degrees clockwise before scaling.
+    turned: bool
+    #: Its place and size in the mosaic.
+    x: int
+    y: int
+    mosaic_width: int
+    mosaic_height: int
+
+
+@dataclass(frozen=True)
+class TextDetector:
+    """The cascade, with its two models loaded once (in a worker, at start)."""
+
+    model_dir: Path
+    keep_markers: bool = True
+    _detector: DbTextDetector = field(init=False, repr=False, compare=False)
+    _recognizer: CtcTextRecognizer = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        from service.models.fetch import TEXT_DETECTOR_NAME, TEXT_RECOGNIZER_NAME
+
+        for name in (TEXT_DETECTOR_NAME, TEXT_RECOGNIZER_NAME):
+            if not (self.model_dir / name).is_file():
+                raise FileNotFoundError(
+                    f"text model {name} is not in {self.model_dir}: run `xray-pipeline model fetch` (`make model`)"
+                )
+        object.__setattr__(self, "_detector", DbTextDetector(self.model_dir / TEXT_DETECTOR_NAME))
+        object.__setattr__(self, "_recognizer", CtcTextRecognizer(self.model_dir / TEXT_RECOGNIZER_NAME))
+
+    @classmethod
+    def load(cls, model_dir: Path, *, keep_markers: bool = True) -> TextDetector:
+        return cls(model_dir, keep_markers)
+
+    def find(self, pixels: np.ndarray) -> TextFindings:
+        """The burned-in text of `pixels` (HxW or HxWxC, 8 or 16 bits; what a viewer shows)."""
+        image = _bgr8(pixels)
+        redact: list[Box] = []
+        to_verify: list[tuple[Box, float]] = []
+        proposed_lines, proposals = propose_text(pixels)
+        centre_x = proposed_lines[:, 0] + proposed_lines[:, 2] / 2
+        centre_y = proposed_lines[:, 1] + proposed_lines[:, 3] / 2
+        for box in proposals:
+            if box[2] * box[3] <= _UNVERIFIED_MAX_PIXELS:
+                redact.append(box)
+                continue
+            x, y, width, height = box
+            inside = (centre_x >= x) & (centre_x < x + width) & (centre_y >= y) & (centre_y < y + height)
+            # The typical line decides the scale (the detector still reads text at half that height).
+            across = np.minimum(proposed_lines[inside, 2], proposed_lines[inside, 3])
+            to_verify.append((box, float(np.median(across)) if len(across) else float(min(width, height))))
+        lines = self._verified_lines(image, to_verify)
+        markers: list[Box] = []
+        for index, line in enumerate(lines):
+            kind = self._kind(image, lines, index)
+            if kind == "marker":
+                markers.append(line)
+            elif kind == "text":
+                redact.append(_padded(line, image.shape))
+        return TextFindings(redact=sorted(redact, key=lambda box: (box[1], box[0])),
+                            markers=sorted(markers, key=lambda box: (box[1], box[0])))
+
+    # --- verification --------------------------------------------------------------------------------------
+
+    def _verified_lines(self, image: np.ndarray, proposals: list[tuple[Box, float]]) -> list[Box]:
+        """The text lines the detector finds in the proposals' crops (image coordinates, unpadded)."""
+        crops, pieces = _crops(image, proposals)
+        if not crops:
+            return []
+        mosaic = _mosaic(crops, pieces)
+        _labels, regions = DbTextDetector.regions(self._detector.probability(mosaic))
+        lines = []
+        for region in regions:
+            crop = _crop_holding(crops, region)
+            if crop is not None:
+                lines.append(_to_image(region, crop))
+        return _deduplicated(lines)
+
+    # --- reading --------------------------------------------------------------------------------------------
+
+    def _kind(self, image: np.ndarray, lines: list[Box], index: int) -> str:
+        """"text", "marker" (an orientation marker, kept) or "anatomy" for one line the detector found.
+
+        A line the detector finds is text, but for two kinds it asks the recognizer: squat regions (a block of
+        regular stripes such as ribs can look like a few lines of text to the detector; a real line is wide, or a
+        glyph or two the recognizer reads), and isolated short lines that may be orientation markers."""
+        x, y, width, height = lines[index]
+        short, long = sorted((width, height))
+        squat = long < _MIN_LINE_ASPECT * short
+        maybe_marker = self.keep_markers and long <= _MARKER_MAX_ASPECT * short and _isolated(index, lines)
+        if not (squat or maybe_marker):
+            return "text"
+        margin = max(2, short // 8)
+        piece = image[max(0, y - margin) : y + height + margin, max(0, x - margin) : x + width + margin]
+        if height > _VERTICAL_ASPECT * width and long > _MIN_LINE_ASPECT * short:
+            piece = cv2.rotate(piece, cv2.ROTATE_90_CLOCKWISE)
+        text, confidence = self._recognizer.read(_stretched(piece))
+        read = re.sub(r"[^A-Z0-9]", "", text.upper())
+        if maybe_marker and confidence >= _MARKER_MIN_CONFIDENCE and read in MARKERS:
+            return "marker"
+        if squat and (not read or confidence < _MIN_READ_CONFIDENCE):
+            return "anatomy"
+        return "text"
+
+
+def _bgr8(pixels: np.ndarray) -> np.ndarray:
+    """8-bit BGR of any decoded pixels (grey replicated; alpha dropped)."""
+    eight_bit = to_8bit(pixels)
+    if eight_bit.ndim == 2:
+        return cv2.cvtColor(eight_bit, cv2.COLOR_GRAY2BGR)
+    return np.ascontiguousarray(eight_bit[:, :, :3])
+
+
+def _stretched(piece: np.ndarray) -> np.ndarray:
+    """`piece` with its grey levels stretched to 0..255 (the 1st to 99th percentile): faint text becomes plain."""
+    low, high = np.percentile(piece, (1, 99))
+    if high - low < _MIN_CROP_RANGE:
+        return piece
+    return cv2.convertScaleAbs(piece, alpha=255.0 / (high - low), beta=-low * 255.0 / (high - low))
+
+
+def _crops(image: np.ndarray, proposals: list[tuple[Box, float]]) -> tuple[list, list[np.ndarray]]:
+    """Each proposal's crop, turned and scaled for the detector: (left, top, width, height, scale, turned).
+    A proposal comes with the height of the smallest text line the line search found in it."""
+    height, width = image.shape[:2]
+    placed: list[tuple[int, int, int, int, float, bool]] = []
+    pieces: list[np.ndarray] = []
+    for (x, y, w, h), text_height in proposals:
+        margin = round(min(_MAX_CROP_MARGIN_PX, max(_CROP_MARGIN_PX, _CROP_MARGIN_LINES * text_height)))
+        left, top = max(0, x - margin), max(0, y - margin)
+        right, bottom = min(width, x + w + margin), min(height, y + h + margin)
+        piece = image[top:bottom, left:right]
+        if piece.size == 0:
+            continue
+        turned = h > _VERTICAL_ASPECT * w
+        area = piece.shape[0] * piece.shape[1]
+        scale = min(1.0, _TEXT_HEIGHT_PX / max(1.0, text_height), float(np.sqrt(_MAX_CROP_PIXELS / area)))
+        if turned:
+            piece = cv2.rotate(piece, cv2.ROTATE_90_CLOCKWISE)
+        if scale < 1.0:
+            size = (max(1, round(piece.shape[1] * scale)), max(1, round(piece.shape[0] * scale)))
+            piece = cv2.resize(piece, size, interpolation=cv2.INTER_AREA)
+        placed.append((left, top, right - left, bottom - top, scale, turned))
+        pieces.append(_stretched(piece))
+    return placed, pieces
+
+
+def _mosaic(crops: list, pieces: list[np.ndarray]) -> np.ndarray:
+    """Pack `pieces` on shelves into one image for one detector run; rewrites `crops` with their places."""
+    # About square (the widest piece decides the least): the detector's cost follows the mosaic's area.
+    area = sum(piece.shape[0] * piece.shape[1] for piece in pieces)
+    width = max(max(piece.shape[1] for piece in pieces), int(1.2 * np.sqrt(area)))
+    order = sorted(range(len(pieces)), key=lambda index: -pieces[index].shape[0])
+    places: dict[int, tuple[int, int]] = {}
+    x = y = shelf = 0
+    for index in order:
+        piece_height, piece_width = pieces[index].shape[:2]
+        if x and x + piece_width > width:
+            x, y, shelf = 0, y + shelf + _MOSAIC_GAP_PX, 0
+        places[index] = (x, y)
+        x += piece_width + _MOSAIC_GAP_PX
+        shelf = max(shelf, piece_height)
+    stride = _DETECTOR_STRIDE
+    mosaic_height = -(-(y + shelf) // stride) * stride
+    mosaic = np.zeros((mosaic_height, -(-width // stride) * stride, 3), np.uint8)
+    for index, piece in enumerate(pieces):
+        px, py = places[index]
+        mosaic[py : py + piece.shape[0], px : px + piece.shape[1]] = piece
+        left, top, w, h, scale, turned = crops[index]
+        crops[index] = _Crop(left, top, w, h, scale, turned, px, py, piece.shape[1], piece.shape[0])
+    return mosaic
+
+
+def _crop_holding(crops: list[_Crop], region: TextRegion) -> _Crop | None:
+    centre_x, centre_y = region.x + region.width / 2, region.y + region.height / 2
+    for crop in crops:
+        if crop.x <= centre_x < crop.x + crop.mosaic_width and crop.y <= centre_y < crop.y + crop.mosaic_height:
+            return crop
+    return None
+
+
+def _to_image(region: TextRegion, crop: _Crop) -> Box:
+    """A region of the mosaic, clipped to its crop, in image coordinates."""
+    left = max(region.x, crop.x) - crop.x
+    top = max(region.y, crop.y) - crop.y
+    right = min(region.x + region.width, crop.x + crop.mosaic_width) - crop.x
+    bottom = min(region.y + region.height, crop.y + crop.mosaic_height) - crop.y
+    # Undo the scaling, then the turn (clockwise: a turned crop's x runs down the original, its y right to left).
+    left, top, right, bottom = (int(np.floor(left / crop.scale)), int(np.floor(top / crop.scale)),
+                                int(np.ceil(right / crop.scale)), int(np.ceil(bottom / crop.scale)))
+    if crop.turned:
+        left, top, right, bottom = top, crop.height - right, bottom, crop.height - left
+    left, top = max(0, left), max(0, top)
+    right, bottom = min(crop.width, right), min(crop.height, bottom)
+    return crop.left + left, crop.top + top, right - left, bottom - top
+
+
+def _padded(line: Box, shape: tuple[int, ...]) -> Box:
+    x, y, width, height = line
+    pad = max(_MIN_PAD_PX, round(_PAD_FRACTION * min(width, height)))
+    left, top = max(0, x - pad), max(0, y - pad)
+    right, bottom = min(shape[1], x + width + pad), min(shape[0], y + height + pad)
+    return left, top, right - left, bottom - top
+
+
+def _deduplicated(lines: list[Box]) -> list[Box]:
+    """One box per line: overlapping proposals put the same line in two crops."""
+    kept: list[Box] = []
+    for line in sorted(lines, key=lambda box: -box[2] * box[3]):
+        if not any(_overlap(line, other) >= 0.6 * line[2] * line[3] for other in kept):
+            kept.append(line)
+    return kept
+
+
+def _overlap(first: Box, second: Box) -> int:
+    across = min(first[0] + first[2], second[0] + second[2]) - max(first[0], second[0])
+    down = min(first[1] + first[3], second[1] + second[3]) - max(first[1], second[1])
+    return max(0, across) * max(0, down)
+
+
+def _isolated(index: int, lines: list[Box]) -> bool:
+    x, y, width, height = lines[index]
+    reach = _MARKER_ISOLATION * min(width, height)
+    for other, (ox, oy, ow, oh) in enumerate(lines):
+        if other == index:
+            continue
+        gap_x = max(ox - (x + width), x - (ox + ow), 0)
+        gap_y = max(oy - (y + height), y - (oy + oh), 0)
+        if max(gap_x, gap_y) < reach:
+            return False
+    return True
