@@ -55,8 +55,8 @@ _MIN_PAD_PX = 3
 #: Orientation markers (normalised: capitals and digits only).
 MARKERS = frozenset({"R", "L", "AP", "PA", "PORTABLE", "SUPINE", "ERECT"})
 #: A region the detector finds that is less than this many times wider than tall is text only if the recognizer
-#: reads at least one character in it with this confidence (a lone glyph reads at 0.9 and more, stripes of
-#: anatomy at 0.3 or nothing).
+#: reads at least two characters in it with this confidence: a block of rib stripes reads as nothing or one
+#: character at 0.3, but a round PET heart reads as "0" at 0.9; a lone character identifies nobody.
 _MIN_LINE_ASPECT = 2.5
 _MIN_READ_CONFIDENCE = 0.5
 #: A line is a marker candidate if no other text is within this many of its heights, and it is short.
@@ -171,8 +171,8 @@ class TextDetector:
         """"text", "marker" (an orientation marker, kept) or "anatomy" for one line the detector found.
 
         A line the detector finds is text, but for two kinds it asks the recognizer: squat regions (a block of
-        regular stripes such as ribs can look like a few lines of text to the detector; a real line is wide, or a
-        glyph or two the recognizer reads), and isolated short lines that may be orientation markers."""
+        regular stripes such as ribs, or a round organ, can look like text to the detector; a real line is wide,
+        or a short word the recognizer reads), and isolated short lines that may be orientation markers."""
         x, y, width, height = lines[index]
         short, long = sorted((width, height))
         squat = long < _MIN_LINE_ASPECT * short
@@ -187,7 +187,7 @@ class TextDetector:
         read = re.sub(r"[^A-Z0-9]", "", text.upper())
         if maybe_marker and confidence >= _MARKER_MIN_CONFIDENCE and read in MARKERS:
             return "marker"
-        if squat and (not read or confidence < _MIN_READ_CONFIDENCE):
+        if squat and (len(read) < 2 or confidence < _MIN_READ_CONFIDENCE):
             return "anatomy"
         return "text"
 

@@ -15,7 +15,7 @@ import pytest
 from conftest import ROOT, TEXT_OPTIONS, encode, upload, xray_like
 from test_pipeline import record_for
 
-from service.engine.messages import ImageLimits
+from service.engine.messages import ImageLimits, TextOptions
 from service.engine.pool import InferenceEngine
 from service.errors import ModelNotReady, UnprocessableObject
 from service.models.spec import ModelSpec
@@ -145,6 +145,14 @@ def test_unloadable_model_fails_start_up_clearly(tiny_spec: Path, tmp_path: Path
     (tmp_path / "tiny.keras").write_bytes(b"not a keras archive")
     engine = InferenceEngine(ModelSpec.load(tmp_path / "tiny.yaml"), workers=1, **WORKER_OPTIONS)
     with pytest.raises(RuntimeError, match="failed to load the model"):
+        asyncio.run(engine.start())
+    assert not engine.ready
+
+
+def test_missing_text_models_fail_start_up_naming_the_file_and_the_command(tiny_spec: Path, tmp_path: Path) -> None:
+    options = WORKER_OPTIONS | {"text": TextOptions(tmp_path / "no-text-models")}
+    engine = InferenceEngine(ModelSpec.load(tiny_spec), workers=1, **options)
+    with pytest.raises(RuntimeError, match=r"ch_PP-OCRv4_det_infer\.onnx is not in .*xray-pipeline model fetch"):
         asyncio.run(engine.start())
     assert not engine.ready
 

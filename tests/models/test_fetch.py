@@ -14,8 +14,16 @@ import pytest
 from conftest import MODEL_DIR, ROOT, SPEC_TEMPLATE
 
 from service.errors import ConfigurationError
-from service.models.fetch import default_model_dir, default_spec, validation_images
-from service.settings import Settings, load_settings
+from service.models.fetch import (
+    TEXT_DETECTOR_NAME,
+    default_model_dir,
+    default_spec,
+    fetch_text_models,
+    text_models_dir,
+    text_models_fetched,
+    validation_images,
+)
+from service.settings import ModelCacheSettings, Settings, load_settings
 
 
 def test_the_wheel_carries_the_default_spec(tmp_path: Path) -> None:
@@ -62,3 +70,24 @@ def test_fetch_prints_the_folder_and_refreshes_the_spec(fetched_cache: Path) -> 
                           env=os.environ | {"MODEL_CACHE_DIR": str(fetched_cache)}, timeout=120, check=True)
     assert done.stdout.strip() == str(default_model_dir(fetched_cache)), "only the folder on stdout, for scripts"
     assert spec.read_bytes() == SPEC_TEMPLATE.read_bytes()
+
+
+def test_text_models_are_fetched_pinned_and_a_damaged_copy_is_not_taken_for_fetched(tmp_path: Path) -> None:
+    fetched = text_models_dir(ModelCacheSettings().model_cache_dir)
+    if not text_models_fetched(fetched):
+        pytest.fail("the text models are not fetched: run `make model` (make test does)")
+    copy = text_models_dir(tmp_path)
+    shutil.copytree(fetched, copy)
+    assert fetch_text_models(tmp_path) == copy  # already there: nothing downloaded
+    with (copy / TEXT_DETECTOR_NAME).open("r+b") as model:
+        model.seek(1000)
+        model.write(b"\0" * 16)
+    assert not text_models_fetched(copy), "a damaged model passed its checksum"
+
+
+def test_text_models_dir_defaults_below_the_cache_and_can_be_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 fetched_cache: Path) -> None:
+    monkeypatch.setenv("MODEL_CACHE_DIR", str(fetched_cache))
+    assert load_settings(Settings, dev_mode=True).effective_text_models_dir == text_models_dir(fetched_cache)
+    monkeypatch.setenv("TEXT_MODELS_DIR", str(tmp_path / "elsewhere"))
+    assert load_settings(Settings, dev_mode=True).effective_text_models_dir == tmp_path / "elsewhere"
