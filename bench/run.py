@@ -15,7 +15,9 @@
 4. cpu_efficiency = model CPU ms per image at batch 8 / service CPU ms per image: the share of the service's
    CPU that is the model itself;
 5. the DICOM row (bench/dicom.py): CPU ms per 2-megapixel CR around the model, as JPEG, uncompressed DICOM and
-   RLE DICOM, by stage, and the DICOM paths' extra over JPEG.
+   RLE DICOM, by stage, and the DICOM paths' extra over JPEG;
+6. the text-detection row (bench/detection.py): CPU ms per image of the text cascade against the line search
+   alone, by modality (the 16 X-rays, synthetic CT scouts, PET, MR and grainy chest films).
 
 It prints a table and writes bench/results.json (one row per backend x workers). Everything it starts it stops,
 also on failure or Ctrl-C. Only loopback traffic. The load generator runs in this process on the same cores as
@@ -48,6 +50,7 @@ sys.path.insert(0, str(ROOT))  # bench.dicom, when run as `python bench/run.py`
 
 from local_rgw import LocalRGW  # noqa: E402
 
+from bench.detection import print_row as print_detection_row  # noqa: E402
 from bench.dicom import print_row as print_dicom_row  # noqa: E402
 from service.models.fetch import default_model_dir  # noqa: E402
 from service.settings import ModelCacheSettings  # noqa: E402
@@ -437,6 +440,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[{time.monotonic() - started:5.0f} s] DICOM over JPEG: "
           f"{dicom_row['dicom_explicit_extra_cpu_ms']:+.1f} CPU ms (explicit VR), "
           f"{dicom_row['dicom_rle_extra_cpu_ms']:+.1f} (RLE)", flush=True)
+    detection = subprocess.run([sys.executable, str(ROOT / "bench" / "detection.py"), "--json",
+                                *(["--quick"] if args.quick else [])],
+                               cwd=ROOT, check=True, capture_output=True, text=True, timeout=900)
+    detection_row = json.loads(detection.stdout.strip().splitlines()[-1])
+    print(f"[{time.monotonic() - started:5.0f} s] text cascade over line search, CPU per image: " + ", ".join(
+        f"{name} {figures['cascade_over_line_search']:.1f}x" for name, figures in detection_row["modalities"].items()
+    ), flush=True)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="xray-bench-") as workdir:
         rgw = LocalRGW(Path(workdir) / "rgw")
@@ -464,11 +474,14 @@ def main(argv: list[str] | None = None) -> int:
             rgw.stop()
             if rows:  # a partial run still leaves its rows
                 add_ratios(rows)
-                args.output.write_text(json.dumps([*rows, {"dicom": dicom_row}], indent=2) + "\n")
+                args.output.write_text(json.dumps([*rows, {"dicom": dicom_row}, {"detection": detection_row}],
+                                                  indent=2) + "\n")
     print()
     print_table(rows)
     print()
     print_dicom_row(dicom_row)
+    print()
+    print_detection_row(detection_row)
     print(f"\n{len(rows)} configurations in {time.monotonic() - started:.0f} s; rows in {args.output}")
     return 0
 

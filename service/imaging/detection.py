@@ -59,10 +59,16 @@ MARKERS = frozenset({"R", "L", "AP", "PA", "PORTABLE", "SUPINE", "ERECT"})
 #: character at 0.3, but a round PET heart reads as "0" at 0.9; a lone character identifies nobody.
 _MIN_LINE_ASPECT = 2.5
 _MIN_READ_CONFIDENCE = 0.5
+#: A lone blob of the line search this letter-like (at least this tall and wide, at most this elongated) is read
+#: by the recognizer when the detector finds nothing around it.
+_MIN_GLYPH_PX = 12
+_MAX_GLYPH_ASPECT = 2.0
 #: A line is a marker candidate if no other text is within this many of its heights, and it is short.
 _MARKER_ISOLATION = 1.5
 _MARKER_MAX_ASPECT = 7.0
 _MARKER_MIN_CONFIDENCE = 0.8
+#: The recognizer reads a line with this fraction of its height around it.
+_READ_MARGIN = 0.25
 
 
 @dataclass(frozen=True)
@@ -126,6 +132,7 @@ class TextDetector:
         image = _bgr8(pixels)
         redact: list[Box] = []
         to_verify: list[tuple[Box, float]] = []
+        glyphs: list[Box] = []
         proposed_lines, proposals = propose_text(pixels)
         centre_x = proposed_lines[:, 0] + proposed_lines[:, 2] / 2
         centre_y = proposed_lines[:, 1] + proposed_lines[:, 3] / 2
@@ -134,11 +141,17 @@ class TextDetector:
                 redact.append(box)
                 continue
             x, y, width, height = box
-            inside = (centre_x >= x) & (centre_x < x + width) & (centre_y >= y) & (centre_y < y + height)
+            within = (centre_x >= x) & (centre_x < x + width) & (centre_y >= y) & (centre_y < y + height)
+            inside = proposed_lines[within]
             # The typical line decides the scale (the detector still reads text at half that height).
-            across = np.minimum(proposed_lines[inside, 2], proposed_lines[inside, 3])
+            across = np.minimum(inside[:, 2], inside[:, 3])
             to_verify.append((box, float(np.median(across)) if len(across) else float(min(width, height))))
+            if len(inside) == 1 and _glyph_shaped(inside[0]):
+                glyphs.append(tuple(int(value) for value in inside[0]))  # type: ignore[arg-type]
         lines = self._verified_lines(image, to_verify)
+        # The detector does not see every lone letter as text (an `L` is two strokes): a proposal that is one
+        # letter-shaped blob, where the detector found nothing, is left to the recognizer (`_kind`).
+        lines += [glyph for glyph in glyphs if not any(_overlap(glyph, line) for line in lines)]
         markers: list[Box] = []
         for index, line in enumerate(lines):
             kind = self._kind(image, lines, index)
@@ -173,23 +186,36 @@ class TextDetector:
         A line the detector finds is text, but for two kinds it asks the recognizer: squat regions (a block of
         regular stripes such as ribs, or a round organ, can look like text to the detector; a real line is wide,
         or a short word the recognizer reads), and isolated short lines that may be orientation markers."""
-        x, y, width, height = lines[index]
+        width, height = lines[index][2:]
         short, long = sorted((width, height))
         squat = long < _MIN_LINE_ASPECT * short
-        maybe_marker = self.keep_markers and long <= _MARKER_MAX_ASPECT * short and _isolated(index, lines)
-        if not (squat or maybe_marker):
+        maybe_marker = long <= _MARKER_MAX_ASPECT * short and _isolated(index, lines)
+        # Without keeping markers, only a squat region needs reading: a marker is then text like any other.
+        if not (squat or (maybe_marker and self.keep_markers)):
             return "text"
-        margin = max(2, short // 8)
+        read, confidence = self._read(image, lines[index], _READ_MARGIN)
+        if maybe_marker and read in MARKERS and _MIN_READ_CONFIDENCE <= confidence < _MARKER_MIN_CONFIDENCE:
+            # A marker read without conviction is read once more with more of its background around it (a dark
+            # letter on a bright, textured background reads better so).
+            read, confidence = max((read, confidence), self._read(image, lines[index], 2 * _READ_MARGIN),
+                                   key=lambda reading: reading[1])
+        if maybe_marker and confidence >= _MARKER_MIN_CONFIDENCE and read in MARKERS:
+            return "marker" if self.keep_markers else "text"
+        if squat and (len(read) < 2 or confidence < _MIN_READ_CONFIDENCE):
+            return "anatomy"
+        return "text"
+
+    def _read(self, image: np.ndarray, line: Box, margin_fraction: float) -> tuple[str, float]:
+        """What the recognizer reads in `line` (capitals and digits only), with a margin of this fraction of its
+        height around it, turned upright if it runs vertically; and its confidence."""
+        x, y, width, height = line
+        short, long = sorted((width, height))
+        margin = max(2, round(margin_fraction * short))
         piece = image[max(0, y - margin) : y + height + margin, max(0, x - margin) : x + width + margin]
         if height > _VERTICAL_ASPECT * width and long > _MIN_LINE_ASPECT * short:
             piece = cv2.rotate(piece, cv2.ROTATE_90_CLOCKWISE)
         text, confidence = self._recognizer.read(_stretched(piece))
-        read = re.sub(r"[^A-Z0-9]", "", text.upper())
-        if maybe_marker and confidence >= _MARKER_MIN_CONFIDENCE and read in MARKERS:
-            return "marker"
-        if squat and (len(read) < 2 or confidence < _MIN_READ_CONFIDENCE):
-            return "anatomy"
-        return "text"
+        return re.sub(r"[^A-Z0-9]", "", text.upper()), confidence
 
 
 def _bgr8(pixels: np.ndarray) -> np.ndarray:
@@ -290,6 +316,12 @@ def _padded(line: Box, shape: tuple[int, ...]) -> Box:
     left, top = max(0, x - pad), max(0, y - pad)
     right, bottom = min(shape[1], x + width + pad), min(shape[0], y + height + pad)
     return left, top, right - left, bottom - top
+
+
+def _glyph_shaped(line: np.ndarray) -> bool:
+    """A blob of the line search that may be one letter: about as tall as wide, and tall enough to read."""
+    width, height = int(line[2]), int(line[3])
+    return min(width, height) >= _MIN_GLYPH_PX and max(width, height) <= _MAX_GLYPH_ASPECT * min(width, height)
 
 
 def _deduplicated(lines: list[Box]) -> list[Box]:

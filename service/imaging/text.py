@@ -95,6 +95,8 @@ def propose_text(pixels: np.ndarray) -> tuple[np.ndarray, list[Box]]:
     if min(bright.shape) >= 8 * ratio:
         large = _LineSearch(factor, large_text=True).lines(_max_pooled(bright, ratio), _min_pooled(dark, ratio))
         lines = np.concatenate([lines, large * ratio])
+    # A blob as wide as tall is found by the horizontal and the vertical search alike: once is enough.
+    lines = np.unique(lines, axis=0) if len(lines) else lines
     return lines * factor, _padded_union(lines, factor, bright.shape, (height, width))
 
 

@@ -20,7 +20,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
-from conftest import ROOT, ceph_record, encode, upload, xray_like
+from conftest import ROOT, TEXT_OPTIONS, ceph_record, encode, upload, xray_like
 from fastapi.testclient import TestClient
 
 from service.app import create_app
@@ -80,7 +80,9 @@ def model_bucket(s3: Any, tiny_spec: Path, make_bucket: Callable[..., str]) -> s
 @pytest.fixture
 def settings_for(make_settings: Callable[..., Settings], tmp_path: Path) -> Callable[..., Settings]:
     def build(model_uri: str, **overrides: Any) -> Settings:
-        return make_settings(**({"model_uri": model_uri, "model_cache_dir": tmp_path / "cache"} | overrides))
+        # A cache of its own for the model; the text models (which workers load too) stay where `make model` put them.
+        return make_settings(**({"model_uri": model_uri, "model_cache_dir": tmp_path / "cache",
+                                 "text_models_dir": TEXT_OPTIONS.models} | overrides))
 
     return build
 
@@ -335,7 +337,8 @@ def test_serve_exits_with_a_clear_error_when_the_model_cannot_be_fetched(
 ) -> None:
     uri = f"s3://{model_bucket}/pneumonia/v9/tiny.yaml"
     env = {name: value for name, value in os.environ.items() if not name.startswith("MODEL_")}
-    env |= rgw.env() | {"PSEUDONYM_KEY": "k" * 20, "MODEL_URI": uri, "MODEL_CACHE_DIR": str(tmp_path / "cache")}
+    env |= rgw.env() | {"PSEUDONYM_KEY": "k" * 20, "MODEL_URI": uri, "MODEL_CACHE_DIR": str(tmp_path / "cache"),
+                        "TEXT_MODELS_DIR": str(TEXT_OPTIONS.models)}
     done = subprocess.run([sys.executable, "-m", "service.cli", "serve"], env=env, capture_output=True, text=True,
                           cwd=ROOT, timeout=60)
     assert done.returncode == 2
