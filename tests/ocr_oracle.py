@@ -44,6 +44,46 @@ def attack_views(gray: np.ndarray) -> list[np.ndarray]:
     return [gray, sharpened(gray), sharpened(upscaled), text_isolated(upscaled)]
 
 
+def gray_of(region: np.ndarray) -> np.ndarray:
+    return region if region.ndim == 2 else cv2.cvtColor(region, cv2.COLOR_BGR2GRAY)
+
+
+def stretched_to_read(channel: np.ndarray, text_size: int) -> np.ndarray:
+    """Full contrast, 8 bits, and capitals (`text_size` px) no larger than Tesseract reads best (20-40 px)."""
+    stretched = cv2.normalize(channel.astype(np.float32), None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+    if text_size > 32:
+        stretched = cv2.resize(stretched, None, fx=32 / text_size, fy=32 / text_size, interpolation=cv2.INTER_AREA)
+    return stretched
+
+
+def stroke_views(channel: np.ndarray, text_size: int) -> list[np.ndarray]:
+    """Light strokes and dark strokes pulled off a textured background, each alone, as dark text on white, at the
+    scale Tesseract reads best: what reads faint text on film grain, text over anatomy and very large letters."""
+    stretched = cv2.normalize(channel.astype(np.float32), None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+    scale = 36 / text_size
+    resized = cv2.resize(
+        stretched, None, fx=scale, fy=scale, interpolation=cv2.INTER_CUBIC if scale > 1 else cv2.INTER_AREA
+    )
+    smooth = cv2.GaussianBlur(resized, (0, 0), 1.0)
+    kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (25, 25))
+    return [
+        255 - cv2.normalize(cv2.morphologyEx(smooth, operation, kernel), None, 0, 255, cv2.NORM_MINMAX)
+        for operation in (cv2.MORPH_TOPHAT, cv2.MORPH_BLACKHAT)
+    ]
+
+
+def block_views(region: np.ndarray, text_size: int) -> list[View]:
+    """What an attacker reads in one text block (grey or BGR, lines running left to right): the contrast-stretched
+    grey through every attack view and with its light and dark strokes isolated; on colour images also the
+    distance to the block's median colour (text of any hue, in any channel), plain and with its strokes isolated."""
+    gray = gray_of(region)
+    views = attack_views(stretched_to_read(gray, text_size)) + stroke_views(gray, text_size)
+    if region.ndim == 3 and np.ptp(region, axis=2).max() > 0.05 * np.ptp(region):  # colour, not grey in BGR
+        distance = np.abs(region.astype(np.float32) - np.median(region.reshape(-1, 3), axis=0)).max(axis=2)
+        views += [stretched_to_read(distance, text_size), stroke_views(distance, text_size)[0]]
+    return [(view, 6) for view in views]
+
+
 def ocr(gray: np.ndarray, psm: int) -> str:
     padded = cv2.copyMakeBorder(gray, 12, 12, 12, 12, cv2.BORDER_REPLICATE)
     return normalised(pytesseract.image_to_string(padded, config=f"--psm {psm}"))

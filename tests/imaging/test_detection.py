@@ -18,11 +18,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cache
 
-import cv2
 import numpy as np
 import pytest
 from modalities import INKS, PLACES, WHITE, Burn, as_bgr, burn_in, chest_grain, ct_scout, marker, mr_slice, pet
-from ocr_oracle import Box, View, attack_views, crop, patient_tokens, tokens_read
+from ocr_oracle import Box, View, block_views, crop, patient_tokens, tokens_read
 
 from service.imaging.detection import TextDetector, TextFindings
 from service.imaging.redact import blur_text_regions
@@ -190,50 +189,15 @@ def redacted() -> Iterator[Callable[[Case, TextDetector], tuple[TextFindings, np
 # ----------------------------------------------------------------------------------------------- the oracle
 
 
-def _stretched(channel: np.ndarray, burn: Burn) -> np.ndarray:
-    """Full contrast, 8 bits, and capitals no larger than Tesseract reads best (20-40 px)."""
-    stretched = cv2.normalize(channel.astype(np.float32), None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
-    if burn.size > 32:
-        stretched = cv2.resize(stretched, None, fx=32 / burn.size, fy=32 / burn.size, interpolation=cv2.INTER_AREA)
-    return stretched
-
-
-def _stroke_views(channel: np.ndarray, burn: Burn) -> list[np.ndarray]:
-    """Light strokes and dark strokes pulled off the background, each alone, as dark text on white, at the scale
-    Tesseract reads best: what reads faint text on grain and text over anatomy."""
-    stretched = cv2.normalize(channel.astype(np.float32), None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
-    scale = 36 / burn.size
-    resized = cv2.resize(
-        stretched, None, fx=scale, fy=scale, interpolation=cv2.INTER_CUBIC if scale > 1 else cv2.INTER_AREA
-    )
-    smooth = cv2.GaussianBlur(resized, (0, 0), 1.0)
-    kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (25, 25))
-    return [
-        255 - cv2.normalize(cv2.morphologyEx(smooth, operation, kernel), None, 0, 255, cv2.NORM_MINMAX)
-        for operation in (cv2.MORPH_TOPHAT, cv2.MORPH_BLACKHAT)
-    ]
-
-
 def _block(pixels: np.ndarray, box: Box, burn: Burn) -> np.ndarray:
     """The pixels around one burned block, tightly cropped and turned so its lines run left to right."""
     return np.ascontiguousarray(np.rot90(crop(pixels, box, max(4, burn.size)), -burn.turn))
 
 
-def _gray(region: np.ndarray) -> np.ndarray:
-    return region if region.ndim == 2 else cv2.cvtColor(region, cv2.COLOR_BGR2GRAY)
-
-
 def _attacker_views(pixels: np.ndarray, box: Box, burn: Burn) -> list[View]:
-    """What an attacker reads around one block: the contrast-stretched grey through every attack view and with
-    its strokes isolated; on colour images also the distance to the block's median colour (text of any hue, in
-    any channel), plain and with its strokes isolated. The same views of the original show the oracle can read
-    the block (faint text on grain often only in one of them)."""
-    region = _block(pixels, box, burn)
-    views = attack_views(_stretched(_gray(region), burn)) + _stroke_views(_gray(region), burn)
-    if region.ndim == 3 and np.ptp(region, axis=2).max() > 0.05 * np.ptp(region):  # colour, not grey in BGR
-        distance = np.abs(region.astype(np.float32) - np.median(region.reshape(-1, 3), axis=0)).max(axis=2)
-        views += [_stretched(distance, burn), _stroke_views(distance, burn)[0]]
-    return [(view, 6) for view in views]
+    """What an attacker reads around one block (`block_views`). The same views of the original show the oracle
+    can read the block (faint text on grain often only in one of them)."""
+    return block_views(_block(pixels, box, burn), burn.size)
 
 
 # --------------------------------------------------------------------------------------------------- geometry

@@ -33,7 +33,19 @@ from conftest import (
     write_spec,
 )
 from fastapi.testclient import TestClient
-from ocr_oracle import Box, View, attack_views, burned_words, changed_box, crop, ink_box, tokens_read
+from ocr_oracle import (
+    Box,
+    View,
+    block_views,
+    burned_words,
+    changed_box,
+    crop,
+    gray_of,
+    ink_box,
+    stretched_to_read,
+    stroke_views,
+    tokens_read,
+)
 from PIL import Image
 
 from service.engine.analysis import analyze_batch
@@ -281,56 +293,21 @@ class Case:
 # ----------------------------------------------------------------------------------------------- the oracle
 
 
-def _stretched(channel: np.ndarray, burn: Burn) -> np.ndarray:
-    """Full contrast, 8 bits, and capitals no larger than Tesseract reads best (20-40 px)."""
-    stretched = cv2.normalize(channel.astype(np.float32), None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
-    if burn.size > 32:
-        stretched = cv2.resize(stretched, None, fx=32 / burn.size, fy=32 / burn.size, interpolation=cv2.INTER_AREA)
-    return stretched
-
-
 def _block(pixels: np.ndarray, box: Box, burn: Burn) -> np.ndarray:
     region = crop(pixels, box, max(4, burn.size))
     return region[:, :, :3] if region.ndim == 3 else region
 
 
-def _gray(region: np.ndarray) -> np.ndarray:
-    return region if region.ndim == 2 else cv2.cvtColor(region, cv2.COLOR_BGR2GRAY)
-
-
-def _stroke_views(channel: np.ndarray, burn: Burn) -> list[np.ndarray]:
-    """Light strokes and dark strokes pulled off a textured background, each alone, as dark text on white, at the
-    scale Tesseract reads best: what reads faint text on film grain, text over ribs and very large letters."""
-    stretched = cv2.normalize(channel.astype(np.float32), None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
-    scale = 36 / burn.size
-    resized = cv2.resize(
-        stretched, None, fx=scale, fy=scale, interpolation=cv2.INTER_CUBIC if scale > 1 else cv2.INTER_AREA
-    )
-    smooth = cv2.GaussianBlur(resized, (0, 0), 1.0)
-    kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (25, 25))
-    return [
-        255 - cv2.normalize(cv2.morphologyEx(smooth, operation, kernel), None, 0, 255, cv2.NORM_MINMAX)
-        for operation in (cv2.MORPH_TOPHAT, cv2.MORPH_BLACKHAT)
-    ]
-
-
 def _attacker_views(pixels: np.ndarray, box: Box, burn: Burn) -> list[View]:
-    """What an attacker reads around one text block of the anonymized copy: the contrast-stretched grey through
-    every attack view and with its light and dark strokes isolated; on colour images also the distance to the
-    block's median colour (text of any hue, in any channel), plain and with its strokes isolated."""
-    region = _block(pixels, box, burn)
-    views = attack_views(_stretched(_gray(region), burn)) + _stroke_views(_gray(region), burn)
-    if region.ndim == 3 and np.ptp(region, axis=2).max() > 0.05 * np.ptp(region):  # colour, not grey in BGR
-        distance = np.abs(region.astype(np.float32) - np.median(region.reshape(-1, 3), axis=0)).max(axis=2)
-        views += [_stretched(distance, burn), _stroke_views(distance, burn)[0]]
-    return [(view, 6) for view in views]
+    """What an attacker reads around one text block of the anonymized copy (`block_views`)."""
+    return block_views(_block(pixels, box, burn), burn.size)
 
 
 def _sanity_views(pixels: np.ndarray, box: Box, burn: Burn) -> list[View]:
     """Views of the upload that read its text (so the oracle can fail): plain, and its strokes isolated."""
-    gray = _gray(_block(pixels, box, burn))
+    gray = gray_of(_block(pixels, box, burn))
     light = burn.contrast > 0 if burn.contrast is not None else INKS[burn.ink][1] == "light"
-    return [(_stretched(gray, burn), 6), (_stroke_views(gray, burn)[0 if light else 1], 6)]
+    return [(stretched_to_read(gray, burn.size), 6), (stroke_views(gray, burn.size)[0 if light else 1], 6)]
 
 
 def _overlaps(first: Box, second: Box) -> bool:
