@@ -40,6 +40,8 @@ _MAX_CROP_MARGIN_PX = 64
 _TEXT_HEIGHT_PX = 24
 #: No crop goes to the detector larger than this (a proposal spanning a whole CT body is scaled down to it).
 _MAX_CROP_PIXELS = 640 * 640
+#: At most this many proposal pixels are verified in one image (about half a second of the detector's CPU).
+_MAX_VERIFIED_PIXELS = 2_500_000
 #: A proposal this much taller than wide runs vertically: its crop is turned to horizontal.
 _VERTICAL_ASPECT = 1.5
 #: The mosaic: crops on shelves this far apart (the detector's input is a multiple of 32).
@@ -148,6 +150,10 @@ class TextDetector:
             to_verify.append((box, float(np.median(across)) if len(across) else float(min(width, height))))
             if len(inside) == 1 and _glyph_shaped(inside[0]):
                 glyphs.append(tuple(int(value) for value in inside[0]))  # type: ignore[arg-type]
+        if sum(min(box[2] * box[3], _MAX_CROP_PIXELS) for box, _ in to_verify) > _MAX_VERIFIED_PIXELS:
+            # More to verify than a worker should spend on one image (text or texture everywhere): redact what the
+            # line search found, as it stands. Privacy first; the anatomy under the proposals is lost.
+            return TextFindings(redact=sorted(proposals, key=lambda box: (box[1], box[0])), markers=[])
         lines = self._verified_lines(image, to_verify)
         # The detector does not see every lone letter as text (an `L` is two strokes): a proposal that is one
         # letter-shaped blob, where the detector found nothing, is left to the recognizer (`_kind`).

@@ -17,14 +17,18 @@ import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from modalities import INKS, PLACES, WHITE, Burn, as_bgr, burn_in, chest_grain, ct_scout, marker, mr_slice, pet
 from ocr_oracle import Box, View, block_views, crop, patient_tokens, tokens_read
 
+from service.imaging import detection
 from service.imaging.detection import TextDetector, TextFindings
 from service.imaging.redact import blur_text_regions
+from service.imaging.text import find_text_regions
 
 #: Share of the pixels away from the burned text that the redaction must leave bit for bit.
 MIN_KEPT_SHARE = 0.95
@@ -330,3 +334,36 @@ def test_cases_cover_every_kind_of_burn() -> None:
                         for ox, oy, ow, oh in boxes if (ox, oy, ow, oh) != (x, y, w, h)]  # fmt: skip
                 assert min(gaps) >= 2 * burn.size, (case.name, burn.lines)
     assert set(PLACES) >= places
+
+
+# ------------------------------------------------------------------------------------------------ the cascade
+
+
+def test_the_cascade_finds_nothing_on_an_image_without_text(text_detector: TextDetector) -> None:
+    for pixels in (np.zeros((300, 400), np.uint8), np.full((300, 400, 3), 200, np.uint8),
+                   np.full((64, 64), 4095, np.uint16)):  # fmt: skip
+        assert text_detector.find(pixels) == TextFindings(redact=[], markers=[])
+
+
+def test_too_much_to_verify_redacts_what_the_line_search_found(
+    text_detector: TextDetector, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An image whose proposals would cost the detector more than a worker should spend (texture everywhere) is
+    redacted as the line search found it: privacy first."""
+    case = CASES[0]
+    pixels, _ = scene(case)
+    monkeypatch.setattr(detection, "_MAX_VERIFIED_PIXELS", 1)
+    findings = text_detector.find(pixels)
+    assert findings.redact == find_text_regions(pixels) and findings.markers == []
+
+
+def test_a_detector_without_its_models_names_the_file_and_the_command(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"ch_PP-OCRv4_det_infer\.onnx is not in .*xray-pipeline model fetch"):
+        TextDetector.load(tmp_path)
+
+
+def test_the_recognizer_reads_a_printed_line(text_detector: TextDetector) -> None:
+    canvas = np.full((60, 360), 255, np.uint8)
+    cv2.putText(canvas, "PORTABLE 42", (10, 45), cv2.FONT_HERSHEY_SIMPLEX, 1.3, 0, 3, cv2.LINE_AA)
+    text, confidence = text_detector._recognizer.read(cv2.cvtColor(canvas, cv2.COLOR_GRAY2BGR))
+    assert text.replace(" ", "") == "PORTABLE42" and confidence > 0.8
