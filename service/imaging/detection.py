@@ -17,7 +17,7 @@ not who they are: the recognizer reads each isolated short line, and the markers
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import cv2
@@ -26,6 +26,7 @@ import numpy as np
 from service.imaging.codec import to_8bit
 from service.imaging.ocr_models import CtcTextRecognizer, DbTextDetector, TextRegion
 from service.imaging.text import Box, propose_text
+from service.models.fetch import TEXT_DETECTOR_NAME, TEXT_RECOGNIZER_NAME
 
 #: Proposals of at most this many pixels are redacted without asking the detector: too small to hold more than
 #: a few small characters, so verifying them would cost more (about 1 ms each) than the anatomy they hide.
@@ -98,7 +99,7 @@ class _Crop:
     scale: float
     #: Turned 90 degrees clockwise before scaling.
     turned: bool
-    #: Its place and size in the mosaic.
+    #: Its place and size in the mosaic (turned and scaled).
     x: int
     y: int
     mosaic_width: int
@@ -115,8 +116,6 @@ class TextDetector:
     _recognizer: CtcTextRecognizer = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        from service.models.fetch import TEXT_DETECTOR_NAME, TEXT_RECOGNIZER_NAME
-
         for name in (TEXT_DETECTOR_NAME, TEXT_RECOGNIZER_NAME):
             if not (self.model_dir / name).is_file():
                 raise FileNotFoundError(
@@ -172,14 +171,14 @@ class TextDetector:
 
     def _verified_lines(self, image: np.ndarray, proposals: list[tuple[Box, float]]) -> list[Box]:
         """The text lines the detector finds in the proposals' crops (image coordinates, unpadded)."""
-        crops, pieces = _crops(image, proposals)
+        crops = _crops(image, proposals)
         if not crops:
             return []
-        mosaic = _mosaic(crops, pieces)
-        _labels, regions = DbTextDetector.regions(self._detector.probability(mosaic))
+        mosaic, placed = _mosaic(crops)
+        regions = DbTextDetector.regions(self._detector.probability(mosaic))
         lines = []
         for region in regions:
-            crop = _crop_holding(crops, region)
+            crop = _crop_holding(placed, region)
             if crop is not None:
                 lines.append(_to_image(region, crop))
         return _deduplicated(lines)
@@ -240,12 +239,11 @@ def _stretched(piece: np.ndarray) -> np.ndarray:
     return cv2.convertScaleAbs(piece, alpha=255.0 / (high - low), beta=-low * 255.0 / (high - low))
 
 
-def _crops(image: np.ndarray, proposals: list[tuple[Box, float]]) -> tuple[list, list[np.ndarray]]:
-    """Each proposal's crop, turned and scaled for the detector: (left, top, width, height, scale, turned).
-    A proposal comes with the height of the smallest text line the line search found in it."""
+def _crops(image: np.ndarray, proposals: list[tuple[Box, float]]) -> list[tuple[_Crop, np.ndarray]]:
+    """Each proposal's crop, turned and scaled for the detector, with its pixels (not yet placed in a mosaic).
+    A proposal comes with the typical height of the text lines the line search found in it."""
     height, width = image.shape[:2]
-    placed: list[tuple[int, int, int, int, float, bool]] = []
-    pieces: list[np.ndarray] = []
+    crops = []
     for (x, y, w, h), text_height in proposals:
         margin = round(min(_MAX_CROP_MARGIN_PX, max(_CROP_MARGIN_PX, _CROP_MARGIN_LINES * text_height)))
         left, top = max(0, x - margin), max(0, y - margin)
@@ -261,35 +259,29 @@ def _crops(image: np.ndarray, proposals: list[tuple[Box, float]]) -> tuple[list,
         if scale < 1.0:
             size = (max(1, round(piece.shape[1] * scale)), max(1, round(piece.shape[0] * scale)))
             piece = cv2.resize(piece, size, interpolation=cv2.INTER_AREA)
-        placed.append((left, top, right - left, bottom - top, scale, turned))
-        pieces.append(_stretched(piece))
-    return placed, pieces
+        crop = _Crop(left, top, right - left, bottom - top, scale, turned, 0, 0, piece.shape[1], piece.shape[0])
+        crops.append((crop, _stretched(piece)))
+    return crops
 
 
-def _mosaic(crops: list, pieces: list[np.ndarray]) -> np.ndarray:
-    """Pack `pieces` on shelves into one image for one detector run; rewrites `crops` with their places."""
+def _mosaic(crops: list[tuple[_Crop, np.ndarray]]) -> tuple[np.ndarray, list[_Crop]]:
+    """The crops packed on shelves into one image, for one detector run; and each crop with its place there."""
     # About square (the widest piece decides the least): the detector's cost follows the mosaic's area.
-    area = sum(piece.shape[0] * piece.shape[1] for piece in pieces)
-    width = max(max(piece.shape[1] for piece in pieces), int(1.2 * np.sqrt(area)))
-    order = sorted(range(len(pieces)), key=lambda index: -pieces[index].shape[0])
-    places: dict[int, tuple[int, int]] = {}
+    area = sum(crop.mosaic_width * crop.mosaic_height for crop, _ in crops)
+    width = max(max(crop.mosaic_width for crop, _ in crops), int(1.2 * np.sqrt(area)))
+    placed: list[tuple[_Crop, np.ndarray]] = []
     x = y = shelf = 0
-    for index in order:
-        piece_height, piece_width = pieces[index].shape[:2]
-        if x and x + piece_width > width:
+    for crop, piece in sorted(crops, key=lambda item: -item[0].mosaic_height):
+        if x and x + crop.mosaic_width > width:
             x, y, shelf = 0, y + shelf + _MOSAIC_GAP_PX, 0
-        places[index] = (x, y)
-        x += piece_width + _MOSAIC_GAP_PX
-        shelf = max(shelf, piece_height)
+        placed.append((replace(crop, x=x, y=y), piece))
+        x += crop.mosaic_width + _MOSAIC_GAP_PX
+        shelf = max(shelf, crop.mosaic_height)
     stride = _DETECTOR_STRIDE
-    mosaic_height = -(-(y + shelf) // stride) * stride
-    mosaic = np.zeros((mosaic_height, -(-width // stride) * stride, 3), np.uint8)
-    for index, piece in enumerate(pieces):
-        px, py = places[index]
-        mosaic[py : py + piece.shape[0], px : px + piece.shape[1]] = piece
-        left, top, w, h, scale, turned = crops[index]
-        crops[index] = _Crop(left, top, w, h, scale, turned, px, py, piece.shape[1], piece.shape[0])
-    return mosaic
+    mosaic = np.zeros((-(-(y + shelf) // stride) * stride, -(-width // stride) * stride, 3), np.uint8)
+    for crop, piece in placed:
+        mosaic[crop.y : crop.y + crop.mosaic_height, crop.x : crop.x + crop.mosaic_width] = piece
+    return mosaic, [crop for crop, _ in placed]
 
 
 def _crop_holding(crops: list[_Crop], region: TextRegion) -> _Crop | None:

@@ -64,9 +64,9 @@ class DbTextDetector:
         return self._session.run(None, {self._input: _normalised(image)})[0][0, 0]
 
     @staticmethod
-    def regions(probability: np.ndarray) -> tuple[np.ndarray, list[TextRegion]]:
-        """The label image of the thresholded probability map and its text regions (label i -> regions[i - 1],
-        or None in that slot when the region is too faint or thin to be text)."""
+    def regions(probability: np.ndarray) -> list[TextRegion]:
+        """The text regions of a probability map: its connected regions above the pixel threshold whose mean
+        probability reaches the region threshold, grown back to the lines' extent."""
         mask = cv2.compare(probability, _PIXEL_THRESHOLD, cv2.CMP_GT)
         count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
         sums = np.bincount(labels.ravel(), weights=probability.ravel(), minlength=count)
@@ -78,7 +78,7 @@ class DbTextDetector:
                 continue
             grow = int(np.ceil(width * height * _UNCLIP_RATIO / (2 * (width + height))))
             found.append(TextRegion(x - grow, y - grow, width + 2 * grow, height + 2 * grow, score))
-        return labels, found
+        return found
 
 
 class CtcTextRecognizer:
