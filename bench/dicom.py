@@ -104,12 +104,13 @@ def measure(repeats: int = 15) -> dict[str, Any]:
 
 def print_row(row: dict[str, Any]) -> None:
     print(f"DICOM, {row['megapixels']:.1f} MP CR, CPU ms per image around the model (medians):")
-    print(f"  {'':<20}{'total':>8}{'decode':>8}{'stamp':>8}{'anonymize':>10}{'over JPEG':>11}")
+    print(f"  {'':<20}{'total':>8}{'decode':>8}{'detect':>8}{'stamp':>8}{'anonymize':>10}{'over JPEG':>11}")
     for name, label in (("jpeg", "JPEG (baseline)"), ("dicom_explicit", "DICOM explicit VR"),
                         ("dicom_rle", "DICOM RLE")):
         figures = row[f"{name}_cpu_ms"]
         extra = row.get(f"{name}_extra_cpu_ms")
-        print(f"  {label:<20}{figures['total']:8.1f}{figures.get('decode', 0):8.1f}{figures.get('stamp', 0):8.1f}"
+        print(f"  {label:<20}{figures['total']:8.1f}{figures.get('decode', 0):8.1f}{figures.get('detect', 0):8.1f}"
+              f"{figures.get('stamp', 0):8.1f}"
               f"{figures.get('anonymize', 0):10.1f}{'' if extra is None else f'{extra:+11.1f}'}")
 
 

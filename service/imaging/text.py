@@ -1,5 +1,6 @@
-"""Finding burned-in text (names, IDs, dates, markers) in an image: boxes around every text line, padded for
-redaction. A search over contrast, stroke and line shape; no OCR."""
+"""Proposing burned-in text (names, IDs, dates, markers) in an image: boxes around every text line, padded for
+redaction, and on textured anatomy some that are not text (service.imaging.detection decides). A search over
+contrast, stroke and line shape; no model."""
 
 from __future__ import annotations
 
@@ -75,16 +76,16 @@ def find_text_regions(pixels: np.ndarray) -> list[Box]:
 
 
 def propose_text(pixels: np.ndarray) -> tuple[np.ndarray, list[Box]]:
-    """The text lines found, as (x, y, w, h) rows in full-resolution coordinates, and the padded boxes around
-    them (overlapping boxes merged).
-
-    Boxes (x, y, w, h) around every burned-in text line (names, ids, dates, markers), padded for blurring.
+    """Every burned-in text line (names, ids, dates, markers) and, on textured anatomy, more: the lines found, as
+    (x, y, w, h) rows in full-resolution coordinates, and the boxes around them padded for blurring (overlapping
+    boxes merged). The proposals of service.imaging.detection, which keeps only what is text.
 
     Classical morphology, no model: white top-hat (bright strokes) and black-hat (dark strokes) with a kernel
     wider than any stroke; thresholded at a few times the local texture, and at rising levels wherever a blob
-    is too tall for a line or touches something; characters joined by a horizontal closing; blobs kept if they
-    are sharp or shaped like a text line, then extended along their row over fainter words. The same search on
-    a copy reduced four times more finds letters too large for the first. Overlapping boxes are merged.
+    is too tall for a line or touches something; characters joined by a horizontal closing (and the same on the
+    transposed map, for vertical text); blobs kept if they are sharp or shaped like a text line, then extended
+    along their row over fainter words. The same search on a copy reduced four times more finds letters too large
+    for the first. Overlapping boxes are merged.
     """
     gray = to_gray8(pixels)
     height, width = gray.shape
