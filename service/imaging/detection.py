@@ -37,6 +37,8 @@ _UNVERIFIED_MAX_PIXELS = 32 * 32
 _CROP_MARGIN_LINES = 1.5
 _CROP_MARGIN_PX = 8
 _MAX_CROP_MARGIN_PX = 64
+#: At most this much plain background is added where the image's edge cuts a crop's margin off.
+_EDGE_PAD_PX = 16
 #: Text is scaled down to about this height: the detector finds lines from ~8 px up, and fewer pixels cost less.
 _TEXT_HEIGHT_PX = 24
 #: No crop goes to the detector larger than this (a proposal spanning a whole CT body is scaled down to it).
@@ -62,12 +64,17 @@ MARKERS = frozenset({"R", "L", "AP", "PA", "PORTABLE", "SUPINE", "ERECT"})
 #: character at 0.3, but a round PET heart reads as "0" at 0.9; a lone character identifies nobody.
 _MIN_LINE_ASPECT = 2.5
 _MIN_READ_CONFIDENCE = 0.5
-#: A lone blob of the line search this letter-like (at least this tall and wide, at most this elongated) is read
-#: by the recognizer when the detector finds nothing around it.
+#: A blob of the line search this letter-like (at least this tall and wide, at most this elongated) is read by
+#: the recognizer when the detector finds nothing there.
 _MIN_GLYPH_PX = 12
 _MAX_GLYPH_ASPECT = 2.0
-#: A line is a marker candidate if no other text is within this many of its heights, and it is short.
+#: At most this many per image: letters alone in their proposal first, then the largest (markers are large;
+#: anatomy offers many small ones).
+_MAX_GLYPH_READS = 4
+#: Lines are orientation markers if they stand apart from other text (nothing within this many of their heights),
+#: are short, are at most this many together, and each reads as a marker.
 _MARKER_ISOLATION = 1.5
+_MAX_MARKER_GROUP = 3
 _MARKER_MAX_ASPECT = 7.0
 #: A lone letter's confidence swings with a pixel or two of its box (an `R` read at 0.71 in one box and 0.9 in the
 #: next), so the bar is low: what passes is kept as it is, which is also what happens to anatomy, and a single
@@ -139,7 +146,7 @@ class TextDetector:
         image = _bgr8(pixels)
         redact: list[Box] = []
         to_verify: list[tuple[Box, float]] = []
-        glyphs: list[Box] = []
+        glyphs: list[tuple[bool, int, Box]] = []
         proposed_lines, proposals = propose_text(pixels)
         centre_x = proposed_lines[:, 0] + proposed_lines[:, 2] / 2
         centre_y = proposed_lines[:, 1] + proposed_lines[:, 3] / 2
@@ -153,19 +160,26 @@ class TextDetector:
             # The typical line decides the scale (the detector still reads text at half that height).
             across = np.minimum(inside[:, 2], inside[:, 3])
             to_verify.append((box, float(np.median(across)) if len(across) else float(min(width, height))))
-            if len(inside) == 1 and _glyph_shaped(inside[0]):
-                glyphs.append(tuple(int(value) for value in inside[0]))  # type: ignore[arg-type]
+            # A letter alone in its proposal first (a film's marker), then the largest.
+            glyphs += [(len(inside) > 1, -int(line[2] * line[3]), tuple(int(value) for value in line))
+                       for line in inside if _glyph_shaped(line)]
         if sum(min(box[2] * box[3], _MAX_CROP_PIXELS) for box, _ in to_verify) > _MAX_VERIFIED_PIXELS:
             # More to verify than a worker should spend on one image (text or texture everywhere): redact what the
             # line search found, as it stands. Privacy first; the anatomy under the proposals is lost.
             return TextFindings(redact=sorted(proposals, key=lambda box: (box[1], box[0])), markers=[])
         lines = self._verified_lines(image, to_verify)
-        # The detector does not see every lone letter as text (an `L` is two strokes): a proposal that is one
-        # letter-shaped blob, where the detector found nothing, is left to the recognizer (`_kind`).
-        lines += [glyph for glyph in glyphs if not any(_overlap(glyph, line) for line in lines)]
+        # The detector does not see every lone letter as text (an `L` is two strokes; a large serif `R`): a
+        # letter-shaped blob of the line search, where the detector found nothing, is read by the recognizer, and
+        # is a line if it reads as a character (the largest few: each reading costs about 4 ms).
+        readings: dict[Box, tuple[str, float]] = {}
+        for _, _, glyph in sorted(glyphs):
+            if len(readings) == _MAX_GLYPH_READS or any(_overlap(glyph, line) for line in [*lines, *readings]):
+                continue
+            readings[glyph] = self._marker_reading(image, glyph)
+            if readings[glyph][0] and readings[glyph][1] >= _MIN_READ_CONFIDENCE:
+                lines.append(glyph)
         markers: list[Box] = []
-        for index, line in enumerate(lines):
-            kind = self._kind(image, lines, index)
+        for line, kind in zip(lines, self._kinds(image, lines, readings), strict=True):
             if kind == "marker":
                 markers.append(line)
             elif kind == "text":
@@ -186,35 +200,57 @@ class TextDetector:
         for region in regions:
             crop = _crop_holding(placed, region)
             if crop is not None:
-                lines.append(_to_image(region, crop))
+                lines.append(_within(_to_image(region, crop), image.shape))
         return _deduplicated(lines)
 
     # --- reading --------------------------------------------------------------------------------------------
 
-    def _kind(self, image: np.ndarray, lines: list[Box], index: int) -> str:
-        """"text", "marker" (an orientation marker, kept) or "anatomy" for one line the detector found.
+    def _kinds(self, image: np.ndarray, lines: list[Box], known: dict[Box, tuple[str, float]]) -> list[str]:
+        """"text", "marker" (an orientation marker, kept) or "anatomy" for each line found.
 
-        A line the detector finds is text, but for two kinds it asks the recognizer: squat regions (a block of
+        A line the detector finds is text, but for two kinds the recognizer decides: squat regions (a block of
         regular stripes such as ribs, or a round organ, can look like text to the detector; a real line is wide,
-        or a short word the recognizer reads), and isolated short lines that may be orientation markers."""
-        width, height = lines[index][2:]
-        short, long = sorted((width, height))
-        squat = long < _MIN_LINE_ASPECT * short
-        maybe_marker = long <= _MARKER_MAX_ASPECT * short and _isolated(index, lines)
-        # Without keeping markers, only a squat region needs reading: a marker is then text like any other.
-        if not (squat or (maybe_marker and self.keep_markers)):
-            return "text"
-        read, confidence = self._read(image, lines[index], _READ_MARGIN)
-        if maybe_marker and read in MARKERS and _MARKER_RETRY_CONFIDENCE <= confidence < _MARKER_MIN_CONFIDENCE:
-            # A marker read without conviction is read once more with more of its background around it (a dark
-            # letter on a bright, textured background reads better so).
-            read, confidence = max((read, confidence), self._read(image, lines[index], 2 * _READ_MARGIN),
+        a short word the recognizer reads, or one of the letters of a word), and small groups of short lines
+        standing apart from any other text, which are orientation markers if each of their rows reads as one
+        (`A-P` above an `R`, even when `A` and `P` were found apart)."""
+        kinds = ["text"] * len(lines)
+        for group in _groups(lines):
+            shapes = {index: sorted(lines[index][2:]) for index in group}
+            squat = {index: long < _MIN_LINE_ASPECT * short for index, (short, long) in shapes.items()}
+            maybe_markers = len(group) <= _MAX_MARKER_GROUP and all(
+                long <= _MARKER_MAX_ASPECT * short for short, long in shapes.values()
+            )
+            readings: dict[int, tuple[str, float]] = {}
+            for index in group:
+                # Without keeping markers, only a squat region needs reading (to tell a letter from anatomy).
+                if lines[index] in known:
+                    readings[index] = known[lines[index]]
+                elif squat[index] or (maybe_markers and self.keep_markers):
+                    readings[index] = self._marker_reading(image, lines[index])
+            rows = _rows(lines, group)
+            row_text = {index: _row_reading(row, lines, readings) for row in rows for index in row}
+            markers = maybe_markers and all(
+                all(index in readings for index in row) and _is_marker(*_row_reading(row, lines, readings))
+                for row in rows
+            )
+            for index in group:
+                joined, confidence = row_text[index]
+                if markers:
+                    kinds[index] = "marker" if self.keep_markers else "text"
+                elif squat[index] and not _is_marker(*readings[index]) and (
+                    len(joined) < 2 or confidence < _MIN_READ_CONFIDENCE
+                ):
+                    kinds[index] = "anatomy"  # a marker letter not kept is redacted like any text
+        return kinds
+
+    def _marker_reading(self, image: np.ndarray, line: Box) -> tuple[str, float]:
+        """What the recognizer reads in `line`; a marker read without conviction is read once more with more of its
+        background around it (a dark letter on a bright, textured background reads better so)."""
+        read, confidence = self._read(image, line, _READ_MARGIN)
+        if read in MARKERS and _MARKER_RETRY_CONFIDENCE <= confidence < _MARKER_MIN_CONFIDENCE:
+            read, confidence = max((read, confidence), self._read(image, line, 2 * _READ_MARGIN),
                                    key=lambda reading: reading[1])
-        if maybe_marker and confidence >= _MARKER_MIN_CONFIDENCE and read in MARKERS:
-            return "marker" if self.keep_markers else "text"
-        if squat and (len(read) < 2 or confidence < _MIN_READ_CONFIDENCE):
-            return "anatomy"
-        return "text"
+        return read, confidence
 
     def _read(self, image: np.ndarray, line: Box, margin_fraction: float) -> tuple[str, float]:
         """What the recognizer reads in `line` (capitals and digits only), with a margin of this fraction of its
@@ -227,9 +263,10 @@ class TextDetector:
             piece = cv2.rotate(piece, cv2.ROTATE_90_CLOCKWISE)
         grey = cv2.cvtColor(cv2.cvtColor(piece, cv2.COLOR_BGR2GRAY), cv2.COLOR_GRAY2BGR)
         readings = [self._recognizer.read(_stretched(grey))]
-        if int(cv2.absdiff(piece, grey).max()) > _COLOUR_LEVELS:
+        if readings[0][1] < _MARKER_MIN_CONFIDENCE and int(cv2.absdiff(piece, grey).max()) > _COLOUR_LEVELS:
             # In colour the recognizer is less sure of white text on a colour map (an `R` on a PET read at 0.55
-            # in colour, 0.86 in grey), and only colour shows text as bright as its background: read both ways.
+            # in colour, 0.86 in grey), but only colour shows text as bright as its background: what grey does
+            # not read with conviction is read in colour too.
             readings.append(self._recognizer.read(_stretched(piece)))
         text, confidence = max(readings, key=lambda reading: reading[1])
         return re.sub(r"[^A-Z0-9]", "", text.upper()), confidence
@@ -263,6 +300,14 @@ def _crops(image: np.ndarray, proposals: list[tuple[Box, float]]) -> list[tuple[
         piece = image[top:bottom, left:right]
         if piece.size == 0:
             continue
+        # Where the image's edge cuts the margin off, the crop gets it as plain background: the detector
+        # misses text that touches its input's edge (a film's `R` or `A-P` burned flush with the border).
+        pads = (top - (y - margin), (y + h + margin) - bottom, left - (x - margin), (x + w + margin) - right)
+        edge = tuple(min(pad, _EDGE_PAD_PX) if pad > 0 else 0 for pad in pads)
+        if any(edge):
+            background = [int(value) for value in np.median(piece.reshape(-1, 3), axis=0)]
+            piece = cv2.copyMakeBorder(piece, *edge, cv2.BORDER_CONSTANT, value=background)
+            left, top, right, bottom = left - edge[2], top - edge[0], right + edge[3], bottom + edge[1]
         turned = h > _VERTICAL_ASPECT * w
         area = piece.shape[0] * piece.shape[1]
         scale = min(1.0, _TEXT_HEIGHT_PX / max(1.0, text_height), float(np.sqrt(_MAX_CROP_PIXELS / area)))
@@ -331,6 +376,14 @@ def _to_image(region: TextRegion, crop: _Crop) -> Box:
     return crop.left + left, crop.top + top, right - left, bottom - top
 
 
+def _within(box: Box, shape: tuple[int, ...]) -> Box:
+    """`box` clipped to the image (a crop padded beyond the image's edge may find a line reaching into the pad)."""
+    x, y, width, height = box
+    left, top = max(0, x), max(0, y)
+    right, bottom = min(shape[1], x + width), min(shape[0], y + height)
+    return left, top, max(0, right - left), max(0, bottom - top)
+
+
 def _padded(line: Box, shape: tuple[int, ...]) -> Box:
     x, y, width, height = line
     pad = max(_MIN_PAD_PX, round(_PAD_FRACTION * min(width, height)))
@@ -360,14 +413,57 @@ def _overlap(first: Box, second: Box) -> int:
     return max(0, across) * max(0, down)
 
 
-def _isolated(index: int, lines: list[Box]) -> bool:
-    x, y, width, height = lines[index]
-    reach = _MARKER_ISOLATION * min(width, height)
-    for other, (ox, oy, ow, oh) in enumerate(lines):
-        if other == index:
-            continue
-        gap_x = max(ox - (x + width), x - (ox + ow), 0)
-        gap_y = max(oy - (y + height), y - (oy + oh), 0)
-        if max(gap_x, gap_y) < reach:
-            return False
-    return True
+def _is_marker(read: str, confidence: float) -> bool:
+    return read in MARKERS and confidence >= _MARKER_MIN_CONFIDENCE
+
+
+def _rows(lines: list[Box], group: list[int]) -> list[list[int]]:
+    """The group's lines by rows (lines side by side, overlapping vertically by half the lower one), each row left
+    to right."""
+    rows: list[list[int]] = []
+    for index in sorted(group, key=lambda index: lines[index][1] + lines[index][3] / 2):
+        y, height = lines[index][1], lines[index][3]
+        row = rows[-1] if rows else None
+        if row is not None:
+            top = max(lines[other][1] for other in row)
+            bottom = min(lines[other][1] + lines[other][3] for other in row)
+            if min(bottom, y + height) - max(top, y) >= 0.5 * min(height, *(lines[other][3] for other in row)):
+                row.append(index)
+                continue
+        rows.append([index])
+    return [sorted(row, key=lambda index: lines[index][0]) for row in rows]
+
+
+def _row_reading(row: list[int], lines: list[Box], readings: dict[int, tuple[str, float]]) -> tuple[str, float]:
+    """What a row reads, its lines' readings joined left to right (unread lines read as nothing), and the least
+    confidence among them."""
+    read = [readings[index] for index in row if index in readings and readings[index][0]]
+    if not read:
+        return "", 0.0
+    return "".join(text for text, _ in read), min(confidence for _, confidence in read)
+
+
+def _groups(lines: list[Box]) -> list[list[int]]:
+    """Indices of the lines, grouped: two lines closer than _MARKER_ISOLATION of the taller one's height (its
+    shorter side) are in one group."""
+    parent = list(range(len(lines)))
+
+    def root(index: int) -> int:
+        while parent[index] != index:
+            parent[index] = parent[parent[index]]
+            index = parent[index]
+        return index
+
+    for first, (x, y, width, height) in enumerate(lines):
+        for second in range(first + 1, len(lines)):
+            ox, oy, ow, oh = lines[second]
+            reach = _MARKER_ISOLATION * max(min(width, height), min(ow, oh))
+            gap_x = max(ox - (x + width), x - (ox + ow), 0)
+            gap_y = max(oy - (y + height), y - (oy + oh), 0)
+            if max(gap_x, gap_y) < reach:
+                parent[root(second)] = root(first)
+    groups: dict[int, list[int]] = {}
+    for index in range(len(lines)):
+        groups.setdefault(root(index), []).append(index)
+    return list(groups.values())
+
