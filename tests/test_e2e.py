@@ -28,7 +28,16 @@ import cv2
 import numpy as np
 import pydicom
 import pytest
-from conftest import DEFAULT_SPEC, VALIDATION_IMAGES, ceph_record, free_port, key_fragments, leaks, serve_process
+from conftest import (
+    DEFAULT_SPEC,
+    VALIDATION_IMAGES,
+    ceph_record,
+    free_port,
+    key_fragments,
+    leaks,
+    serve_process,
+    shared_text_detector,
+)
 from dicom_factory import Patient, leaked_phi, make_dicom, make_no_pixels, new_study, phi_values
 from ocr_oracle import attack_views, changed_box, crop, ink_box, patient_tokens, sharpened, tokens_read
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
@@ -38,7 +47,6 @@ from service.dicom.read import read_dicom
 from service.imaging.codec import decode_image, encode_image
 from service.imaging.patient_text import burn_patient_text
 from service.imaging.stamp import stamp_label
-from service.imaging.text import find_text_regions
 from service.models.spec import ModelSpec, Prediction
 from service.outputs import anonymized_key, failure_key, processed_key, pseudonym
 
@@ -130,7 +138,7 @@ def stamp_mismatch(uploaded: bytes, output: np.ndarray, text: str | None) -> flo
     decoded = decode_image(uploaded, max_bytes=len(uploaded), max_pixels=10**9)
     pixels = decoded.pixels
     if text is not None:
-        pixels = stamp_label(pixels, text, avoid=find_text_regions(pixels))
+        pixels = stamp_label(pixels, text, avoid=shared_text_detector().find(pixels).all_text)
     rendered = gray(decode(encode_image(pixels, decoded.format)))
     if rendered.shape != output.shape:
         return float("inf")

@@ -143,11 +143,12 @@ class TextDetector:
 
     def find(self, pixels: np.ndarray) -> TextFindings:
         """The burned-in text of `pixels` (HxW or HxWxC, 8 or 16 bits; what a viewer shows)."""
-        image = _bgr8(pixels)
+        # 8 bits as stored (grey stays one channel): only the pieces read by the models are made BGR.
+        image = to_8bit(pixels)
         redact: list[Box] = []
         to_verify: list[tuple[Box, float]] = []
         glyphs: list[tuple[bool, int, Box]] = []
-        proposed_lines, proposals = propose_text(pixels)
+        proposed_lines, proposals = propose_text(image)
         centre_x = proposed_lines[:, 0] + proposed_lines[:, 2] / 2
         centre_y = proposed_lines[:, 1] + proposed_lines[:, 3] / 2
         for box in proposals:
@@ -258,7 +259,7 @@ class TextDetector:
         x, y, width, height = line
         short, long = sorted((width, height))
         margin = max(2, round(margin_fraction * short))
-        piece = image[max(0, y - margin) : y + height + margin, max(0, x - margin) : x + width + margin]
+        piece = _bgr(image[max(0, y - margin) : y + height + margin, max(0, x - margin) : x + width + margin])
         if height > _VERTICAL_ASPECT * width and long > _MIN_LINE_ASPECT * short:
             piece = cv2.rotate(piece, cv2.ROTATE_90_CLOCKWISE)
         grey = cv2.cvtColor(cv2.cvtColor(piece, cv2.COLOR_BGR2GRAY), cv2.COLOR_GRAY2BGR)
@@ -272,9 +273,8 @@ class TextDetector:
         return re.sub(r"[^A-Z0-9]", "", text.upper()), confidence
 
 
-def _bgr8(pixels: np.ndarray) -> np.ndarray:
-    """8-bit BGR of any decoded pixels (grey replicated; alpha dropped)."""
-    eight_bit = to_8bit(pixels)
+def _bgr(eight_bit: np.ndarray) -> np.ndarray:
+    """BGR of 8-bit pixels, as the models read them (grey replicated; alpha dropped)."""
     if eight_bit.ndim == 2:
         return cv2.cvtColor(eight_bit, cv2.COLOR_GRAY2BGR)
     return np.ascontiguousarray(eight_bit[:, :, :3])
@@ -297,7 +297,7 @@ def _crops(image: np.ndarray, proposals: list[tuple[Box, float]]) -> list[tuple[
         margin = round(min(_MAX_CROP_MARGIN_PX, max(_CROP_MARGIN_PX, _CROP_MARGIN_LINES * text_height)))
         left, top = max(0, x - margin), max(0, y - margin)
         right, bottom = min(width, x + w + margin), min(height, y + h + margin)
-        piece = image[top:bottom, left:right]
+        piece = _bgr(image[top:bottom, left:right])
         if piece.size == 0:
             continue
         # Where the image's edge cuts the margin off, the crop gets it as plain background: the detector

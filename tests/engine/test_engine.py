@@ -11,13 +11,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
-from conftest import ROOT, TEXT_OPTIONS, encode, upload, xray_like
+from conftest import ROOT, TEXT_OPTIONS, VALIDATION_IMAGES, encode, shared_text_detector, upload, xray_like
 from test_pipeline import record_for
 
 from service.engine.messages import ImageLimits, TextOptions
 from service.engine.pool import InferenceEngine
 from service.errors import ModelNotReady, UnprocessableObject
+from service.imaging.codec import decode_image
 from service.models.spec import ModelSpec
 from service.outputs import Outcome, processed_key
 from service.pipeline import Pipeline
@@ -260,3 +262,30 @@ def test_worker_killed_during_a_burst_fails_only_its_batch_and_nothing_is_writte
     assert any(attempts > 1 for _, attempts in results), "the killed worker's batch must have been answered 503"
     versions = s3.list_object_versions(Bucket=f"{input_bucket}-processed")["Versions"]
     assert sorted(version["Key"] for version in versions) == sorted(processed_key(key) for key in keys)
+
+
+def test_redact_orientation_markers_reaches_the_workers(make_settings: Any) -> None:
+    """A demo film's `R` (found and kept by default) is pixelated in the anonymized copy once
+    REDACT_ORIENTATION_MARKERS is set: the setting travels from Settings through the engine to every worker."""
+    film = VALIDATION_IMAGES / "NORMAL2-IM-1427-0001.jpeg"
+    data = film.read_bytes()
+    pixels = decode_image(data, max_bytes=10**8, max_pixels=10**8).pixels
+    [marker] = shared_text_detector().find(pixels).markers
+    x, y, width, height = marker
+
+    async def marker_change(redact: bool) -> float:
+        settings = make_settings(workers=1, worker_threads=1, redact_orientation_markers=redact)
+        engine = InferenceEngine.from_settings(settings, ModelSpec.load(settings.model_uri))
+        await engine.start()
+        try:
+            analysis = await engine.analyze(data, anonymize_always=True)
+        finally:
+            await engine.stop()
+        assert analysis.anonymized is not None
+        anonymized = decode_image(analysis.anonymized, max_bytes=10**8, max_pixels=10**8).pixels
+        region = (slice(y, y + height), slice(x, x + width))
+        return float(np.abs(anonymized[region].astype(np.int16) - pixels[region].astype(np.int16)).mean())
+
+    kept, redacted = asyncio.run(marker_change(False)), asyncio.run(marker_change(True))
+    assert kept < 3, f"the kept marker changed by {kept:.1f} grey levels on average (more than JPEG's re-encoding)"
+    assert redacted > 10, f"the marker to redact changed by only {redacted:.1f} grey levels on average"

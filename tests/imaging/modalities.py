@@ -283,12 +283,12 @@ PLACES = ("top-left", "top", "top-right", "left", "center", "right", "bottom-lef
 #: Ink as a fraction of white per BGR channel, and whether it is lighter or darker than what it is burned on.
 INKS = {
     "white": ((1.0, 1.0, 1.0), "light"),
-    "light-grey": ((0.75, 0.75, 0.75), "light"),
+    "light-grey": ((0.72, 0.72, 0.72), "light"),
     "yellow": ((0.0, 1.0, 1.0), "light"),
-    "green": ((0.1, 0.9, 0.1), "light"),
     "cyan": ((1.0, 1.0, 0.0), "light"),
+    "green": ((0.1, 0.85, 0.1), "light"),
     "black": ((0.0, 0.0, 0.0), "dark"),
-    "dark-grey": ((0.25, 0.25, 0.25), "dark"),
+    "dark-grey": ((0.28, 0.28, 0.28), "dark"),
 }
 MARKER_LETTERS = ("R", "L")
 

@@ -33,6 +33,7 @@ from conftest import (
     write_spec,
 )
 from fastapi.testclient import TestClient
+from modalities import INKS, PLACES
 from ocr_oracle import (
     Box,
     View,
@@ -204,17 +205,6 @@ def _background(kind: str, shape: tuple[int, int], mode: str, seed: int) -> np.n
 
 # ------------------------------------------------------------------------------------------------- text
 
-PLACES = ("top-left", "top", "top-right", "left", "center", "right", "bottom-left", "bottom", "bottom-right")
-#: Ink as a fraction of white per BGR channel, and whether it is lighter or darker than what it is burned on.
-INKS = {
-    "white": ((1.0, 1.0, 1.0), "light"),
-    "light-grey": ((0.72, 0.72, 0.72), "light"),
-    "yellow": ((0.0, 1.0, 1.0), "light"),
-    "cyan": ((1.0, 1.0, 0.0), "light"),
-    "green": ((0.1, 0.85, 0.1), "light"),
-    "black": ((0.0, 0.0, 0.0), "dark"),
-    "dark-grey": ((0.28, 0.28, 0.28), "dark"),
-}
 
 
 @dataclass(frozen=True)
