@@ -41,6 +41,8 @@ _MAX_CROP_MARGIN_PX = 64
 _EDGE_PAD_PX = 16
 #: Text is scaled down to about this height: the detector finds lines from ~8 px up, and fewer pixels cost less.
 _TEXT_HEIGHT_PX = 24
+#: Lines thinner than this (specks of noise or texture) do not set a crop's scale when thicker lines are there.
+_MIN_SCALING_LINE_PX = 10
 #: No crop goes to the detector larger than this (a proposal spanning a whole CT body is scaled down to it).
 _MAX_CROP_PIXELS = 640 * 640
 #: At most this many proposal pixels are verified in one image (about half a second of the detector's CPU).
@@ -158,8 +160,10 @@ class TextDetector:
             x, y, width, height = box
             within = (centre_x >= x) & (centre_x < x + width) & (centre_y >= y) & (centre_y < y + height)
             inside = proposed_lines[within]
-            # The typical line decides the scale (the detector still reads text at half that height).
+            # The typical line decides the scale (the detector still reads text at half that height); specks too
+            # small to be a line of text (noise beside a film's marker) have no say.
             across = np.minimum(inside[:, 2], inside[:, 3])
+            across = across[across >= _MIN_SCALING_LINE_PX] if (across >= _MIN_SCALING_LINE_PX).any() else across
             to_verify.append((box, float(np.median(across)) if len(across) else float(min(width, height))))
             # A letter alone in its proposal first (a film's marker), then the largest.
             glyphs += [(len(inside) > 1, -int(line[2] * line[3]), tuple(int(value) for value in line))
@@ -327,8 +331,8 @@ def _mosaic(crops: list[tuple[_Crop, np.ndarray]]) -> tuple[np.ndarray, list[_Cr
     ordered = sorted(crops, key=lambda item: -item[0].mosaic_height)
     widest = max(crop.mosaic_width for crop, _ in ordered)
     total = sum(crop.mosaic_width + _MOSAIC_GAP_PX for crop, _ in ordered)
-    widths = {widest, *(int(widest + (total - widest) * step / 8) for step in range(1, 9))}
     stride = _DETECTOR_STRIDE
+    widths = {widest, *range(-(-widest // stride) * stride, total + stride, stride)}
     packings = [(width, *_shelves(ordered, width)) for width in widths]
     width, places, height = min(packings, key=lambda packing: -(-packing[0] // stride) * -(-packing[2] // stride))
     mosaic = np.zeros((-(-height // stride) * stride, -(-width // stride) * stride, 3), np.uint8)
@@ -444,7 +448,7 @@ def _row_reading(row: list[int], lines: list[Box], readings: dict[int, tuple[str
 
 
 def _groups(lines: list[Box]) -> list[list[int]]:
-    """Indices of the lines, grouped: two lines closer than _MARKER_ISOLATION of the taller one's height (its
+    """Indices of the lines, grouped: two lines closer than _MARKER_ISOLATION of the thinner one's height (its
     shorter side) are in one group."""
     parent = list(range(len(lines)))
 
@@ -457,7 +461,9 @@ def _groups(lines: list[Box]) -> list[list[int]]:
     for first, (x, y, width, height) in enumerate(lines):
         for second in range(first + 1, len(lines)):
             ox, oy, ow, oh = lines[second]
-            reach = _MARKER_ISOLATION * max(min(width, height), min(ow, oh))
+            # By the thinner of the two: a large squat region (a block of anatomy the detector found) must not
+            # reach out over a marker far away.
+            reach = _MARKER_ISOLATION * min(width, height, ow, oh)
             gap_x = max(ox - (x + width), x - (ox + ow), 0)
             gap_y = max(oy - (y + height), y - (oy + oh), 0)
             if max(gap_x, gap_y) < reach:

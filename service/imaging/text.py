@@ -324,7 +324,8 @@ def _padded_union(
     union = np.zeros(reduced_shape, np.uint8)
     max_height = _MAX_LINE_HEIGHT_PX / factor
     for x, y, w, h in lines:
-        pad = int(np.ceil(max(_MIN_PAD_PX / factor, _PAD_FRACTION * min(h, max_height))))
+        # By the line's thickness: a vertical line's text is as tall as the line is wide.
+        pad = int(np.ceil(max(_MIN_PAD_PX / factor, _PAD_FRACTION * min(w, h, max_height))))
         cv2.rectangle(
             union, (int(x) - pad, int(y) - pad), (int(x + w - 1) + pad, int(y + h - 1) + pad), 1, -1
         )
