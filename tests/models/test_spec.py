@@ -92,6 +92,49 @@ def test_one_channel_images_give_the_same_tensor_as_their_three_channel_expansio
     np.testing.assert_array_equal(to_model_tensor(spec, gray), to_model_tensor(spec, np.dstack([gray] * 3)))
 
 
+@pytest.mark.parametrize("fraction", ["0", "-0.5", "1.5"])
+def test_center_crop_must_be_a_fraction(tmp_path: Path, fraction: str) -> None:
+    with pytest.raises(ConfigurationError, match=r"input\.center_crop"):
+        ModelSpec.load(write_spec(tmp_path, BINARY.replace("scale:", f"center_crop: {fraction}, scale:")))
+
+
+def crop_box(input_size: tuple[int, int], center_crop: float | None, height: int, width: int) -> tuple[int, ...]:
+    """The part of a height x width image that a spec with this input size (width, height) and crop resizes."""
+    spec = ModelSpec.model_validate({
+        "name": "crop", "weights": "w.onnx", "output": {"kind": "logits", "class_names": ["a"]},
+        "input": {"width": input_size[0], "height": input_size[1], "center_crop": center_crop},
+    })
+    return spec.input.crop_box(height, width)
+
+
+@pytest.mark.parametrize("shape", [(300, 451), (400, 600), (451, 300), (224, 224), (257, 1000), (3, 2)])
+def test_center_crop_of_a_square_input_is_tensorflows_imagenet_evaluation_crop(shape: tuple[int, int]) -> None:
+    """EfficientNet's `_decode_and_center_crop`: a square of int(224 / (224 + 32) * shorter side), offsets rounded
+    up; the ImageNet model's weights were measured with it."""
+    height, width = shape
+    side = int(224 / (224 + 32) * min(height, width))
+    assert crop_box((224, 224), 0.875, height, width) == ((height - side + 1) // 2, (width - side + 1) // 2, side,
+                                                          side)
+
+
+def test_center_crop_of_a_wide_input_keeps_its_aspect_ratio_and_none_keeps_the_whole_image() -> None:
+    wide = (200, 100)
+    assert crop_box(wide, 1.0, 300, 300) == (75, 0, 150, 300)  # the widest 2:1 band of a square
+    assert crop_box(wide, 1.0, 100, 500) == (0, 150, 100, 200)  # the middle of a wider image, full height
+    assert crop_box(wide, 0.5, 100, 200) == (25, 50, 50, 100)
+    # The default: the whole image, squeezed to the input's shape.
+    assert crop_box(wide, None, 123, 456) == (0, 0, 123, 456)
+
+
+def test_center_crop_preprocessing_resizes_only_the_centre(tmp_path: Path) -> None:
+    spec = ModelSpec.load(write_spec(tmp_path, BINARY.replace("scale:", "center_crop: 0.5, scale:")))
+    image = np.zeros((300, 400, 3), np.uint8)
+    image[75:225, 125:275] = 255  # the central square of half the shorter side: all the model sees
+    np.testing.assert_array_equal(to_model_tensor(spec, image), np.ones((150, 150, 3), np.float32))
+    uncropped = ModelSpec.load(write_spec(tmp_path, BINARY))
+    assert to_model_tensor(uncropped, image).min() == -1.0  # without the crop, the black border is in
+
+
 def test_binary_labels_follow_the_thresholds(tmp_path: Path) -> None:
     spec = ModelSpec.load(write_spec(tmp_path, BINARY))
 
