@@ -40,7 +40,7 @@ _MAX_CROP_MARGIN_PX = 64
 #: At most this much plain background is added where the image's edge cuts a crop's margin off.
 _EDGE_PAD_PX = 16
 #: Text is scaled down to about this height: the detector finds lines from ~8 px up, and fewer pixels cost less.
-_TEXT_HEIGHT_PX = 24
+_TEXT_HEIGHT_PX = 20
 #: Lines thinner than this (specks of noise or texture) do not set a crop's scale when thicker lines are there.
 _MIN_SCALING_LINE_PX = 10
 #: No crop goes to the detector larger than this (a proposal spanning a whole CT body is scaled down to it).

@@ -163,28 +163,27 @@ class _LineSearch:
             cv2.morphologyEx(bright, cv2.MORPH_TOPHAT, self.stroke_kernel),
             cv2.morphologyEx(dark, cv2.MORPH_BLACKHAT, self.stroke_kernel),
         ):
-            accepted, candidates = self.run(contrast)
-            # Large letters are searched only where they stand out clearly, so there is no fainter word to add.
-            found.append(accepted if self.large_text else _extend_along_rows(accepted, candidates))
-            if not self.large_text:
-                # Text running vertically (burned along a side edge, or in an image shown turned by 90 degrees)
-                # is the same search on the transposed map; its lines come back transposed.
-                accepted, candidates = self.run(np.ascontiguousarray(contrast.T))
-                found.append(_extend_along_rows(accepted, candidates)[:, [1, 0, 3, 2]])
-        return np.concatenate(found)
-
-    def run(self, contrast: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Accepted line blobs, and every line-sized blob as a candidate to extend them with."""
-        accepted: list[np.ndarray] = [np.zeros((0, 4), np.int64)]
-        candidates: list[np.ndarray] = [np.zeros((0, 4), np.int64)]
-        if self.large_text:
-            threshold = _CONTRAST_LEVELS[_LARGE_TEXT_LEVEL]
-            strokes = cv2.threshold(contrast, threshold - 1, 1, cv2.THRESH_BINARY)[1]
-            self._scan(contrast, strokes, _LARGE_TEXT_LEVEL + 1, 0, 0, accepted, candidates)
-        else:
+            if self.large_text:
+                strokes = cv2.threshold(contrast, _CONTRAST_LEVELS[_LARGE_TEXT_LEVEL] - 1, 1, cv2.THRESH_BINARY)[1]
+                # Large letters are searched only where they stand out clearly: there is no fainter word to add.
+                found.append(self.run(contrast, strokes, _LARGE_TEXT_LEVEL + 1)[0])
+                continue
             # cv2.compare gives 0/255; the masks are counted through integral images, so they hold 0/1.
             strokes = np.bitwise_and(cv2.compare(contrast, _first_thresholds(contrast), cv2.CMP_GE), 1)
-            self._scan(contrast, strokes, 0, 0, 0, accepted, candidates)
+            found.append(_extend_along_rows(*self.run(contrast, strokes, 0)))
+            # Text running vertically (burned along a side edge, or in an image shown turned by 90 degrees) is the
+            # same search on the transposed map and strokes (thresholds are the same either way round); its lines
+            # come back transposed.
+            transposed = self.run(np.ascontiguousarray(contrast.T), np.ascontiguousarray(strokes.T), 0)
+            found.append(_extend_along_rows(*transposed)[:, [1, 0, 3, 2]])
+        return np.concatenate(found)
+
+    def run(self, contrast: np.ndarray, strokes: np.ndarray, next_level: int) -> tuple[np.ndarray, np.ndarray]:
+        """Accepted line blobs of `strokes` (thresholded `contrast`), and every line-sized blob as a candidate to
+        extend them with; blobs that need it are searched again from contrast level `next_level` on."""
+        accepted: list[np.ndarray] = [np.zeros((0, 4), np.int64)]
+        candidates: list[np.ndarray] = [np.zeros((0, 4), np.int64)]
+        self._scan(contrast, strokes, next_level, 0, 0, accepted, candidates)
         return np.concatenate(accepted), np.concatenate(candidates)
 
     def _scan(
