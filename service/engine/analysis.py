@@ -7,6 +7,8 @@ machine-learning framework.
 A DICOM object (recognised by content) takes the same steps on its frames: the model sees the display rendering
 of the classified frame, unless the object is outside the model's domain (then it is not assessed); every frame
 is searched for text, stamped for the processed copy and cleaned for the anonymized one, which is always made.
+The DICOM modules (pydicom and its codecs: about a third of a worker's start) are imported when the first DICOM
+object arrives, or by the worker once it is ready (service.engine.worker), never before the worker says so.
 """
 
 from __future__ import annotations
@@ -14,11 +16,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from service.dicom.instances import anonymized_instance, processed_instance
-from service.dicom.read import CLASSIFIED_FRAME, DicomImage, pydicom_quiet, read_dicom
 from service.dicom.sniff import is_dicom
 from service.engine.messages import Analysis, AnalysisOutcome, AnalysisRequest, ImageLimits
 from service.errors import UnprocessableObject
@@ -31,7 +32,10 @@ from service.models.backends import PredictBatch
 from service.models.preprocess import to_model_tensor
 from service.models.spec import ModelSpec, Prediction
 
-AnyImage = DecodedImage | DicomImage
+if TYPE_CHECKING:
+    from service.dicom.read import DicomImage
+
+    AnyImage = DecodedImage | DicomImage
 
 
 @dataclass
@@ -83,7 +87,7 @@ def predict_batch(
         refusal = None
         try:
             image = _decode(request.data, limits)
-            if isinstance(image, DicomImage):
+            if not isinstance(image, DecodedImage):
                 refusal = spec.domain.refusal(image.modality, image.body_part)
             if refusal is None:
                 # Inference sees the uploaded pixels, before any stamping or blurring.
@@ -109,12 +113,18 @@ def predict_batch(
 
 def _decode(data: bytes, limits: ImageLimits) -> AnyImage:
     if is_dicom(data):
+        from service.dicom.read import read_dicom
+
         return read_dicom(data, max_bytes=limits.max_bytes, max_pixels=limits.max_pixels)
     return decode_image(data, max_bytes=limits.max_bytes, max_pixels=limits.max_pixels)
 
 
 def _model_pixels(image: AnyImage) -> np.ndarray:
-    return image.display(CLASSIFIED_FRAME) if isinstance(image, DicomImage) else image.pixels
+    if isinstance(image, DecodedImage):
+        return image.pixels
+    from service.dicom.read import CLASSIFIED_FRAME
+
+    return image.display(CLASSIFIED_FRAME)
 
 
 def finish_batch(batch: PredictedBatch, *, spec: ModelSpec, detector: TextDetector) -> list[AnalysisOutcome]:
@@ -132,10 +142,10 @@ def finish_batch(batch: PredictedBatch, *, spec: ModelSpec, detector: TextDetect
         timings = {"decode": decode, "infer": 0.0 if refusal else batch.infer_seconds}
         try:
             prediction = Prediction.not_assessed(refusal) if refusal else spec.interpret(next(raw_outputs))
-            if isinstance(image, DicomImage):
-                results.append(_finish_dicom(image, prediction, request, spec, detector, timings))
-            else:
+            if isinstance(image, DecodedImage):
                 results.append(_finish(image, prediction, request.anonymize_always, detector, timings))
+            else:
+                results.append(_finish_dicom(image, prediction, request, spec, detector, timings))
         except Exception as error:
             results.append(error)
     return results
@@ -179,6 +189,8 @@ def _finish_dicom(
     detector: TextDetector,
     timings: dict[str, float],
 ) -> Analysis:
+    from service.dicom.instances import anonymized_instance, processed_instance
+
     if not request.deid_key:
         raise RuntimeError("DICOM de-identification needs PSEUDONYM_KEY; the request carried none")
     started = time.perf_counter()
@@ -213,6 +225,8 @@ def _finish_dicom(
 def _dicom_output(write: Callable[[], bytes]) -> bytes:
     """Writing an output re-encodes header values pydicom could not encode or parse: such an object fails with a
     message of ours (pydicom's would quote the value)."""
+    from service.dicom.read import pydicom_quiet
+
     try:
         with pydicom_quiet():
             return write()

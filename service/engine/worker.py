@@ -97,6 +97,10 @@ def worker_main(
             connection.send(message)
 
     send(Ready(os.getpid()))
+    # What only DICOM objects need is loaded now, while the first batch is on its way, rather than before Ready
+    # (the pool would wait for it) or in the first DICOM object's time.
+    preloading = threading.Thread(target=_preload_dicom, name="preload-dicom")
+    preloading.start()
     to_finish: queue.SimpleQueue[PredictedBatch | None] = queue.SimpleQueue()
 
     def finish_forever() -> None:
@@ -121,6 +125,11 @@ def worker_main(
     finally:
         to_finish.put(None)
         finisher.join()
+        preloading.join()
+
+
+def _preload_dicom() -> None:
+    import service.dicom.instances  # noqa: F401  (pydicom, its codecs and the de-identification profile)
 
 
 def _picklable(outcome: AnalysisOutcome) -> AnalysisOutcome:

@@ -46,6 +46,13 @@ def test_the_web_process_imports_no_pixel_or_model_library() -> None:
     assert {"cv2", "PIL"} <= imported_by("service.engine.worker")
 
 
+def test_a_worker_loads_dicom_support_only_after_it_is_ready() -> None:
+    """pydicom and its codecs are a third of a worker's start: the worker imports them once it has said Ready
+    (service.engine.worker), or the first DICOM object does."""
+    assert "pydicom" not in imported_by("service.engine.worker")
+    assert "pydicom" in imported_by("service.engine.worker, service.dicom.instances")
+
+
 def test_no_command_imports_tensorflow_outside_workers() -> None:
     modules = "service.cli, service.pipeline, service.engine.pool, service.tools.demo, service.tools.process"
     assert imported_by(modules) & {"tensorflow", "keras"} == set()
