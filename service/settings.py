@@ -115,6 +115,9 @@ class Settings(S3Settings, ModelCacheSettings):
     """Most images analyzed in one model call; concurrent events are gathered up to this."""
     batch_max_wait_ms: float = Field(default=5.0, ge=0, le=1000)
     """Longest a request waits for others to join its batch while a worker is free."""
+    batch_wait_policy: Literal["adaptive", "fixed"] = "adaptive"
+    """`adaptive`: a request waits for others only while the arrival rate says they will come within the wait;
+    `fixed`: always up to BATCH_MAX_WAIT_MS."""
     worker_start_timeout_s: float = Field(default=300.0, gt=0)
     """Seconds a worker may take to load and warm the model, at start-up and when it replaces a dead one."""
     inference_timeout_s: float = Field(default=60.0, gt=0, le=3600)
@@ -145,9 +148,9 @@ class Settings(S3Settings, ModelCacheSettings):
     def _upper_level(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
 
-    @field_validator("log_format", mode="before")
+    @field_validator("log_format", "batch_wait_policy", mode="before")
     @classmethod
-    def _lower_format(cls, value: object) -> object:
+    def _lower_choice(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
 
     @field_validator("model_uri")

@@ -58,8 +58,10 @@ pytestmark = pytest.mark.rgw
 S3_CONNECT_TIMEOUT_S = 0.5
 S3_READ_TIMEOUT_S = 1.5
 S3_MAX_ATTEMPTS = 2
-# Long enough that a few concurrent requests are all fetched and still waiting for their batch a moment later.
+# Long enough that a few concurrent requests are all fetched and still waiting for their batch a moment later;
+# with the fixed wait, as the adaptive one sends the first of them at once after the quiet between tests.
 BATCH_MAX_WAIT_MS = 400
+BATCH_WAIT_POLICY = "fixed"
 BATCH_MAX_SIZE = 4
 # Scheduling slack on a loaded 2-core machine (threads, one batch's analysis, HTTP).
 MARGIN_S = 3.0
@@ -325,7 +327,8 @@ def service(faulty_rgw: LocalRGW, tiny_spec: Path, tmp_path_factory: pytest.Temp
     log = tmp_path_factory.mktemp("faults-service") / "service.log"
     with serving(faulty_rgw, tiny_spec, log, S3_CONNECT_TIMEOUT_S=str(S3_CONNECT_TIMEOUT_S),
                  S3_READ_TIMEOUT_S=str(S3_READ_TIMEOUT_S), S3_MAX_ATTEMPTS=str(S3_MAX_ATTEMPTS),
-                 BATCH_MAX_WAIT_MS=str(BATCH_MAX_WAIT_MS), BATCH_MAX_SIZE=str(BATCH_MAX_SIZE)) as started:
+                 BATCH_MAX_WAIT_MS=str(BATCH_MAX_WAIT_MS), BATCH_WAIT_POLICY=BATCH_WAIT_POLICY,
+                 BATCH_MAX_SIZE=str(BATCH_MAX_SIZE)) as started:
         yield started
 
 

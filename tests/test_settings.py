@@ -18,7 +18,7 @@ KEY = "k" * 32
 def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ["S3_ENDPOINT_URL", "service_point", "SERVICE_POINT", "PSEUDONYM_KEY", "DEV_MODE", "INPUT_BUCKETS",
                  "PROCESSED_BUCKET", "ANONYMIZED_BUCKET", "MODEL_SPEC", "MODEL_URI", "MODEL_SHA256", "MODEL_CACHE_DIR",
-                 "WORKERS", "PORT", "ANONYMIZE_WHEN"]:
+                 "WORKERS", "PORT", "ANONYMIZE_WHEN", "BATCH_WAIT_POLICY"]:
         monkeypatch.delenv(name, raising=False)
 
 
@@ -27,6 +27,7 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = load_settings()
     assert settings.port == 8080
     assert settings.anonymize_when == "positive"
+    assert settings.batch_wait_policy == "adaptive"
     assert settings.processed_bucket_for("xray") == "xray-processed"
     assert settings.anonymized_bucket_for("xray") == "xray-anonymized"
     assert Path(settings.model_uri).name == "pneumonia.yaml"
@@ -54,6 +55,7 @@ def test_pseudonym_key_required_unless_dev_mode(monkeypatch: pytest.MonkeyPatch)
         ("PORT", "http", "PORT:"),
         ("WORKERS", "0", "WORKERS:"),
         ("ANONYMIZE_WHEN", "sometimes", "ANONYMIZE_WHEN:"),
+        ("BATCH_WAIT_POLICY", "eager", "BATCH_WAIT_POLICY: Input should be 'adaptive' or 'fixed'"),
         ("MODEL_URI", "/nonexistent/spec.yaml", "MODEL_URI: /nonexistent/spec.yaml does not exist"),
         ("MODEL_SPEC", "/nonexistent/spec.yaml", "/nonexistent/spec.yaml does not exist"),
         ("MODEL_URI", "s3://models", "MODEL_URI: s3://models must name an object: s3://bucket/key"),
@@ -74,6 +76,12 @@ def test_bad_values_name_the_variable(
     with pytest.raises(ConfigurationError) as raised:
         load_settings()
     assert message in str(raised.value)
+
+
+def test_batch_wait_policy_is_read_in_any_case(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PSEUDONYM_KEY", KEY)
+    monkeypatch.setenv("BATCH_WAIT_POLICY", "Fixed")
+    assert load_settings().batch_wait_policy == "fixed"
 
 
 def test_model_uri_accepts_s3_and_the_old_name(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -9,9 +9,13 @@ One rule makes the dispatcher impossible to wedge: it keeps no state across a su
 something changes (`_wake`) or the next deadline. Every change of state sets `_wake`.
 
 The policy: a batch leaves when a worker can take one and either `max_size` images wait or the oldest has waited
-`max_wait_s`; while every worker is busy, images keep gathering, so batches grow with load. A worker holds at most
-`BATCHES_PER_WORKER` batches (one in the model, one being finished). Every request is answered exactly once: by
-its worker, or 503 when its worker is lost, when no worker is left, when it has waited `timeout_s`, or at shutdown.
+`max_wait_s`; while every worker is busy, images keep gathering, so batches grow with load. With `adaptive_wait`
+(the default) a free worker waits for company only while company is expected: `submit` keeps a running mean of the
+gaps between arrivals, and the oldest image stops waiting once the wait it has left is no longer than that mean gap
+(at once when arrivals are sparser than `max_wait_s`, or before a second arrival has given a gap). At light load an
+image then goes to its worker as it arrives instead of waiting for others it will not get. A worker holds at most
+`BATCHES_PER_WORKER` batches (one in the model, one being finished). Every request is answered exactly once: by its
+worker, or 503 when its worker is lost, when no worker is left, when it has waited `timeout_s`, or at shutdown.
 A worker that holds a batch for `timeout_s` without answering is taken for hung and abandoned (the pool kills it).
 """
 
@@ -33,6 +37,9 @@ logger = logging.getLogger(__name__)
 
 #: Batches one worker may hold: one in the model, one being finished by its second thread.
 BATCHES_PER_WORKER = 2
+#: Weight of the newest gap between arrivals in their running mean. A quarter: a few arrivals make a new rate, one
+#: short gap in sparse traffic does not, and one silence of 4 x max_wait ends the waiting at once.
+ARRIVAL_GAP_WEIGHT = 0.25
 
 
 class WorkerSlot(Protocol):
@@ -84,11 +91,13 @@ class Batcher:
         max_size: int,
         max_wait_s: float,
         timeout_s: float,
+        adaptive_wait: bool = True,
         clock: Callable[[], float] = time.monotonic,
         on_batch: Callable[[int], None] = lambda size: None,
     ) -> None:
         self._max_size = max_size
         self._max_wait_s = max_wait_s
+        self._adaptive_wait = adaptive_wait
         self._timeout_s = timeout_s
         self._clock = clock
         self._on_batch = on_batch
@@ -96,6 +105,8 @@ class Batcher:
         self._slots: dict[WorkerSlot, _Slot] = {}
         self._wake = asyncio.Event()
         self._closed = False
+        self._last_arrival: float | None = None
+        self._mean_gap_s: float | None = None
         #: True while `run` sleeps with nothing due.
         self.idle = False
 
@@ -112,6 +123,11 @@ class Batcher:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def mean_arrival_gap_s(self) -> float | None:
+        """The running mean of the seconds between arrivals; None before the second arrival."""
+        return self._mean_gap_s
 
     @property
     def settled(self) -> bool:
@@ -134,6 +150,11 @@ class Batcher:
         now = self._clock()
         future: asyncio.Future[AnalysisOutcome] = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(request, future, now, now + self._timeout_s))
+        if self._last_arrival is not None:
+            gap = now - self._last_arrival
+            mean = self._mean_gap_s
+            self._mean_gap_s = gap if mean is None else mean + ARRIVAL_GAP_WEIGHT * (gap - mean)
+        self._last_arrival = now
         self._wake.set()
         return future
 
@@ -223,7 +244,7 @@ class Batcher:
             slot = self._idle_slot()
             if slot is None:
                 return
-            if len(self._queue) < self._max_size and now - self._queue[0].queued_at < self._max_wait_s:
+            if len(self._queue) < self._max_size and now < self._gathering_until():
                 return  # gathering: not full, and the oldest may still wait for company
             items: list[_Pending] = []
             while self._queue and len(items) < self._max_size:
@@ -232,6 +253,17 @@ class Batcher:
                     items.append(pending)
             if items:
                 self._send(slot, _Batch(items, now))
+
+    def _gathering_until(self) -> float:
+        """When the oldest queued image stops waiting for company beside a free worker: after `max_wait_s`, or,
+        with `adaptive_wait`, once the wait left is no longer than the mean gap between arrivals (no company is
+        then expected in it)."""
+        queued_at = self._queue[0].queued_at
+        if not self._adaptive_wait:
+            return queued_at + self._max_wait_s
+        if self._mean_gap_s is None:
+            return queued_at  # no gap seen yet: nothing says another image is coming
+        return max(queued_at, queued_at + self._max_wait_s - self._mean_gap_s)
 
     def _send(self, slot: _Slot, batch: _Batch) -> None:
         slot.batches.append(batch)
@@ -272,7 +304,7 @@ class Batcher:
         if self._queue:
             moments.append(self._queue[0].deadline)  # first in, first due: every request gets the same timeout
             if self._idle_slot() is not None:
-                moments.append(self._queue[0].queued_at + self._max_wait_s)
+                moments.append(self._gathering_until())
         for slot in self._slots.values():
             if slot.batches and not slot.abandoned:
                 moments.append(slot.batches[0].sent_at + self._timeout_s)

@@ -62,6 +62,7 @@ class InferenceEngine:
         start_timeout_s: float = 300.0,
         batch_max_size: int = 8,
         batch_max_wait_ms: float = 5.0,
+        adaptive_wait: bool = True,
         inference_timeout_s: float = 60.0,
         restart_limit: int = 3,
     ) -> None:
@@ -76,6 +77,7 @@ class InferenceEngine:
         self._inference_timeout_s = inference_timeout_s
         self._batch_max_size = batch_max_size
         self._batch_max_wait_s = batch_max_wait_ms / 1000
+        self._adaptive_wait = adaptive_wait
         self._batcher = self._new_batcher()
         self._workers: list[WorkerProcess] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -106,6 +108,7 @@ class InferenceEngine:
             start_timeout_s=settings.worker_start_timeout_s,
             batch_max_size=settings.batch_max_size,
             batch_max_wait_ms=settings.batch_max_wait_ms,
+            adaptive_wait=settings.batch_wait_policy == "adaptive",
             inference_timeout_s=settings.inference_timeout_s,
             restart_limit=settings.worker_restart_limit,
         )
@@ -217,6 +220,7 @@ class InferenceEngine:
         return Batcher(
             max_size=self._batch_max_size,
             max_wait_s=self._batch_max_wait_s,
+            adaptive_wait=self._adaptive_wait,
             timeout_s=self._inference_timeout_s,
             on_batch=self._observe_batch,
         )

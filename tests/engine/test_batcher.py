@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from service.engine.batcher import BATCHES_PER_WORKER, Batcher, WorkerProtocolError
+from service.engine.batcher import ARRIVAL_GAP_WEIGHT, BATCHES_PER_WORKER, Batcher, WorkerProtocolError
 from service.engine.messages import AnalysisRequest
 from service.engine.supervisor import SupervisedTask
 from service.errors import InferenceTimedOut, ModelNotReady
@@ -26,6 +26,8 @@ from service.errors import InferenceTimedOut, ModelNotReady
 MAX_SIZE = 4
 MAX_WAIT_S = 10.0
 TIMEOUT_S = 100.0
+#: A gap between arrivals after which the running mean alone says no company comes within MAX_WAIT_S.
+SILENCE_S = 1.25 * MAX_WAIT_S / ARRIVAL_GAP_WEIGHT
 
 
 class FakeWorker:
@@ -67,17 +69,26 @@ class FakeWorker:
 class Harness:
     """A batcher and its supervised dispatcher on a private event loop, with a clock that moves only when told."""
 
-    def __init__(self, *, max_size: int = MAX_SIZE, max_wait_s: float = MAX_WAIT_S, timeout_s: float = TIMEOUT_S):
+    def __init__(self, *, max_size: int = MAX_SIZE, max_wait_s: float = MAX_WAIT_S, timeout_s: float = TIMEOUT_S,
+                 adaptive_wait: bool = True):
         self.now = 0.0
         self.loop = asyncio.new_event_loop()
         self.crashes: list[str] = []
         self.batches: list[int] = []
+        #: When each batch left (fake time), in order.
+        self.sent_at: list[float] = []
         self.batcher = Batcher(max_size=max_size, max_wait_s=max_wait_s, timeout_s=timeout_s,
-                               clock=lambda: self.now, on_batch=self.batches.append)
+                               adaptive_wait=adaptive_wait, clock=lambda: self.now, on_batch=self._sent)
         self.dispatcher = SupervisedTask("dispatcher", self.batcher.run, on_crash=self.crashes.append,
                                          max_crashes=3)
         self._requests = itertools.count()
+        #: The request each future stands for (its data, as the workers see it).
+        self.names: dict[asyncio.Future[Any], str] = {}
         self.call(self.dispatcher.start)
+
+    def _sent(self, size: int) -> None:
+        self.batches.append(size)
+        self.sent_at.append(self.now)
 
     def call(self, function: Callable[[], Any]) -> Any:
         """Call a batcher method as the pool does (on the loop), then let the dispatcher settle."""
@@ -100,8 +111,12 @@ class Harness:
 
     def submit(self, count: int = 1) -> list[asyncio.Future[Any]]:
         def submit_all() -> list[asyncio.Future[Any]]:
-            return [self.batcher.submit(AnalysisRequest(f"r{next(self._requests)}".encode(), False))
-                    for _ in range(count)]
+            futures = []
+            for _ in range(count):
+                name = f"r{next(self._requests)}"
+                futures.append(self.batcher.submit(AnalysisRequest(name.encode(), False)))
+                self.names[futures[-1]] = name
+            return futures
 
         return list(self.call(submit_all))
 
@@ -210,6 +225,117 @@ def test_a_cancelled_request_is_not_sent(harness: Harness) -> None:
     assert [[request.data for request in batch] for batch in worker.delivered] == [[b"r1"]]
     harness.answer(worker)
     assert_analyzed([kept], worker)
+
+
+# --- the wait adapts to the arrival rate -----------------------------------------------------------------------
+
+
+def serve_at_once(harness: Harness, worker: FakeWorker) -> None:
+    """The worker's model frees and it answers every batch it holds, taking no (fake) time."""
+    while worker.answered < len(worker.delivered):
+        if worker.model_busy:
+            harness.free(worker)
+        harness.answer(worker)
+
+
+#: The clock moves in steps this long while images arrive, so a batch leaves when it is due, not at the next arrival.
+TICK_S = MAX_WAIT_S / 10
+
+
+def pass_time(harness: Harness, worker: FakeWorker, seconds: float) -> None:
+    """Move the clock tick by tick, the worker serving at once whatever it is sent."""
+    end = harness.now + seconds
+    while harness.now < end:
+        harness.advance(min(TICK_S, end - harness.now))
+        serve_at_once(harness, worker)
+
+
+def arrive_every(harness: Harness, worker: FakeWorker, gaps: list[float]) -> dict[str, float]:
+    """One image after each gap, the worker serving at once; returns when each image arrived, by name."""
+    arrived = {}
+    for gap in gaps:
+        pass_time(harness, worker, gap)
+        [future] = harness.submit(1)
+        arrived[harness.names[future]] = harness.now
+        serve_at_once(harness, worker)
+    return arrived
+
+
+def waits(harness: Harness, worker: FakeWorker, arrived: dict[str, float]) -> dict[str, float]:
+    """How long each image waited for its batch to leave (the only worker's batches, in order)."""
+    return {request.data.decode(): sent_at - arrived[request.data.decode()]
+            for batch, sent_at in zip(worker.delivered, harness.sent_at, strict=True)
+            for request in batch if request.data.decode() in arrived}
+
+
+def test_sparse_arrivals_go_to_a_free_worker_at_once(harness: Harness) -> None:
+    """Gaps far longer than the wait: each image leaves alone the moment it arrives, even one that follows another
+    closely (a single short gap does not make a rate)."""
+    worker = harness.warm()
+    gaps = [SILENCE_S, SILENCE_S, 2 * SILENCE_S, MAX_WAIT_S / 10, SILENCE_S, 3 * SILENCE_S]
+    arrived = {}
+    for gap in gaps:
+        harness.advance(gap)
+        [future] = harness.submit(1)  # the clock does not move: sent now or not at all
+        arrived[harness.names[future]] = harness.now
+        assert len(worker.delivered) == len(arrived), f"{harness.names[future]} is waiting for company"
+        serve_at_once(harness, worker)
+        assert_analyzed([future], worker)
+    assert harness.batches == [1] * len(gaps)
+    assert set(waits(harness, worker, arrived).values()) == {0.0}
+
+
+def test_a_burst_still_fills_batches_and_nothing_waits_past_max_wait(harness: Harness) -> None:
+    """Sparse traffic, then a burst of an image every tenth of the wait: the burst's first images still go alone
+    (the mean gap is long), then the rate is learned and batches fill to max_size."""
+    worker = harness.warm()
+    sparse = arrive_every(harness, worker, [SILENCE_S] * 4)
+    burst = arrive_every(harness, worker, [TICK_S] * 10 * MAX_SIZE)
+    pass_time(harness, worker, MAX_WAIT_S)  # the last, partial batch leaves
+    burst_batches = harness.batches[len(sparse):]
+    assert burst_batches[0] == 1, "the burst's first image waited for company though the mean gap was long"
+    assert burst_batches[-4:-1] == [MAX_SIZE] * 3, f"the burst did not fill batches: {burst_batches}"
+    assert sum(burst_batches) == len(burst)
+    assert max(waits(harness, worker, sparse | burst).values()) <= MAX_WAIT_S
+
+
+def test_when_the_rate_drops_after_a_burst_images_go_at_once_again(harness: Harness) -> None:
+    worker = harness.warm()
+    arrive_every(harness, worker, [TICK_S] * 4 * MAX_SIZE)
+    pass_time(harness, worker, MAX_WAIT_S)
+    assert MAX_SIZE in harness.batches, "the burst was batched"
+    burst_batches = len(harness.batches)
+    later = arrive_every(harness, worker, [SILENCE_S] * 4)
+    assert harness.batches[burst_batches:] == [1] * 4
+    assert set(waits(harness, worker, later).values()) == {0.0}, "after the burst, sparse images waited for company"
+
+
+def test_at_a_moderate_rate_company_is_gathered_without_waiting_the_whole_wait(harness: Harness) -> None:
+    """Pairs of images (0.2 x max_wait apart, 0.8 x max_wait between pairs, a mean gap near half the wait): once
+    the rate is learned each pair leaves together, and no image waits max_wait for company that is not coming."""
+    worker = harness.warm()
+    arrived = arrive_every(harness, worker, [0.2 * MAX_WAIT_S, 0.8 * MAX_WAIT_S] * 6)
+    pass_time(harness, worker, MAX_WAIT_S)
+    assert harness.batches[-5:-1] == [2] * 4, f"pairs were not gathered: {harness.batches}"
+    assert max(waits(harness, worker, arrived).values()) <= 0.6 * MAX_WAIT_S
+
+
+def test_the_fixed_policy_waits_max_wait_whatever_the_rate() -> None:
+    """BATCH_WAIT_POLICY=fixed: the wait before adaptation, for every image."""
+    harness = Harness(adaptive_wait=False)
+    try:
+        worker = harness.warm()
+        for _ in range(3):
+            harness.advance(SILENCE_S)
+            harness.submit(1)
+            assert harness.batcher.queue_depth == 1
+            harness.advance(MAX_WAIT_S - 1)
+            assert harness.batcher.queue_depth == 1
+            harness.advance(1)
+            serve_at_once(harness, worker)
+        assert harness.batches == [1, 1, 1]
+    finally:
+        harness.close()
 
 
 # --- the interleavings that matter, each also ended by a shutdown ------------------------------------------------
@@ -411,6 +537,9 @@ class SchedulingMachine(RuleBasedStateMachine):
         self.futures: dict[asyncio.Future[Any], float] = {}
         self.refused = 0
         self.closed = False
+        #: When the latest image arrived, and the gap before it (None for the first).
+        self.last_arrival: float | None = None
+        self.latest_gap: float | None = None
 
     # --- the pool's side --------------------------------------------------------------------------------------
 
@@ -448,14 +577,22 @@ class SchedulingMachine(RuleBasedStateMachine):
 
     # --- the world's side -------------------------------------------------------------------------------------
 
-    @rule(count=st.integers(1, 2 * MAX_SIZE + 1))
-    def requests_arrive(self, count: int) -> None:
+    @rule(count=st.integers(1, 2 * MAX_SIZE + 1),
+          after=st.sampled_from([0.0, 1.0, MAX_WAIT_S / 2, MAX_WAIT_S, SILENCE_S]))
+    def requests_arrive(self, count: int, after: float) -> None:
+        """`count` images at once, `after` seconds from now: bursts and silences, so the arrival rate varies."""
+        if after:
+            self.h.advance(after)
         try:
             for future in self.h.submit(count):
                 self.futures[future] = self.h.now
         except ModelNotReady:
             assert self.closed or not self.live, "refused while a worker was warm"
             self.refused += 1
+            return
+        first_gap = None if self.last_arrival is None else self.h.now - self.last_arrival
+        self.latest_gap = first_gap if count == 1 else 0.0
+        self.last_arrival = self.h.now
 
     @precondition(lambda self: any(not future.done() for future in self.futures))
     @rule(data=st.data())
@@ -508,6 +645,32 @@ class SchedulingMachine(RuleBasedStateMachine):
                 and len(w.delivered) - w.answered < BATCHES_PER_WORKER]
         if idle:
             assert self.h.batcher.queue_depth < MAX_SIZE, "a full batch waits beside an idle worker"
+
+    def _idle_workers(self) -> list[FakeWorker]:
+        return [w for w in self.live if not w.model_busy and not w.abandoned
+                and len(w.delivered) - w.answered < BATCHES_PER_WORKER]
+
+    def _queued(self) -> dict[asyncio.Future[Any], float]:
+        """Requests still waiting and not sent to any worker, with when they arrived."""
+        sent = {request.data.decode() for worker in self.everyone for batch in worker.delivered for request in batch}
+        return {future: submitted_at for future, submitted_at in self.futures.items()
+                if not future.done() and self.h.names[future] not in sent}
+
+    @invariant()
+    def no_image_waits_past_max_wait_beside_an_idle_worker(self) -> None:
+        if self.closed or not self._idle_workers():
+            return
+        for submitted_at in self._queued().values():
+            assert self.h.now - submitted_at < MAX_WAIT_S, "an image waited past max_wait beside an idle worker"
+
+    @invariant()
+    def after_a_silence_nothing_waits_beside_an_idle_worker(self) -> None:
+        """An image that arrived after a silence (or first) finds the mean gap past max_wait: no company is expected,
+        so neither it nor anything queued with it waits while a worker could take it."""
+        silence = self.last_arrival is not None and (self.latest_gap is None or self.latest_gap >= SILENCE_S)
+        if self.closed or not silence or not self._idle_workers():
+            return
+        assert not self._queued(), "images wait for company beside an idle worker after a silence"
 
     @invariant()
     def batch_sizes_within_limits(self) -> None:
