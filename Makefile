@@ -50,7 +50,8 @@ lint: $(INSTALLED)
 demo: install system-deps
 	$(BIN)/python tests/local_rgw.py exec --dir .rgw/demo -- $(BIN)/xray-pipeline demo
 
-# keras vs onnx, 1 vs 2 workers: the model alone vs the service end to end (~13 min); writes bench/results.json.
+# keras, onnx and the ImageNet model x 1 and 2 workers: the model alone vs the service end to end, CPU by stage and
+# the issue-16 targets (~25 min; bench-quick ~10 min); writes bench/results.json.
 bench: install system-deps
 	$(BIN)/python bench/run.py
 
