@@ -5,6 +5,7 @@ contrast, stroke and line shape; no model."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -83,7 +84,7 @@ def propose_text(pixels: np.ndarray) -> tuple[np.ndarray, list[Box]]:
     Classical morphology, no model: white top-hat (bright strokes) and black-hat (dark strokes) with a kernel
     wider than any stroke; thresholded at a few times the local texture, and at rising levels wherever a blob
     is too tall for a line or touches something; characters joined by a horizontal closing (and the same on the
-    transposed map, for vertical text); blobs kept if they are sharp or shaped like a text line, then extended
+    columns, for vertical text); blobs kept if they are sharp or shaped like a text line, then extended
     along their row over fainter words. The same search on a copy reduced four times more finds letters too large
     for the first. Overlapping boxes are merged.
     """
@@ -150,7 +151,10 @@ class _LineSearch:
         _LARGE_TEXT_REDUCTION times more, for lines of at least _MIN_LARGE_LINE_HEIGHT_PX."""
         gap = max(3, int(_CHARACTER_GAP_PX / factor) | 1)
         self.stroke_kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (int(_STROKE_KERNEL_PX / factor) | 1,) * 2)
-        self.closing_kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (gap, 1))
+        self.closing_kernels = {
+            False: cv2.getStructuringElement(cv2.MORPH_RECT, (gap, 1)),
+            True: cv2.getStructuringElement(cv2.MORPH_RECT, (1, gap)),
+        }
         self.large_text = large_text
         min_height = _MIN_LARGE_LINE_HEIGHT_PX / _LARGE_TEXT_REDUCTION if large_text else _MIN_LINE_HEIGHT_PX
         self.min_height = min_height / factor
@@ -163,95 +167,121 @@ class _LineSearch:
             cv2.morphologyEx(bright, cv2.MORPH_TOPHAT, self.stroke_kernel),
             cv2.morphologyEx(dark, cv2.MORPH_BLACKHAT, self.stroke_kernel),
         ):
+            sharp = _sharp_integral(contrast)
             if self.large_text:
                 strokes = cv2.threshold(contrast, _CONTRAST_LEVELS[_LARGE_TEXT_LEVEL] - 1, 1, cv2.THRESH_BINARY)[1]
                 # Large letters are searched only where they stand out clearly: there is no fainter word to add.
-                found.append(self.run(contrast, strokes, _LARGE_TEXT_LEVEL + 1)[0])
+                found.append(self.run(contrast, strokes, _LARGE_TEXT_LEVEL + 1, sharp)[0])
                 continue
             # cv2.compare gives 0/255; the masks are counted through integral images, so they hold 0/1.
             strokes = np.bitwise_and(cv2.compare(contrast, _first_thresholds(contrast), cv2.CMP_GE), 1)
-            found.append(_extend_along_rows(*self.run(contrast, strokes, 0)))
+            found.append(_extend_along_rows(*self.run(contrast, strokes, 0, sharp)))
             # Text running vertically (burned along a side edge, or in an image shown turned by 90 degrees) is the
-            # same search on the transposed map and strokes (thresholds are the same either way round); its lines
-            # come back transposed.
-            transposed = self.run(np.ascontiguousarray(contrast.T), np.ascontiguousarray(strokes.T), 0)
-            found.append(_extend_along_rows(*transposed)[:, [1, 0, 3, 2]])
+            # same search with rows and columns swapped (thresholds are the same either way round). It runs on the
+            # same maps, swapping only each blob's box, not the pixels: a transposed copy of the maps costs more.
+            accepted, candidates = self.run(contrast, strokes, 0, sharp, vertical=True)
+            found.append(_extend_along_rows(accepted[:, _SWAPPED], candidates[:, _SWAPPED])[:, _SWAPPED])
         return np.concatenate(found)
 
-    def run(self, contrast: np.ndarray, strokes: np.ndarray, next_level: int) -> tuple[np.ndarray, np.ndarray]:
-        """Accepted line blobs of `strokes` (thresholded `contrast`), and every line-sized blob as a candidate to
-        extend them with; blobs that need it are searched again from contrast level `next_level` on."""
+    def run(
+        self, contrast: np.ndarray, strokes: np.ndarray, next_level: int, sharp: np.ndarray, *, vertical: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Accepted line blobs of `strokes` (thresholded `contrast`, `sharp` its _sharp_integral), and every
+        line-sized blob as a candidate to extend them with; blobs that need it are searched again from contrast
+        level `next_level` on. `vertical`: lines run down the columns."""
         accepted: list[np.ndarray] = [np.zeros((0, 4), np.int64)]
         candidates: list[np.ndarray] = [np.zeros((0, 4), np.int64)]
-        self._scan(contrast, strokes, next_level, 0, 0, accepted, candidates)
+        self._scan(contrast, strokes, sharp, _Place(next_level, 0, 0, vertical), accepted, candidates)
         return np.concatenate(accepted), np.concatenate(candidates)
 
     def _scan(
         self,
         contrast: np.ndarray,
         strokes: np.ndarray,
-        next_level: int,
-        left: int,
-        top: int,
+        sharp: np.ndarray,
+        place: _Place,
         accepted: list[np.ndarray],
         candidates: list[np.ndarray],
     ) -> None:
         """Blobs of `strokes` (a thresholded `contrast`); those too tall for a line, or text touching something,
         are searched again at the next level."""
-        blobs_mask = cv2.morphologyEx(strokes, cv2.MORPH_CLOSE, self.closing_kernel)
+        blobs_mask = cv2.morphologyEx(strokes, cv2.MORPH_CLOSE, self.closing_kernels[place.vertical])
         contours, _ = cv2.findContours(blobs_mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         if not contours:
             return
         blobs = _bounding_boxes(contours)
-        blobs = blobs[(blobs[:, 3] >= 2) & (blobs[:, 2] * blobs[:, 3] >= 3)]
-        too_tall = blobs[:, 3] > self.max_height
-        self._rescan(contrast, blobs[too_tall], next_level, left, top, accepted, candidates)
+        # Along and across the line: a vertical line's height runs along it.
+        along, across = (3, 2) if place.vertical else (2, 3)
+        blobs = blobs[(blobs[:, across] >= 2) & (blobs[:, 2] * blobs[:, 3] >= 3)]
+        too_tall = blobs[:, across] > self.max_height
+        self._rescan(contrast, blobs[too_tall], place, accepted, candidates)
         blobs = blobs[~too_tall]
         if not len(blobs):
             return
-        width, height = blobs[:, 2], blobs[:, 3]
-        area = (width * height).astype(np.float64)
-        sharp_pixels = _box_sums(
-            cv2.integral(cv2.threshold(contrast, _SHARP_CONTRAST - 1, 1, cv2.THRESH_BINARY)[1]), blobs
-        )
+        length, height = blobs[:, along], blobs[:, across]
+        area = (length * height).astype(np.float64)
+        sharp_pixels = _box_sums(sharp, blobs)
+        # Strokes crossed along the line: where the mask changes from one pixel to the next along it.
         crossings = np.zeros_like(strokes)
-        np.bitwise_xor(strokes[:, 1:], strokes[:, :-1], out=crossings[:, 1:])
+        if place.vertical:
+            np.bitwise_xor(strokes[1:], strokes[:-1], out=crossings[1:])
+        else:
+            np.bitwise_xor(strokes[:, 1:], strokes[:, :-1], out=crossings[:, 1:])
         crossings_per_row = _box_sums(cv2.integral(crossings), blobs) / height
         fill = _box_sums(cv2.integral(blobs_mask), blobs) / area
         line_like = (
             (height >= self.min_height)
-            & (width >= _MIN_LINE_ASPECT * height)
+            & (length >= _MIN_LINE_ASPECT * height)
             & (fill >= _MIN_LINE_FILL)
             & (crossings_per_row >= _MIN_STROKE_CROSSINGS_PER_ROW)
         )
-        sharp = (sharp_pixels >= np.maximum(3, 0.02 * area)) & (
+        sharp_enough = (sharp_pixels >= np.maximum(3, 0.02 * area)) & (
             (fill >= _MIN_SHARP_FILL) | (crossings_per_row >= _MIN_SHARP_CROSSINGS_PER_ROW)
         )
-        kept = line_like if self.large_text else sharp | line_like  # see _LARGE_TEXT_REDUCTION
-        offset = np.array([left, top, 0, 0])
+        kept = line_like if self.large_text else sharp_enough | line_like  # see _LARGE_TEXT_REDUCTION
+        offset = np.array([place.left, place.top, 0, 0])
         accepted.append(blobs[kept] + offset)
         candidates.append(blobs + offset)
         touching = ~kept & (height >= 2 * self.min_height) & (crossings_per_row >= _MIN_STROKE_CROSSINGS_PER_ROW)
-        self._rescan(contrast, blobs[touching], next_level, left, top, accepted, candidates)
+        self._rescan(contrast, blobs[touching], place, accepted, candidates)
 
     def _rescan(
         self,
         contrast: np.ndarray,
         blobs: np.ndarray,
-        level: int,
-        left: int,
-        top: int,
+        place: _Place,
         accepted: list[np.ndarray],
         candidates: list[np.ndarray],
     ) -> None:
-        """Search each blob's box again at contrast level `level` (none past the last level)."""
-        if level >= len(_CONTRAST_LEVELS):
+        """Search each blob's box again at contrast level `place.level` (none past the last level)."""
+        if place.level >= len(_CONTRAST_LEVELS):
             return
-        threshold = _CONTRAST_LEVELS[level]
+        threshold = _CONTRAST_LEVELS[place.level]
         for x, y, w, h in blobs:
             region = contrast[y : y + h, x : x + w]
             region_strokes = cv2.threshold(region, threshold - 1, 1, cv2.THRESH_BINARY)[1]
-            self._scan(region, region_strokes, level + 1, left + x, top + y, accepted, candidates)
+            inner = _Place(place.level + 1, place.left + x, place.top + y, place.vertical)
+            self._scan(region, region_strokes, _sharp_integral(region), inner, accepted, candidates)
+
+
+@dataclass(frozen=True)
+class _Place:
+    """Where a scan runs: the contrast level to search next, the scanned region's offset in the map, and whether
+    its lines run vertically."""
+
+    level: int
+    left: int
+    top: int
+    vertical: bool
+
+
+#: Columns of (x, y, w, h) rows that swap rows and columns.
+_SWAPPED = [1, 0, 3, 2]
+
+
+def _sharp_integral(contrast: np.ndarray) -> np.ndarray:
+    """Integral image of the pixels at least _SHARP_CONTRAST from their background."""
+    return cv2.integral(cv2.threshold(contrast, _SHARP_CONTRAST - 1, 1, cv2.THRESH_BINARY)[1])
 
 
 def _bounding_boxes(contours: Sequence[np.ndarray]) -> np.ndarray:
