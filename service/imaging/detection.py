@@ -45,6 +45,11 @@ _TEXT_HEIGHT_PX = 20
 _MIN_SCALING_LINE_PX = 10
 #: No crop goes to the detector larger than this (a proposal spanning a whole CT body is scaled down to it).
 _MAX_CROP_PIXELS = 640 * 640
+#: A crop larger than this at _TEXT_HEIGHT_PX (a photo or a PET whose texture the line search proposes everywhere)
+#: is scaled further, until its text is this tall or the crop is this large: the detector's cost follows the
+#: pixels, and it still reads text of this height.
+_LARGE_CROP_PIXELS = 100_000
+_LARGE_CROP_TEXT_HEIGHT_PX = 14
 #: At most this many proposal pixels are verified in one image (about half a second of the detector's CPU).
 _MAX_VERIFIED_PIXELS = 2_500_000
 #: A proposal this much taller than wide runs vertically: its crop is turned to horizontal.
@@ -73,6 +78,10 @@ _MAX_GLYPH_ASPECT = 2.0
 #: At most this many per image: letters alone in their proposal first, then the largest (markers are large;
 #: anatomy offers many small ones).
 _MAX_GLYPH_READS = 4
+#: At most this many more lines are read to tell markers and squat regions apart (a photo's texture makes dozens
+#: of squat regions, each reading costs 2-4 ms): possible markers first, then squat regions, largest first. A
+#: squat region left unread is redacted, and a possible marker left unread is not kept (privacy first).
+_MAX_LINE_READS = 6
 #: Lines are orientation markers if they stand apart from other text (nothing within this many of their heights),
 #: are short, are at most this many together, and each reads as a marker.
 _MARKER_ISOLATION = 1.5
@@ -219,18 +228,24 @@ class TextDetector:
         standing apart from any other text, which are orientation markers if each of their rows reads as one
         (`A-P` above an `R`, even when `A` and `P` were found apart)."""
         kinds = ["text"] * len(lines)
-        for group in _groups(lines):
-            shapes = {index: sorted(lines[index][2:]) for index in group}
-            squat = {index: long < _MIN_LINE_ASPECT * short for index, (short, long) in shapes.items()}
-            maybe_markers = len(group) <= _MAX_MARKER_GROUP and all(
-                long <= _MARKER_MAX_ASPECT * short for short, long in shapes.values()
-            )
+        shapes = [sorted(line[2:]) for line in lines]
+        squat = [long < _MIN_LINE_ASPECT * short for short, long in shapes]
+        groups = [
+            (group, len(group) <= _MAX_MARKER_GROUP and all(
+                shapes[index][1] <= _MARKER_MAX_ASPECT * shapes[index][0] for index in group))
+            for group in _groups(lines)
+        ]
+        # Possible markers are read first, then the largest groups.
+        groups.sort(key=lambda item: (not item[1], -max(lines[index][2] * lines[index][3] for index in item[0])))
+        reads_left = _MAX_LINE_READS
+        for group, maybe_markers in groups:
             readings: dict[int, tuple[str, float]] = {}
             for index in group:
                 # Without keeping markers, only a squat region needs reading (to tell a letter from anatomy).
                 if lines[index] in known:
                     readings[index] = known[lines[index]]
-                elif squat[index] or (maybe_markers and self.keep_markers):
+                elif (squat[index] or (maybe_markers and self.keep_markers)) and reads_left:
+                    reads_left -= 1
                     readings[index] = self._marker_reading(image, lines[index])
             rows = _rows(lines, group)
             row_text = {index: _row_reading(row, lines, readings) for row in rows for index in row}
@@ -242,7 +257,7 @@ class TextDetector:
                 joined, confidence = row_text[index]
                 if markers:
                     kinds[index] = "marker" if self.keep_markers else "text"
-                elif squat[index] and not _is_marker(*readings[index]) and (
+                elif squat[index] and index in readings and not _is_marker(*readings[index]) and (
                     len(joined) < 2 or confidence < _MIN_READ_CONFIDENCE
                 ):
                     kinds[index] = "anatomy"  # a marker letter not kept is redacted like any text
@@ -314,7 +329,10 @@ def _crops(image: np.ndarray, proposals: list[tuple[Box, float]]) -> list[tuple[
             left, top, right, bottom = left - edge[2], top - edge[0], right + edge[3], bottom + edge[1]
         turned = h > _VERTICAL_ASPECT * w
         area = piece.shape[0] * piece.shape[1]
-        scale = min(1.0, _TEXT_HEIGHT_PX / max(1.0, text_height), float(np.sqrt(_MAX_CROP_PIXELS / area)))
+        text_height = max(1.0, text_height)
+        scale = min(1.0, _TEXT_HEIGHT_PX / text_height, float(np.sqrt(_MAX_CROP_PIXELS / area)))
+        if area * scale**2 > _LARGE_CROP_PIXELS:
+            scale = min(scale, max(_LARGE_CROP_TEXT_HEIGHT_PX / text_height, float(np.sqrt(_LARGE_CROP_PIXELS / area))))
         if turned:
             piece = cv2.rotate(piece, cv2.ROTATE_90_CLOCKWISE)
         if scale < 1.0:

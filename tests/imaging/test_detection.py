@@ -359,6 +359,34 @@ def test_too_much_to_verify_redacts_what_the_line_search_found(
     assert findings.redact == find_text_regions(pixels) and findings.markers == []
 
 
+def test_reading_is_bounded_and_what_is_not_read_is_redacted(
+    text_detector: TextDetector, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An image with more lone letters than the recognizer may read (each reading costs milliseconds, and texture
+    can make dozens) costs a bounded number of readings. What is left unread is redacted: the bound keeps no more
+    than reading everything would (no marker it would not keep, no box it would redact left alone)."""
+    pixels = np.full((720, 960), 40, np.uint8)
+    for row in range(4):
+        for column in range(6):
+            burn_in(pixels, marker("RL"[(row + column) % 2], ((column + 0.5) / 6, (row + 0.5) / 4), size=40))
+    reading = TextDetector._marker_reading
+    calls: list[Box] = []
+
+    def counted(self: TextDetector, image: np.ndarray, line: Box) -> tuple[str, float]:
+        calls.append(line)
+        return reading(self, image, line)
+
+    monkeypatch.setattr(TextDetector, "_marker_reading", counted)
+    limit = detection._MAX_GLYPH_READS + detection._MAX_LINE_READS
+    bounded = text_detector.find(pixels)
+    bounded_calls, calls[:] = len(calls), []
+    monkeypatch.setattr(detection, "_MAX_LINE_READS", 1000)
+    unbounded = text_detector.find(pixels)
+    assert bounded_calls <= limit < len(calls), (bounded_calls, len(calls))
+    assert set(bounded.markers) < set(unbounded.markers)
+    assert set(unbounded.redact) <= set(bounded.redact)
+
+
 def test_a_detector_without_its_models_names_the_file_and_the_command(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"ch_PP-OCRv4_det_infer\.onnx is not in .*xray-pipeline model fetch"):
         TextDetector.load(tmp_path)
