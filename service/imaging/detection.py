@@ -78,6 +78,9 @@ _MAX_GLYPH_ASPECT = 2.0
 #: At most this many per image: letters alone in their proposal first, then the largest (markers are large;
 #: anatomy offers many small ones).
 _MAX_GLYPH_READS = 4
+#: The lines of one proposal are one letter if their union is letter-shaped and at most this much larger than the
+#: largest of them.
+_LONE_LETTER_SPREAD = 1.5
 #: At most this many more lines are read to tell markers and squat regions apart (a photo's texture makes dozens
 #: of squat regions, each reading costs 2-4 ms): possible markers first, then squat regions, largest first. A
 #: squat region left unread is redacted, and a possible marker left unread is not kept (privacy first).
@@ -159,6 +162,9 @@ class TextDetector:
         redact: list[Box] = []
         to_verify: list[tuple[Box, float]] = []
         glyphs: list[tuple[bool, int, Box]] = []
+        # Readings of letter-shaped blobs (at most _MAX_GLYPH_READS), and the lone letters that read as markers.
+        readings: dict[Box, tuple[str, float]] = {}
+        lone_markers: list[Box] = []
         proposed_lines, proposals = propose_text(image)
         centre_x = proposed_lines[:, 0] + proposed_lines[:, 2] / 2
         centre_y = proposed_lines[:, 1] + proposed_lines[:, 3] / 2
@@ -172,7 +178,16 @@ class TextDetector:
             # The typical line decides the scale (the detector still reads text at half that height); specks too
             # small to be a line of text (noise beside a film's marker) have no say.
             across = np.minimum(inside[:, 2], inside[:, 3])
-            across = across[across >= _MIN_SCALING_LINE_PX] if (across >= _MIN_SCALING_LINE_PX).any() else across
+            lines_of_text = across >= _MIN_SCALING_LINE_PX
+            letter = _lone_letter(inside[lines_of_text])
+            if letter is not None and len(readings) < _MAX_GLYPH_READS:
+                # A letter alone in its proposal (specks aside), as a film's `R` is: if it reads as an orientation
+                # marker, it is one, and the detector need not see it.
+                readings[letter] = self._marker_reading(image, letter)
+                if _is_marker(*readings[letter]):
+                    lone_markers.append(letter)
+                    continue
+            across = across[lines_of_text] if lines_of_text.any() else across
             to_verify.append((box, float(np.median(across)) if len(across) else float(min(width, height))))
             # A letter alone in its proposal first (a film's marker), then the largest.
             glyphs += [(len(inside) > 1, -int(line[2] * line[3]), tuple(int(value) for value in line))
@@ -181,15 +196,17 @@ class TextDetector:
             # More to verify than a worker should spend on one image (text or texture everywhere): redact what the
             # line search found, as it stands. Privacy first; the anatomy under the proposals is lost.
             return TextFindings(redact=sorted(proposals, key=lambda box: (box[1], box[0])), markers=[])
-        lines = self._verified_lines(image, to_verify)
+        lines = [*self._verified_lines(image, to_verify), *lone_markers]
         # The detector does not see every lone letter as text (an `L` is two strokes; a large serif `R`): a
         # letter-shaped blob of the line search, where the detector found nothing, is read by the recognizer, and
-        # is a line if it reads as a character (the largest few: each reading costs about 4 ms).
-        readings: dict[Box, tuple[str, float]] = {}
+        # is a line if it reads as a character (the largest few: each reading costs about 2 ms).
         for _, _, glyph in sorted(glyphs):
-            if len(readings) == _MAX_GLYPH_READS or any(_overlap(glyph, line) for line in [*lines, *readings]):
+            if any(_overlap(glyph, line) for line in lines):
                 continue
-            readings[glyph] = self._marker_reading(image, glyph)
+            if glyph not in readings:
+                if len(readings) == _MAX_GLYPH_READS or any(_overlap(glyph, read) for read in readings):
+                    continue
+                readings[glyph] = self._marker_reading(image, glyph)
             if readings[glyph][0] and readings[glyph][1] >= _MIN_READ_CONFIDENCE:
                 lines.append(glyph)
         markers: list[Box] = []
@@ -418,6 +435,19 @@ def _glyph_shaped(line: np.ndarray) -> bool:
     """A blob of the line search that may be one letter: about as tall as wide, and tall enough to read."""
     width, height = int(line[2]), int(line[3])
     return min(width, height) >= _MIN_GLYPH_PX and max(width, height) <= _MAX_GLYPH_ASPECT * min(width, height)
+
+
+def _lone_letter(lines: np.ndarray) -> Box | None:
+    """The box of the one letter `lines` are (the search finds a letter more than once: bright and dark, along
+    and across), or None when they are more than one letter."""
+    if not len(lines):
+        return None
+    left, top = lines[:, 0].min(), lines[:, 1].min()
+    right, bottom = (lines[:, 0] + lines[:, 2]).max(), (lines[:, 1] + lines[:, 3]).max()
+    union = np.array([left, top, right - left, bottom - top])
+    if not _glyph_shaped(union) or union[2] * union[3] > _LONE_LETTER_SPREAD * (lines[:, 2] * lines[:, 3]).max():
+        return None
+    return int(left), int(top), int(union[2]), int(union[3])
 
 
 def _deduplicated(lines: list[Box]) -> list[Box]:

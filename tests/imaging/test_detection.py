@@ -29,6 +29,7 @@ from ocr_oracle import Box, View, block_views, crop, patient_tokens, tokens_read
 from service.imaging import detection
 from service.imaging.codec import decode_image
 from service.imaging.detection import TextDetector, TextFindings
+from service.imaging.ocr_models import DbTextDetector
 from service.imaging.redact import blur_text_regions
 from service.imaging.text import find_text_regions
 
@@ -383,8 +384,32 @@ def test_reading_is_bounded_and_what_is_not_read_is_redacted(
     monkeypatch.setattr(detection, "_MAX_LINE_READS", 1000)
     unbounded = text_detector.find(pixels)
     assert bounded_calls <= limit < len(calls), (bounded_calls, len(calls))
-    assert set(bounded.markers) < set(unbounded.markers)
+    assert set(bounded.markers) <= set(unbounded.markers)
     assert set(unbounded.redact) <= set(bounded.redact)
+
+
+def test_a_lone_marker_is_kept_without_the_detector(
+    text_detector: TextDetector, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A film's `R` alone in its corner reads as a marker: the detector (milliseconds per crop) is not run for it;
+    a name elsewhere still goes to the detector and is redacted."""
+    runs: list[tuple[int, ...]] = []
+    probability = DbTextDetector.probability
+
+    def counted(self: DbTextDetector, image: np.ndarray) -> np.ndarray:
+        runs.append(image.shape)
+        return probability(self, image)
+
+    monkeypatch.setattr(DbTextDetector, "probability", counted)
+    pixels = np.full((600, 800), 60, np.uint8)
+    letter = burn_in(pixels, marker("R", "top-left"))
+    findings = text_detector.find(pixels)
+    assert runs == [] and findings.redact == []
+    assert [_overlap(box, letter) >= 0.8 * letter[2] * letter[3] for box in findings.markers] == [True]
+    name = burn_in(pixels, Burn(("Halvard Ostby",), "bottom-right"))
+    findings = text_detector.find(pixels)
+    assert len(runs) == 1 and len(findings.markers) == 1
+    assert sum(_overlap(box, name) for box in findings.redact) >= 0.9 * name[2] * name[3]
 
 
 def test_a_detector_without_its_models_names_the_file_and_the_command(tmp_path: Path) -> None:
