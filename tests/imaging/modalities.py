@@ -352,8 +352,8 @@ def _coverage(lines: tuple[str, ...], font: str, size: int) -> np.ndarray:
 
 
 def burn_in(pixels: np.ndarray, burn: Burn, white: int | None = None) -> Box:
-    """Burn `burn` into `pixels` (grey or BGR, uint8 or uint16, whose white is `white`: by default the dtype's
-    maximum) in place; return the box (x, y, w, h) of its ink."""
+    """Burn `burn` into `pixels` (grey, BGR or BGRA, uint8 or uint16, whose white is `white`: by default the
+    dtype's maximum) in place; return the box (x, y, w, h) of its ink."""
     white = white or int(np.iinfo(pixels.dtype).max)
     coverage = burn.coverage()
     h, w = coverage.shape
@@ -366,7 +366,8 @@ def burn_in(pixels: np.ndarray, burn: Burn, white: int | None = None) -> Box:
         y = {"top": margin, "bottom": height - margin - h}.get(vertical, (height - h) // 2)
         x = {"left": margin, "right": width - margin - w}.get(horizontal, (width - w) // 2)
     assert x >= 0 and y >= 0 and x + w <= width and y + h <= height, f"{burn.lines} does not fit"
-    region = pixels[y : y + h, x : x + w]
+    # Alpha (BGRA) is left as it is: the text is burned into the colour.
+    region = pixels[y : y + h, x : x + w, :3] if pixels.ndim == 3 else pixels[y : y + h, x : x + w]
     colour = region.ndim == 3
     alpha = coverage.astype(np.float32) / 255
     if colour:

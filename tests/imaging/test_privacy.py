@@ -33,7 +33,7 @@ from conftest import (
     write_spec,
 )
 from fastapi.testclient import TestClient
-from modalities import INKS, PLACES
+from modalities import INKS, PLACES, Burn, burn_in
 from ocr_oracle import (
     Box,
     View,
@@ -42,7 +42,6 @@ from ocr_oracle import (
     changed_box,
     crop,
     gray_of,
-    ink_box,
     stretched_to_read,
     stroke_views,
     tokens_read,
@@ -52,7 +51,6 @@ from PIL import Image
 from service.engine.analysis import analyze_batch
 from service.engine.messages import Analysis, AnalysisRequest, ImageLimits
 from service.imaging.codec import decode_image, encode_image
-from service.imaging.patient_text import burn_patient_text
 from service.models.spec import ModelSpec
 from service.outputs import failure_key, pseudonym
 
@@ -207,62 +205,8 @@ def _background(kind: str, shape: tuple[int, int], mode: str, seed: int) -> np.n
 
 
 
-@dataclass(frozen=True)
-class Burn:
-    """One block of patient text burned into an image."""
-
-    lines: tuple[str, ...]
-    where: str
-    ink: str
-    font: str = "DejaVuSans"
-    #: Capital height in pixels.
-    size: int = 16
-    #: Two pixels from the border instead of one capital height.
-    flush: bool = False
-    #: Grey levels (of 255) added to whatever is under the text, instead of `ink`: faint text.
-    contrast: int | None = None
-
-    @property
-    def margin(self) -> int:
-        return 2 if self.flush else self.size
-
-
-def _coverage(burn: Burn) -> np.ndarray:
-    """Anti-aliased coverage (0..255) of the text block, cropped to its ink."""
-    longest = max(len(line) for line in burn.lines)
-    height, width = round(burn.size * (3 + 1.7 * len(burn.lines))), round(burn.size * (1.4 * longest + 4))
-    canvas = np.zeros((height, width), np.uint8)
-    drawn = burn_patient_text(canvas, burn.lines, position="top-left", font=burn.font, size_px=burn.size)
-    x, y, w, h = ink_box(drawn)
-    assert x + w < canvas.shape[1] and y + h < canvas.shape[0], "the text block was cut off"
-    return drawn[y : y + h, x : x + w]
-
-
-def _burn(pixels: np.ndarray, burn: Burn, white: int) -> Box:
-    """Burn `burn` into `pixels` in place; return the box of its ink."""
-    coverage = _coverage(burn)
-    h, w = coverage.shape
-    height, width = pixels.shape[:2]
-    vertical, _, horizontal = burn.where.partition("-") if "-" in burn.where else (burn.where, "", burn.where)
-    y = {"top": burn.margin, "bottom": height - burn.margin - h}.get(vertical, (height - h) // 2)
-    x = {"left": burn.margin, "right": width - burn.margin - w}.get(horizontal, (width - w) // 2)
-    assert x >= 0 and y >= 0 and x + w <= width and y + h <= height, f"{burn.lines} does not fit"
-    region = pixels[y : y + h, x : x + w]
-    colour = region.ndim == 3
-    alpha = coverage.astype(np.float32)[:, :, None] / 255 if colour else coverage.astype(np.float32) / 255
-    base = region[:, :, :3].astype(np.float32) if colour else region.astype(np.float32)
-    if burn.contrast is not None:
-        blended = base + alpha * burn.contrast * white / 255
-    else:
-        ink = np.array(INKS[burn.ink][0], np.float32) * white
-        assert colour or len(set(INKS[burn.ink][0])) == 1, "coloured ink needs a colour image"
-        blended = base * (1 - alpha) + (ink if colour else ink[0]) * alpha
-    blended = np.clip(np.rint(blended), 0, white).astype(pixels.dtype)
-    if colour:
-        region[:, :, :3] = blended
-    else:
-        region[...] = blended
-    return x, y, w, h
+#: Text burned flush against the border: this many pixels from it.
+FLUSH_PX = 2
 
 
 @dataclass(frozen=True)
@@ -277,7 +221,7 @@ class Case:
 
     def image(self) -> tuple[np.ndarray, list[Box]]:
         pixels = _background(self.background, self.shape, self.mode, self.seed)
-        return pixels, [_burn(pixels, burn, MODES[self.mode][1]) for burn in self.burns]
+        return pixels, [burn_in(pixels, burn, MODES[self.mode][1]) for burn in self.burns]
 
 
 # ----------------------------------------------------------------------------------------------- the oracle
@@ -296,7 +240,7 @@ def _attacker_views(pixels: np.ndarray, box: Box, burn: Burn) -> list[View]:
 def _sanity_views(pixels: np.ndarray, box: Box, burn: Burn) -> list[View]:
     """Views of the upload that read its text (so the oracle can fail): plain, and its strokes isolated."""
     gray = gray_of(_block(pixels, box, burn))
-    light = burn.contrast > 0 if burn.contrast is not None else INKS[burn.ink][1] == "light"
+    light = burn.light
     return [(stretched_to_read(gray, burn.size), 6), (stroke_views(gray, burn.size)[0 if light else 1], 6)]
 
 
@@ -376,11 +320,11 @@ MATRIX = [
     Case("document-scan", "flat-light", (1100, 850), "gray8", "png", (
         Burn(("Patient Whitfield Eleanor", "Born 1936-02-14", "Record 90321", "Radiology Request"), "top-left",
              "black", "DejaVuSerif", 14),
-        Burn(("Whitfield 90321",), "bottom", "dark-grey", "DejaVuSans", 12, flush=True),
+        Burn(("Whitfield 90321",), "bottom", "dark-grey", "DejaVuSans", 12, margin=FLUSH_PX),
     )),
     Case("banner-flush", "flat-dark", (480, 1920), "gray8", "bmp", (
-        Burn(("Nakamura Yuki", "2004-08-21"), "left", "white", "DejaVuSans", 20, flush=True),
-        Burn(("Station Okinawa",), "right", "light-grey", "DejaVuSerif-Italic", 26, flush=True),
+        Burn(("Nakamura Yuki", "2004-08-21"), "left", "white", "DejaVuSans", 20, margin=FLUSH_PX),
+        Burn(("Station Okinawa",), "right", "light-grey", "DejaVuSerif-Italic", 26, margin=FLUSH_PX),
     )),
     Case("gradient-both-polarities", "gradient", (1000, 1000), "gray8", "jpeg", (
         Burn(("Dimitri Papadakis", "ID 66120"), "top-left", "white", "DejaVuSans-Bold", 24),
@@ -395,8 +339,8 @@ MATRIX = [
         Burn(("Okonkwo 5580",), "bottom", "black", "DejaVuSans-Bold", 20),
     ), seed=7),
     Case("chest-bgra-corners-flush", "chest", (700, 900), "bgra8", "png", (
-        Burn(("Ferreira Beatriz",), "top-left", "white", "DejaVuSans", 16, flush=True),
-        Burn(("Ferreira 1990-05-15",), "bottom-right", "white", "hershey", 16, flush=True),
+        Burn(("Ferreira Beatriz",), "top-left", "white", "DejaVuSans", 16, margin=FLUSH_PX),
+        Burn(("Ferreira 1990-05-15",), "bottom-right", "white", "hershey", 16, margin=FLUSH_PX),
     ), seed=8),
     Case("photo-large-letters-16-bit", "photo", (1400, 1800), "bgr16", "png", (
         Burn(("Gallagher",), "center", "white", "DejaVuSans-Bold", 56),
@@ -424,7 +368,7 @@ def test_matrix_covers_the_issue() -> None:
     that are not the demo's: the dimensions the matrix must span."""
     burns = [burn for case in MATRIX for burn in case.burns]
     assert {burn.where for burn in burns} == set(PLACES)
-    assert {burn.flush for burn in burns} == {True, False}
+    assert {burn.margin == FLUSH_PX for burn in burns} == {True, False}
     assert {INKS[burn.ink][1] for burn in burns} == {"light", "dark"}
     assert {burn.ink for burn in burns} == set(INKS)
     assert {burn.font for burn in burns} >= {"hershey", "DejaVuSans", "DejaVuSans-Bold", "DejaVuSerif",
@@ -514,7 +458,7 @@ def test_exif_orientation_after_the_pixels_is_ignored_and_text_in_the_stored_fra
     in the stored frame stays horizontal here; see the vertical-text limit below)."""
     pixels = _background("chest", (700, 1000), "gray8", seed=5)
     burns = (Burn(("Ingeborg Aasen", "DOB 1944-01-19"), "top-left", "white", "DejaVuSans", 22),)
-    boxes = [_burn(pixels, burn, 255) for burn in burns]
+    boxes = [burn_in(pixels, burn, 255) for burn in burns]
     data = _png_with_exif_after_pixels(pixels, orientation=6)
     full_read = Image.open(io.BytesIO(data))
     full_read.load()  # Pillow reads an eXIf chunk after the pixels only once it has decoded them
@@ -530,7 +474,7 @@ def test_vertical_text_is_not_readable_after_anonymization(spec: ModelSpec) -> N
     turned = cv2.rotate(pixels, cv2.ROTATE_90_COUNTERCLOCKWISE)
     # 60 grey levels: found at once when horizontal, not at all when turned.
     burns = (Burn(("Ragnhild Solberg", "DOB 1962-07-08"), "top-left", "white", "DejaVuSans", 16, contrast=60),)
-    x, y, w, h = _burn(turned, burns[0], 255)
+    x, y, w, h = burn_in(turned, burns[0], 255)
     pixels = cv2.rotate(turned, cv2.ROTATE_90_CLOCKWISE)
     analysis = _analyze(encode_image(pixels, "png"), spec)
     assert analysis.anonymized is not None
