@@ -71,11 +71,6 @@ _MIN_LARGE_LINE_HEIGHT_PX = 80
 _LARGE_TEXT_LEVEL = 1
 
 
-def find_text_regions(pixels: np.ndarray) -> list[Box]:
-    """Boxes (x, y, w, h) around every burned-in text line, padded for blurring (see `propose_text`)."""
-    return propose_text(pixels)[1]
-
-
 def propose_text(pixels: np.ndarray) -> tuple[np.ndarray, list[Box]]:
     """Every burned-in text line (names, ids, dates, markers) and, on textured anatomy, more: the lines found, as
     (x, y, w, h) rows in full-resolution coordinates, and the boxes around them padded for blurring (overlapping

@@ -31,7 +31,7 @@ from service.imaging.codec import decode_image
 from service.imaging.detection import TextDetector, TextFindings
 from service.imaging.ocr_models import DbTextDetector
 from service.imaging.redact import blur_text_regions
-from service.imaging.text import find_text_regions
+from service.imaging.text import propose_text
 
 #: Share of the pixels away from the burned text that the redaction must leave bit for bit.
 MIN_KEPT_SHARE = 0.95
@@ -357,7 +357,7 @@ def test_too_much_to_verify_redacts_what_the_line_search_found(
     pixels, _ = scene(case)
     monkeypatch.setattr(detection, "_MAX_VERIFIED_PIXELS", 1)
     findings = text_detector.find(pixels)
-    assert findings.redact == find_text_regions(pixels) and findings.markers == []
+    assert findings.redact == propose_text(pixels)[1] and findings.markers == []
 
 
 def test_reading_is_bounded_and_what_is_not_read_is_redacted(

@@ -41,7 +41,7 @@ from service.imaging.codec import decode_image, encode_image, to_model_input
 from service.imaging.patient_text import burn_patient_text
 from service.imaging.redact import blur_text_regions
 from service.imaging.stamp import stamp_label
-from service.imaging.text import Box, find_text_regions
+from service.imaging.text import Box, propose_text
 
 LIMITS = {"max_bytes": 50_000_000, "max_pixels": 40_000_000}
 
@@ -473,7 +473,7 @@ def test_anonymized_text_cannot_be_read_back(case: BurnCase) -> None:
         background, case.lines, position=case.position, font=case.font, size_px=case.size_px, color=case.color
     )
     text_box = _text_box(case, burned.shape)
-    regions = find_text_regions(burned)
+    regions = propose_text(burned)[1]
     anonymized = blur_text_regions(burned, regions)
 
     # Nothing outside the regions changed, bit for bit.
@@ -504,7 +504,7 @@ def test_sixteen_bit_and_colour_images_are_anonymized_too() -> None:
         burn_patient_text(_synthetic_xray(8, 700, 900), lines, size_px=26), cv2.COLOR_GRAY2BGRA
     )
     for image in (burned, colour):
-        anonymized = blur_text_regions(image, find_text_regions(image))
+        anonymized = blur_text_regions(image, propose_text(image)[1])
         assert anonymized.dtype == image.dtype and anonymized.shape == image.shape
         output = _gray8(anonymized[:150, :600])
         output_views = [(output, 6), (sharpened(cv2.resize(output, None, fx=2, fy=2)), 6)]
@@ -518,7 +518,7 @@ def test_real_xrays_without_text_keep_their_anatomy() -> None:
     for path in _real_xrays():
         pixels = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
         covered = np.zeros(pixels.shape, bool)
-        for x, y, w, h in find_text_regions(pixels):
+        for x, y, w, h in propose_text(pixels)[1]:
             covered[y : y + h, x : x + w] = True
         # Lead markers ("R", "A-P"), rulers and ECG clips are found too, and may be; lungs and ribs may not.
         assert covered.mean() < 0.15, f"{path.name}: {covered.mean():.1%} of the image flagged as text"
@@ -527,7 +527,7 @@ def test_real_xrays_without_text_keep_their_anatomy() -> None:
 def test_synthetic_xray_without_text_is_left_alone() -> None:
     for seed in range(3):
         pixels = _synthetic_xray(seed, 1000, 1300)
-        regions = find_text_regions(pixels)
+        regions = propose_text(pixels)[1]
         assert sum(w * h for _, _, w, h in regions) < 0.01 * pixels.size
 
 
@@ -576,7 +576,7 @@ def test_encode_decode_round_trip_keeps_format_dtype_and_channels(
 def test_every_decoded_image_can_be_encoded_back() -> None:
     for extension in (".png", ".tiff", ".bmp", ".jpg", ".webp"):
         decoded = _decode(_cv2_bytes(_gradient(20, 30, 3), extension))
-        stamped = stamp_label(decoded.pixels, STAMP, avoid=find_text_regions(decoded.pixels))
+        stamped = stamp_label(decoded.pixels, STAMP, avoid=propose_text(decoded.pixels)[1])
         assert _decode(encode_image(stamped, decoded.format)).format == decoded.format
 
 
