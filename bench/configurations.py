@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from model.imagenet.build import PHOTOS, SAMPLES_FOLDER, imagenet_model_dir, imagenet_spec, is_built
-from service.models.fetch import default_model_dir
+from service.models.fetch import default_model_dir, validation_images
 from service.settings import ModelCacheSettings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,7 +21,7 @@ CACHE_DIR = ModelCacheSettings().model_cache_dir
 # Where `make model` put the default model: MODEL_CACHE_DIR, as the service reads it.
 MODEL_DIR = default_model_dir(CACHE_DIR)
 DEFAULT_SPEC = MODEL_DIR / "pneumonia.yaml"
-VALIDATION_IMAGES = tuple(sorted((MODEL_DIR / "val").glob("*.jpeg")))
+VALIDATION_IMAGES = tuple(sorted(validation_images(CACHE_DIR).glob("*.jpeg")))
 
 
 @dataclass(frozen=True)

@@ -31,11 +31,12 @@ sys.path.insert(0, str(ROOT))
 from service.engine.analysis import analyze_batch  # noqa: E402
 from service.engine.messages import AnalysisRequest, ImageLimits  # noqa: E402
 from service.imaging.detection import TextDetector  # noqa: E402
-from service.models.fetch import default_model_dir, text_models_dir  # noqa: E402
+from service.models.fetch import default_model_dir, text_models_dir, validation_images  # noqa: E402
 from service.models.spec import ModelSpec  # noqa: E402
 from service.settings import ModelCacheSettings  # noqa: E402
 
-MODEL_DIR = default_model_dir(ModelCacheSettings().model_cache_dir)
+CACHE_DIR = ModelCacheSettings().model_cache_dir
+MODEL_DIR = default_model_dir(CACHE_DIR)
 #: 1760 x 1140: about 2.0 megapixels, a common CR detector size.
 SIZE = (1760, 1140)
 LIMITS = ImageLimits(max_bytes=10**9, max_pixels=10**9)
@@ -43,7 +44,7 @@ KEY = b"bench-pseudonym-key-0123456789abcdef"
 
 
 def chest_pixels() -> np.ndarray:
-    source = sorted((MODEL_DIR / "val").glob("*.jpeg"))[0]
+    source = sorted(validation_images(CACHE_DIR).glob("*.jpeg"))[0]
     return cv2.resize(cv2.imread(str(source), cv2.IMREAD_GRAYSCALE), SIZE, interpolation=cv2.INTER_AREA)
 
 
