@@ -23,7 +23,7 @@ import numpy as np
 from service.dicom.sniff import is_dicom
 from service.engine.messages import Analysis, AnalysisOutcome, AnalysisRequest, ImageLimits
 from service.errors import UnprocessableObject
-from service.imaging.codec import DecodedImage, decode_image, encode_image, to_model_input
+from service.imaging.codec import DecodedImage, decode_image, encode_changed_rows, encode_image, to_model_input
 from service.imaging.detection import TextDetector
 from service.imaging.redact import blur_text_regions
 from service.imaging.stamp import stamp_label
@@ -169,7 +169,10 @@ def _finish(
     anonymized = None
     if anonymize_always or prediction.is_positive:
         started = time.perf_counter()
-        anonymized = encode_image(blur_text_regions(stamped, text.redact), decoded.format)
+        # Only the redacted rows differ from the stamped copy: of a JPEG only they are encoded again.
+        anonymized = encode_changed_rows(blur_text_regions(stamped, text.redact), decoded.format,
+                                         unchanged_encoding=stamped_encoded,
+                                         changed=[(y, y + height) for _, y, _, height in text.redact])
         timings["anonymize"] = time.perf_counter() - started
     return Analysis(
         prediction=prediction,

@@ -4,8 +4,9 @@ conversions the model and the text search need, and encoding the outputs in the 
 from __future__ import annotations
 
 import io
+import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import cv2
@@ -186,17 +187,142 @@ _ENCODERS: dict[str, tuple[str, list[int]]] = {
     "webp": (".webp", [cv2.IMWRITE_WEBP_QUALITY, 90]),
 }
 _EIGHT_BIT_FORMATS = {"jpeg", "bmp", "webp"}
+#: A JPEG's minimum coded unit: 8 x 8 pixels in grey, 16 x 16 in colour (chroma halved both ways, 4:2:0).
+_JPEG_MCU_PX = {1: 8, 3: 16}
 
 
 def encode_image(pixels: np.ndarray, fmt: str) -> bytes:
-    """Encode `pixels` in `fmt` (a `DecodedImage.format`); PNG and TIFF keep 16 bits, the others get 8."""
+    """Encode `pixels` in `fmt` (a `DecodedImage.format`); PNG and TIFF keep 16 bits, the others get 8.
+
+    A JPEG carries a restart marker after every row of minimum coded units (8 or 16 pixel rows, about 0.2 % more
+    bytes): each row's coded data then stands alone, which `encode_changed_rows` builds on."""
     try:
         extension, params = _ENCODERS[fmt]
     except KeyError:
         raise ValueError(f"cannot encode {fmt!r}; expected one of {sorted(_ENCODERS)}") from None
     if fmt in _EIGHT_BIT_FORMATS:
         pixels = to_8bit(pixels)
+    if fmt == "jpeg":
+        params = [*params, *_jpeg_row_params(pixels)]
     ok, encoded = cv2.imencode(extension, pixels, params)
     if not ok:
         raise ValueError(f"OpenCV could not encode a {pixels.shape} {pixels.dtype} image as {fmt}")
     return encoded.tobytes()
+
+
+def encode_changed_rows(
+    pixels: np.ndarray, fmt: str, *, unchanged_encoding: bytes, changed: Sequence[tuple[int, int]]
+) -> bytes:
+    """`encode_image(pixels, fmt)`, given `unchanged_encoding`: `encode_image` of an image that differs from
+    `pixels` only within the row ranges `changed` ([top, bottom) pairs). The anonymized copy is the stamped one
+    redacted in a few boxes: of an 8-bit JPEG only the rows of coded units holding those ranges are encoded and
+    put in place of the same rows of `unchanged_encoding`, byte for byte what encoding the whole image gives, for
+    a fraction of its CPU. Anything else is encoded whole."""
+    height = pixels.shape[0]
+    rows = sorted((max(0, top), min(height, bottom)) for top, bottom in changed if min(height, bottom) > max(0, top))
+    if not rows:
+        return unchanged_encoding
+    if fmt != "jpeg" or pixels.dtype != np.uint8:
+        # 16 bits are scaled to 8 by the brightest value, which redaction may change: the whole image changes.
+        return encode_image(pixels, fmt)
+    try:
+        layout = _JpegRows.parse(unchanged_encoding)
+    except ValueError:
+        return encode_image(pixels, fmt)
+    if layout.shape != pixels.shape[:2] or layout.row_count != -(-height // layout.row_height):
+        return encode_image(pixels, fmt)
+    coded_rows = list(layout.rows)
+    for first, last in _runs(rows, layout.row_height):
+        strip = pixels[first * layout.row_height : min(height, last * layout.row_height)]
+        try:
+            part = _JpegRows.parse(encode_image(strip, fmt))
+        except ValueError:
+            return encode_image(pixels, fmt)
+        if part.tables != layout.tables or part.row_count != last - first:
+            return encode_image(pixels, fmt)
+        coded_rows[first:last] = part.rows
+    return layout.joined(coded_rows)
+
+
+def _jpeg_row_params(eight_bit: np.ndarray) -> list[int]:
+    """Encoder settings for a restart marker after every row of coded units (4:2:0 chroma in colour, as the
+    encoder's default, but fixed: the unit's size depends on it)."""
+    channels = 1 if eight_bit.ndim == 2 else eight_bit.shape[2]
+    if channels not in _JPEG_MCU_PX:
+        return []  # BGRA: the encoder drops alpha; its rows are not spliced
+    units_per_row = -(-eight_bit.shape[1] // _JPEG_MCU_PX[channels])
+    sampling = [] if channels == 1 else [cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420]
+    return [*sampling, cv2.IMWRITE_JPEG_RST_INTERVAL, units_per_row]
+
+
+def _runs(rows: Sequence[tuple[int, int]], row_height: int) -> list[tuple[int, int]]:
+    """The sorted pixel row ranges `rows` as runs [first, last) of coded-unit rows, overlapping runs merged."""
+    runs: list[tuple[int, int]] = []
+    for top, bottom in rows:
+        first, last = top // row_height, -(-bottom // row_height)
+        if runs and first <= runs[-1][1]:
+            runs[-1] = (runs[-1][0], max(runs[-1][1], last))
+        else:
+            runs.append((first, last))
+    return runs
+
+
+@dataclass(frozen=True)
+class _JpegRows:
+    """A baseline JPEG cut at its restart markers, one per row of coded units (as `encode_image` writes it)."""
+
+    #: Everything up to the coded data (markers, tables, frame and scan headers).
+    head: bytes
+    #: The coded data of each row of units, without its restart marker.
+    rows: tuple[bytes, ...]
+    #: Quantisation and Huffman tables, which coded rows must share to be exchanged.
+    tables: bytes
+    shape: tuple[int, int]
+    row_height: int
+
+    @property
+    def row_count(self) -> int:
+        return len(self.rows)
+
+    @classmethod
+    def parse(cls, data: bytes) -> _JpegRows:
+        """Raises ValueError unless `data` is a single-scan baseline JPEG with a restart marker after every row."""
+        if data[:2] != b"\xff\xd8" or data[-2:] != b"\xff\xd9":
+            raise ValueError("not a JPEG")
+        position, tables, frame, interval = 2, b"", None, 0
+        while True:
+            if position + 4 > len(data) or data[position] != 0xFF:
+                raise ValueError("malformed JPEG header")
+            marker, length = data[position + 1], int.from_bytes(data[position + 2 : position + 4], "big")
+            segment = data[position + 4 : position + 2 + length]
+            if marker in (0xDB, 0xC4):  # quantisation, Huffman tables
+                tables += segment
+            elif marker == 0xC0:  # baseline frame: precision, height, width, components (id, sampling, table)
+                frame = segment
+            elif 0xC1 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+                raise ValueError("not a baseline JPEG")
+            elif marker == 0xDD:
+                interval = int.from_bytes(segment[:2], "big")
+            position += 2 + length
+            if marker == 0xDA:
+                break
+        if frame is None or not interval:
+            raise ValueError("no baseline frame or no restart interval")
+        height, width = int.from_bytes(frame[1:3], "big"), int.from_bytes(frame[3:5], "big")
+        sampling = frame[7 : 6 + 3 * frame[5] : 3]
+        unit_width, unit_height = 8 * max(value >> 4 for value in sampling), 8 * max(value & 15 for value in sampling)
+        if interval != -(-width // unit_width):
+            raise ValueError("restart markers do not fall at row ends")
+        # Inside coded data 0xFF is always followed by 0x00 (stuffing) or a restart marker (0xD0-0xD7).
+        rows = tuple(re.split(rb"\xff[\xd0-\xd7]", data[position:-2]))
+        return cls(data[:position], rows, tables, (height, width), unit_height)
+
+    def joined(self, rows: Sequence[bytes]) -> bytes:
+        """This JPEG with `rows` as its coded rows (restart markers numbered 0-7 in turn between them)."""
+        parts = [self.head]
+        for number, row in enumerate(rows):
+            if number:
+                parts.append(bytes((0xFF, 0xD0 + (number - 1) % 8)))
+            parts.append(row)
+        parts.append(b"\xff\xd9")
+        return b"".join(parts)

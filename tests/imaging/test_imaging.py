@@ -37,7 +37,7 @@ from ocr_oracle import (
 from PIL import Image, ImageOps
 
 from service.errors import UnprocessableObject
-from service.imaging.codec import decode_image, encode_image, to_model_input
+from service.imaging.codec import decode_image, encode_changed_rows, encode_image, to_model_input
 from service.imaging.patient_text import burn_patient_text
 from service.imaging.redact import blur_text_regions
 from service.imaging.stamp import stamp_label
@@ -578,6 +578,78 @@ def test_every_decoded_image_can_be_encoded_back() -> None:
         decoded = _decode(_cv2_bytes(_gradient(20, 30, 3), extension))
         stamped = stamp_label(decoded.pixels, STAMP, avoid=propose_text(decoded.pixels)[1])
         assert _decode(encode_image(stamped, decoded.format)).format == decoded.format
+
+
+def _film(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Smooth shading with grain and a few hard edges: what a JPEG codes like an X-ray or a photo."""
+    base = cv2.resize(rng.integers(0, 256, (8, 8, *shape[2:]), np.uint8), shape[1::-1], interpolation=cv2.INTER_CUBIC)
+    grain = rng.normal(0, 6, shape)
+    pixels = np.clip(base + grain, 0, 255).astype(np.uint8)
+    pixels[shape[0] // 3 : shape[0] // 2, shape[1] // 4 : shape[1] // 2] = 255
+    return pixels
+
+
+def _redacted(rng: np.random.Generator, pixels: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """`pixels` with four random boxes overwritten (one touching the bottom edge); the row ranges changed."""
+    height, width = pixels.shape[:2]
+    changed = pixels.copy()
+    rows = []
+    for index in range(4):
+        h = int(rng.integers(1, max(2, height // 5)))
+        w = int(rng.integers(1, width + 1))
+        y = height - h if index == 0 else int(rng.integers(0, height - h + 1))
+        x = int(rng.integers(0, width - w + 1))
+        changed[y : y + h, x : x + w] = rng.integers(0, 256, (h, w, *pixels.shape[2:]), np.uint8)
+        rows.append((y, y + h))
+    return changed, rows
+
+
+@pytest.mark.parametrize("channels", [(), (3,)], ids=["grey", "bgr"])
+@pytest.mark.parametrize("size", [(1416, 1776), (203, 301), (16, 16), (9, 1000), (1000, 9)])
+def test_changed_rows_are_spliced_into_a_jpeg_byte_for_byte(
+    size: tuple[int, int], channels: tuple[int, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The anonymized copy's JPEG is the stamped copy's with the redacted rows re-encoded: exactly the bytes a
+    whole encode gives, while only those rows are encoded."""
+    rng = np.random.default_rng(size[0] * 7 + size[1] + len(channels))
+    before = _film(rng, (*size, *channels))
+    after, rows = _redacted(rng, before)
+    unchanged = encode_image(before, "jpeg")
+    whole = encode_image(after, "jpeg")
+    encoded_heights = []
+    imencode = cv2.imencode
+
+    def counted(extension: str, pixels: np.ndarray, params: list[int]) -> tuple[bool, np.ndarray]:
+        encoded_heights.append(pixels.shape[0])
+        return imencode(extension, pixels, params)
+
+    monkeypatch.setattr(cv2, "imencode", counted)
+    spliced = encode_changed_rows(after, "jpeg", unchanged_encoding=unchanged, changed=rows)
+    assert spliced == whole
+    unit = 8 if not channels else 16
+    assert sum(encoded_heights) <= sum(-(-bottom // unit) * unit - top // unit * unit for top, bottom in rows)
+    np.testing.assert_array_equal(_decode(spliced).pixels, _decode(whole).pixels)
+
+
+def test_changed_rows_are_encoded_whole_when_they_cannot_be_spliced() -> None:
+    rng = np.random.default_rng(5)
+    before = _film(rng, (120, 90, 3))
+    after, rows = _redacted(rng, before)
+    unchanged = encode_image(before, "jpeg")
+    assert encode_changed_rows(before, "jpeg", unchanged_encoding=unchanged, changed=[]) is unchanged
+    # Rows below the image change nothing.
+    assert encode_changed_rows(before, "jpeg", unchanged_encoding=unchanged, changed=[(500, 600)]) is unchanged
+    for fmt in ("png", "webp"):
+        assert encode_changed_rows(after, fmt, unchanged_encoding=encode_image(before, fmt), changed=rows) == (
+            encode_image(after, fmt))
+    deep = after.astype(np.uint16) * 16
+    assert encode_changed_rows(deep, "jpeg", unchanged_encoding=unchanged, changed=rows) == encode_image(deep, "jpeg")
+    # Not the encoder's layout: no restart markers, another size, another depth of channels, not a JPEG at all.
+    whole = encode_image(after, "jpeg")
+    grey = before[:, :, 0]
+    for foreign in (_cv2_bytes(before, ".jpg"), encode_image(before[:64], "jpeg"), encode_image(grey, "jpeg"),
+                    b"\xff\xd8 not a JPEG \xff\xd9", encode_image(before, "png")):
+        assert encode_changed_rows(after, "jpeg", unchanged_encoding=foreign, changed=rows) == whole
 
 
 def test_eight_bit_formats_accept_16_bit_pixels() -> None:
