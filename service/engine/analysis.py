@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -24,7 +25,7 @@ from service.dicom.sniff import is_dicom
 from service.engine.messages import Analysis, AnalysisOutcome, AnalysisRequest, ImageLimits
 from service.errors import UnprocessableObject
 from service.imaging.codec import DecodedImage, decode_image, encode_changed_rows, encode_image, to_model_input
-from service.imaging.detection import TextDetector
+from service.imaging.detection import TextDetector, TextFindings
 from service.imaging.redact import blur_text_regions
 from service.imaging.stamp import stamp_label
 from service.imaging.text import Box
@@ -52,6 +53,9 @@ class PredictedBatch:
     infer_seconds: float = 0.0
     #: Per item: why the model did not assess it (a DICOM object outside the model's domain), else None.
     not_assessed: list[str | None] = field(default_factory=list)
+    #: Per item: its text search, started on the worker's detector thread as soon as it was decoded (it needs
+    #: no model output), with the seconds it took; None where it was not started (then the finisher searches).
+    text_searches: list[Future[tuple[TextFindings, float]] | None] = field(default_factory=list)
 
 
 def analyze_batch(
@@ -71,16 +75,26 @@ def analyze_batch(
 
 
 def predict_batch(
-    requests: Sequence[AnalysisRequest], *, spec: ModelSpec, predict: PredictBatch, limits: ImageLimits
+    requests: Sequence[AnalysisRequest],
+    *,
+    spec: ModelSpec,
+    predict: PredictBatch,
+    limits: ImageLimits,
+    text_search: tuple[TextDetector, Executor] | None = None,
 ) -> PredictedBatch:
     """The first stage: decode and preprocess each image, then one model call for every decodable one.
 
     The batch goes to the model at its own size: both backends run one graph for any batch size (a `None`
     batch dimension), so padding to fixed sizes would only spend model time on zeros.
+
+    With `text_search` (a detector and the executor it runs on), each decoded image's text search starts at once,
+    beside the model: at light load the cores are free, and an image then waits for the longer of the two, not for
+    both.
     """
     decoded: list[AnyImage | Exception] = []
     decode_seconds: list[float] = []
     not_assessed: list[str | None] = []
+    searches: list[Future[tuple[TextFindings, float]] | None] = []
     tensors = []
     for request in requests:
         started = time.perf_counter()
@@ -97,8 +111,12 @@ def predict_batch(
             decoded.append(error)
         not_assessed.append(refusal)
         decode_seconds.append(time.perf_counter() - started)
+        item = decoded[-1]
+        searching = text_search is not None and isinstance(item, DecodedImage)
+        searches.append(text_search[1].submit(_timed_search, text_search[0], item.pixels) if searching else None)
     if not tensors:
-        return PredictedBatch(requests, decoded, None, decode_seconds, not_assessed=not_assessed)
+        return PredictedBatch(requests, decoded, None, decode_seconds, not_assessed=not_assessed,
+                              text_searches=searches)
     started = time.perf_counter()
     try:
         raw_outputs = predict(np.stack(tensors))
@@ -106,9 +124,15 @@ def predict_batch(
         # A failed model call fails the batch's images (answered 500, so redelivered), not the worker: a crash
         # would cost a model reload.
         failed = [item if isinstance(item, Exception) else error for item in decoded]
-        return PredictedBatch(requests, failed, None, decode_seconds, not_assessed=not_assessed)
+        return PredictedBatch(requests, failed, None, decode_seconds, not_assessed=not_assessed,
+                              text_searches=searches)
     return PredictedBatch(requests, decoded, raw_outputs, decode_seconds, time.perf_counter() - started,
-                          not_assessed)
+                          not_assessed, searches)
+
+
+def _timed_search(detector: TextDetector, pixels: np.ndarray) -> tuple[TextFindings, float]:
+    started = time.perf_counter()
+    return detector.find(pixels), time.perf_counter() - started
 
 
 def _decode(data: bytes, limits: ImageLimits) -> AnyImage:
@@ -133,9 +157,10 @@ def finish_batch(batch: PredictedBatch, *, spec: ModelSpec, detector: TextDetect
     # A batch built by hand (tests) may carry no timings.
     decode_seconds = iter(batch.decode_seconds or [0.0] * len(batch.requests))
     not_assessed = iter(batch.not_assessed or [None] * len(batch.requests))
+    searches = iter(batch.text_searches or [None] * len(batch.requests))
     results: list[AnalysisOutcome] = []
-    for request, image, decode, refusal in zip(batch.requests, batch.decoded, decode_seconds, not_assessed,
-                                               strict=True):
+    for request, image, decode, refusal, search in zip(batch.requests, batch.decoded, decode_seconds, not_assessed,
+                                                       searches, strict=True):
         if isinstance(image, Exception):
             results.append(image)
             continue
@@ -143,7 +168,8 @@ def finish_batch(batch: PredictedBatch, *, spec: ModelSpec, detector: TextDetect
         try:
             prediction = Prediction.not_assessed(refusal) if refusal else spec.interpret(next(raw_outputs))
             if isinstance(image, DecodedImage):
-                results.append(_finish(image, prediction, request.anonymize_always, detector, timings))
+                text, timings["detect"] = search.result() if search else _timed_search(detector, image.pixels)
+                results.append(_finish(image, prediction, text, request.anonymize_always, timings))
             else:
                 results.append(_finish_dicom(image, prediction, request, spec, detector, timings))
         except Exception as error:
@@ -154,14 +180,12 @@ def finish_batch(batch: PredictedBatch, *, spec: ModelSpec, detector: TextDetect
 def _finish(
     decoded: DecodedImage,
     prediction: Prediction,
+    text: TextFindings,
     anonymize_always: bool,
-    detector: TextDetector,
     timings: dict[str, float],
 ) -> Analysis:
-    started = time.perf_counter()
-    # Text is searched on the original, so the stamp is never mistaken for patient text and blurred.
-    text = detector.find(decoded.pixels)
-    timings["detect"] = time.perf_counter() - started
+    """Stamp, anonymize and encode one image, given its text (searched on the original, so the stamp is never
+    mistaken for patient text and blurred)."""
     started = time.perf_counter()
     stamped = stamp_label(decoded.pixels, prediction.stamp_text, avoid=text.all_text)
     stamped_encoded = encode_image(stamped, decoded.format)

@@ -1,12 +1,14 @@
 """What runs inside one spawned worker process: load and warm the model once, then analyze batches.
 
-The main thread decodes and runs the model; a second thread (the finisher) stamps, searches for text, blurs and
-encodes each batch and sends its results, so the model can start on the next batch meanwhile. The worker holds at
-most two batches (the parent sends no more), so its memory stays bounded. TensorFlow is imported only here.
+The main thread decodes and runs the model; a second thread searches each decoded image for text meanwhile, and a
+third (the finisher) stamps, blurs and encodes each batch and sends its results, so the model can start on the
+next batch meanwhile. The worker holds at most two batches (the parent sends no more), so its memory stays
+bounded. TensorFlow is imported only here.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import os
 import queue
@@ -113,9 +115,12 @@ def worker_main(
 
     finisher = threading.Thread(target=finish_forever, name="finisher")
     finisher.start()
+    # Each image's text search starts as soon as it is decoded, beside the model (it needs no model output).
+    searching = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="text-search")
     try:
         while isinstance(message := _receive(connection), AnalyzeBatch):
-            predicted = predict_batch(message.requests, spec=spec, predict=predict, limits=limits)
+            predicted = predict_batch(message.requests, spec=spec, predict=predict, limits=limits,
+                                      text_search=(detector, searching))
             # ModelFree before the batch is handed on: the parent must never see a batch's results before it
             # knows the model is free of it.
             send(ModelFree())
@@ -125,11 +130,17 @@ def worker_main(
     finally:
         to_finish.put(None)
         finisher.join()
+        searching.shutdown()
         preloading.join()
 
 
 def _preload_dicom() -> None:
-    import service.dicom.instances  # noqa: F401  (pydicom, its codecs and the de-identification profile)
+    try:
+        import service.dicom.instances  # noqa: F401  (pydicom, its codecs and the de-identification profile)
+    except Exception:
+        # Not here: the first DICOM object imports it again, and its failure is then that object's answer (a
+        # traceback on stderr would be the log's one line that is not JSON).
+        return
 
 
 def _picklable(outcome: AnalysisOutcome) -> AnalysisOutcome:

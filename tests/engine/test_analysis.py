@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -76,6 +80,48 @@ def test_a_failing_model_call_fails_its_images_but_keeps_their_own_errors(spec: 
                                  detector=shared_text_detector())
     assert isinstance(bad, UnprocessableObject)
     assert isinstance(failed, RuntimeError) and "exploded" in str(failed)
+
+
+class RecordingExecutor(ThreadPoolExecutor):
+    """A one-thread executor that keeps the futures it hands out."""
+
+    def __init__(self) -> None:
+        super().__init__(1)
+        self.futures: list[Future[Any]] = []
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        self.futures.append(super().submit(fn, *args, **kwargs))
+        return self.futures[-1]
+
+
+def test_text_is_searched_beside_the_model_and_gives_the_same_outputs(spec: ModelSpec) -> None:
+    """With an executor for the text search, each decoded image's search runs while the model does (the model
+    here waits for them: were they waiting for the model, they would never finish), and the outputs are those of
+    searching after the model."""
+    detector = shared_text_detector()
+    requests = [AnalysisRequest(encode(xray_like(level)), anonymize_always=True) for level in (230, 20)]
+    model = BrightnessModel()
+    searched_first: list[bool] = []
+
+    with RecordingExecutor() as executor:
+
+        def model_waiting_for_the_searches(batch: np.ndarray) -> np.ndarray:
+            deadline = time.monotonic() + 60
+            while not all(search.done() for search in executor.futures) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            searched_first.append(all(search.done() for search in executor.futures))
+            return model(batch)
+
+        predicted = predict_batch(requests, spec=spec, predict=model_waiting_for_the_searches, limits=LIMITS,
+                                  text_search=(detector, executor))
+        beside = finish_batch(predicted, spec=spec, detector=detector)
+    after = analyze_batch(requests, spec=spec, predict=BrightnessModel(), limits=LIMITS, detector=detector)
+    assert len(executor.futures) == 2 and searched_first == [True]
+    for together, alone in zip(beside, after, strict=True):
+        assert isinstance(together, Analysis) and isinstance(alone, Analysis)
+        assert (together.stamped, together.anonymized, together.prediction) == (
+            alone.stamped, alone.anonymized, alone.prediction)
+        assert together.timings["detect"] > 0
 
 
 def test_gray_uploads_stay_gray_and_positive_ones_get_an_anonymized_copy(spec: ModelSpec) -> None:
