@@ -8,6 +8,10 @@ and reason); transient ones raise `TransientFailure` before anything is half-wri
 Versions of one key: each version's outputs are written at most once, and the newest version's are the last ones
 written. An older version overtaken by a newer upload before its outputs were written is skipped (`superseded`):
 the newer upload's own event writes the newest content, which is what readers of the output buckets need.
+
+S3 calls, in two thread hops: before the analysis a HEAD of the processed copy (a duplicate stops here) and the GET
+of the input; after it a HEAD of the input (`superseded`?), then the anonymized copy's PUT and the processed copy's.
+See docs/operations.md#s3-calls.
 """
 
 from __future__ import annotations
