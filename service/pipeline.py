@@ -205,7 +205,7 @@ class Pipeline:
         try:
             # One thread hop for the S3 calls before the analysis and one for those after it: each hop costs the
             # web process CPU, and the calls of one hop need no event-loop turn between them.
-            fetched = await asyncio.to_thread(self._fetch_unless_done, record, alias, processed_bucket)
+            fetched = await asyncio.to_thread(self._fetch_unless_duplicate, record, alias, processed_bucket)
             if fetched is None:
                 return self._finish(RecordResult(Outcome.SKIPPED, alias, reason="duplicate"), started)
             analysis = await self._engine.analyze(
@@ -235,7 +235,7 @@ class Pipeline:
         )
         return self._finish(result, started)
 
-    def _fetch_unless_done(self, record: ObjectRecord, alias: str, processed_bucket: str) -> FetchedObject | None:
+    def _fetch_unless_duplicate(self, record: ObjectRecord, alias: str, processed_bucket: str) -> FetchedObject | None:
         """The input as it is now, or None when its processed copy already records its eTag (a duplicate).
 
         Blocking (run in a thread): a HEAD of the processed copy, the GET of the input, and a second HEAD when its
