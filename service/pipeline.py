@@ -8,6 +8,10 @@ and reason); transient ones raise `TransientFailure` before anything is half-wri
 Versions of one key: each version's outputs are written at most once, and the newest version's are the last ones
 written. An older version overtaken by a newer upload before its outputs were written is skipped (`superseded`):
 the newer upload's own event writes the newest content, which is what readers of the output buckets need.
+
+S3 calls, in two thread hops: before the analysis a HEAD of the processed copy (a duplicate stops here) and the GET
+of the input; after it a HEAD of the input (`superseded`?), then the anonymized copy's PUT and the processed copy's.
+See docs/operations.md#s3-calls.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from service.outputs import (
     NOT_ASSESSED_REASON_CODE,
     FailureRecord,
     Outcome,
+    Output,
     failure_key,
     failure_on_record,
     outputs_in_write_order,
@@ -39,7 +44,7 @@ from service.outputs import (
     recorded_source_etag,
 )
 from service.settings import Settings
-from service.storage import MISSING_BUCKET, ObjectStore
+from service.storage import MISSING_BUCKET, FetchedObject, ObjectStore
 
 logger = logging.getLogger(__name__)
 
@@ -197,33 +202,11 @@ class Pipeline:
         started = time.perf_counter()
         alias = pseudonym(self._secret, record.bucket, record.key)
         processed_bucket = self._settings.processed_bucket_for(record.bucket)
-        # Before the fetch only the key tells whether the input is DICOM (its processed copy ends in .dcm); the
-        # content decides, and a wrong guess costs one more lookup below.
-        output_key = processed_key(record.key)
-        if len(output_key.encode()) > MAX_KEY_BYTES:
-            return await self._key_too_long(record, alias, processed_bucket, started)
-        recorded = await asyncio.to_thread(self._store.recorded_metadata, processed_bucket, output_key)
-        recorded_etag = recorded_source_etag(recorded)
-        logger.debug("record %s: %s in %s, processed eTag on record: %s", alias, record.event_name, record.bucket,
-                     recorded_etag or "none")
-        if record.etag and recorded_etag == record.etag:
-            return self._finish(RecordResult(Outcome.SKIPPED, alias, reason="duplicate"), started)
         try:
-            # The current object, not the event's version: a stale or reordered event then converges on the
-            # newest content, and is recognised as a duplicate once that content is processed.
-            with metrics.timed_stage("fetch"):
-                fetched = await asyncio.to_thread(
-                    self._store.fetch_object, record.bucket, record.key, None, max_bytes=self._settings.max_image_bytes
-                )
-            logger.debug("record %s: fetched %d bytes, eTag %s", alias, len(fetched.body), fetched.etag)
-            content_key = processed_key(record.key, dicom=is_dicom(fetched.body))
-            if content_key != output_key:
-                output_key = content_key
-                if len(output_key.encode()) > MAX_KEY_BYTES:
-                    return await self._key_too_long(record, alias, processed_bucket, started)
-                recorded = await asyncio.to_thread(self._store.recorded_metadata, processed_bucket, output_key)
-                recorded_etag = recorded_source_etag(recorded)
-            if recorded_etag and recorded_etag == fetched.etag:
+            # One thread hop for the S3 calls before the analysis and one for those after it: each hop costs the
+            # web process CPU, and the calls of one hop need no event-loop turn between them.
+            fetched = await asyncio.to_thread(self._fetch_unless_duplicate, record, alias, processed_bucket)
+            if fetched is None:
                 return self._finish(RecordResult(Outcome.SKIPPED, alias, reason="duplicate"), started)
             analysis = await self._engine.analyze(
                 fetched.body, anonymize_always=self._settings.anonymize_when == "always"
@@ -234,46 +217,71 @@ class Pipeline:
 
         logger.debug("record %s: %s image, %d text region(s) found", alias, analysis.image_format,
                      analysis.text_regions)
-        if await self._superseded(record, fetched.etag):
+        buckets = {"anonymized": self._settings.anonymized_bucket_for(record.bucket), "processed": processed_bucket}
+        outputs = outputs_in_write_order(analysis, self._spec, alias=alias, source_key=record.key,
+                                         source_etag=fetched.etag, source_version_id=fetched.version_id)
+        placed = [(buckets[output.kind], output) for output in outputs]
+        if not await asyncio.to_thread(self._write_unless_superseded, record, fetched.etag, placed):
             return self._finish(RecordResult(Outcome.SKIPPED, alias, reason="superseded"), started)
-        anonymized_bucket = anonymized_name = None
-        for output in outputs_in_write_order(analysis, self._spec, alias=alias, source_key=record.key,
-                                             source_etag=fetched.etag, source_version_id=fetched.version_id):
-            bucket = processed_bucket
-            if output.kind == "anonymized":
-                bucket = anonymized_bucket = self._settings.anonymized_bucket_for(record.bucket)
-                anonymized_name = output.key
-            await self._write(bucket, output.key, output.body, output.content_type, output.metadata)
+        anonymized_name = next((output.key for output in outputs if output.kind == "anonymized"), None)
         result = RecordResult(
             Outcome.PROCESSED,
             alias,
             reason=NOT_ASSESSED_REASON_CODE if analysis.prediction.not_assessed_reason else None,
             label=analysis.prediction.label,
             risk=analysis.prediction.risk,
-            anonymized_bucket=anonymized_bucket,
+            anonymized_bucket=buckets["anonymized"] if anonymized_name else None,
             anonymized_key=anonymized_name,
         )
         return self._finish(result, started)
 
-    async def _key_too_long(
-        self, record: ObjectRecord, alias: str, processed_bucket: str, started: float
-    ) -> RecordResult:
-        # An input key of 1015-1024 bytes is valid, its processed key is not: S3 would refuse every request for
-        # it, so this is permanent, not a 503 redelivered for ever.
-        error = UnprocessableObject("the processed copy's key would exceed S3's limit", reason="key-too-long")
-        await self._write_failure_record(record, alias, processed_bucket, error)
-        return self._finish(RecordResult(Outcome.FAILED, alias, reason=error.reason), started, error.message)
+    def _fetch_unless_duplicate(self, record: ObjectRecord, alias: str, processed_bucket: str) -> FetchedObject | None:
+        """The input as it is now, or None when its processed copy already records its eTag (a duplicate).
 
-    async def _superseded(self, record: ObjectRecord, fetched_etag: str) -> bool:
-        """Whether a newer version of the input was uploaded since it was fetched (its own event writes it).
+        Blocking (run in a thread): a HEAD of the processed copy, the GET of the input, and a second HEAD when its
+        content says the processed copy has another key than the input's key suggested.
+        """
+        # Before the fetch only the key tells whether the input is DICOM (its processed copy ends in .dcm); the
+        # content decides, and a wrong guess costs one more lookup below.
+        output_key = _checked_length(processed_key(record.key))
+        recorded_etag = recorded_source_etag(self._store.recorded_metadata(processed_bucket, output_key))
+        logger.debug("record %s: %s in %s, processed eTag on record: %s", alias, record.event_name, record.bucket,
+                     recorded_etag or "none")
+        if record.etag and recorded_etag == record.etag:
+            return None
+        # The current object, not the event's version: a stale or reordered event then converges on the newest
+        # content, and is recognised as a duplicate once that content is processed.
+        with metrics.timed_stage("fetch"):
+            fetched = self._store.fetch_object(record.bucket, record.key, None,
+                                               max_bytes=self._settings.max_image_bytes)
+        logger.debug("record %s: fetched %d bytes, eTag %s", alias, len(fetched.body), fetched.etag)
+        content_key = _checked_length(processed_key(record.key, dicom=is_dicom(fetched.body)))
+        if content_key != output_key:
+            recorded_etag = recorded_source_etag(self._store.recorded_metadata(processed_bucket, content_key))
+        if recorded_etag and recorded_etag == fetched.etag:
+            return None
+        return fetched
 
+    def _write_unless_superseded(self, record: ObjectRecord, fetched_etag: str,
+                                 outputs: list[tuple[str, Output]]) -> bool:
+        """Write the outputs (bucket, output) in order, unless a newer version of the input was uploaded since it was
+        fetched (its own event writes it): False then, and nothing is written.
+
+        Blocking (run in a thread): the HEAD of the input, then the writes, with no event-loop turn between them.
         Within a process records of one key take turns, so the newer one waits and this sees its upload. Across
         replicas it is what keeps one that analyzed v1 for seconds from writing over v2's outputs, written
-        meanwhile by another. The window left: v2's whole run fitting between this check and the two writes that
+        meanwhile by another. The window left: v2's whole run fitting between this check and the writes that
         follow (milliseconds, unless S3 retries hold those writes up). A deleted input is not a newer version.
+        Conditional writes (If-Match) cannot close it on Ceph RGW 16: see docs/operations.md#s3-calls.
         """
-        current = await asyncio.to_thread(self._store.current_etag, record.bucket, record.key)
-        return current is not None and current != fetched_etag
+        current = self._store.current_etag(record.bucket, record.key)
+        if current is not None and current != fetched_etag:
+            return False
+        for bucket, output in outputs:
+            with metrics.timed_stage("write"):
+                self._store.put_object(bucket, output.key, output.body, content_type=output.content_type,
+                                       metadata=output.metadata)
+        return True
 
     async def _write(self, bucket: str, key: str, body: bytes, content_type: str, metadata: dict[str, str]) -> None:
         """One S3 write, off the event loop, timed as the record's `write` stage."""
@@ -311,6 +319,14 @@ class Pipeline:
             logger.debug("record %s: %s after %.0f ms: %s", result.pseudonym, result.outcome.value,
                          (time.perf_counter() - started) * 1000, detail)
         return result
+
+
+def _checked_length(output_key: str) -> str:
+    """The processed copy's key, refused when too long: an input key of 1015-1024 bytes is valid, its processed key
+    is not, and S3 would refuse every request for it, so this is permanent, not a 503 redelivered for ever."""
+    if len(output_key.encode()) > MAX_KEY_BYTES:
+        raise UnprocessableObject("the processed copy's key would exceed S3's limit", reason="key-too-long")
+    return output_key
 
 
 def _result_summary(result: RecordResult) -> dict[str, Any]:
