@@ -21,6 +21,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from service import metrics
+from service.engine.boot import run_worker
 from service.engine.messages import AnalysisRequest, AnalyzeBatch, ImageLimits, Stop, TextOptions, ToWorker
 from service.models.spec import ModelSpec
 
@@ -65,11 +66,9 @@ class WorkerProcess:
 
 def spawn_worker(spec: ModelSpec, threads: int, limits: ImageLimits, text: TextOptions) -> WorkerProcess:
     """Start a worker process (it loads the model on its own); the caller starts its threads once a loop runs."""
-    from service.engine.worker import worker_main  # the worker's imports (OpenCV) only when one is spawned
-
     parent_end, child_end = _SPAWN.Pipe()
     process = _SPAWN.Process(
-        target=worker_main,
+        target=run_worker,
         args=(child_end, spec, threads, limits, text),
         name="xray-inference-worker",
         daemon=True,  # never outlive the web process
