@@ -145,7 +145,7 @@ def test_workers_get_fewer_malloc_arenas_and_the_parent_keeps_its_environment(
             await engine.stop()
         return dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)
 
-    assert asyncio.run(worker_environment())["MALLOC_ARENA_MAX"] == "2"
+    assert asyncio.run(worker_environment())["MALLOC_ARENA_MAX"] == "1"
     assert "MALLOC_ARENA_MAX" not in os.environ
     # An operator's own value wins.
     monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
