@@ -46,6 +46,28 @@ def test_the_web_process_imports_no_pixel_or_model_library() -> None:
     assert {"cv2", "PIL"} <= imported_by("service.engine.worker")
 
 
+def test_spawning_a_worker_imports_none_of_its_libraries_into_the_parent(tiny_spec: Path) -> None:
+    """The worker's entry point is pickled by reference: naming `worker_main` would import the worker's modules,
+    OpenCV and ONNX Runtime with them, into the web process."""
+    probe = (
+        "import pathlib, sys\n"
+        "from service.engine.messages import ImageLimits, TextOptions\n"
+        "from service.engine.spawn import spawn_worker\n"
+        "from service.models.spec import ModelSpec\n"
+        f"worker = spawn_worker(ModelSpec.load({str(tiny_spec)!r}), 1, ImageLimits(10, 10),\n"
+        f"                      TextOptions(pathlib.Path({str(TEXT_OPTIONS.models)!r})))\n"
+        "worker.kill()\n"
+        "worker.process.join(30)\n"
+        "print(' '.join(sorted({name.split('.')[0] for name in sys.modules})))\n"
+        "print('service.engine.worker' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=60,
+                          check=True)
+    packages, worker_imported = done.stdout.splitlines()
+    assert set(packages.split()) & {"cv2", "PIL", "onnxruntime", "tensorflow", "keras", "pydicom"} == set()
+    assert worker_imported == "False"
+
+
 def test_a_worker_loads_dicom_support_only_after_it_is_ready() -> None:
     """pydicom and its codecs are a third of a worker's start: the worker imports them once it has said Ready
     (service.engine.worker), or the first DICOM object does."""
@@ -123,7 +145,7 @@ def test_workers_get_fewer_malloc_arenas_and_the_parent_keeps_its_environment(
             await engine.stop()
         return dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)
 
-    assert asyncio.run(worker_environment())["MALLOC_ARENA_MAX"] == "2"
+    assert asyncio.run(worker_environment())["MALLOC_ARENA_MAX"] == "1"
     assert "MALLOC_ARENA_MAX" not in os.environ
     # An operator's own value wins.
     monkeypatch.setenv("MALLOC_ARENA_MAX", "4")

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import ROOT, TEXT_OPTIONS, encode, xray_like
 
@@ -67,6 +68,43 @@ def test_onnx_backend_never_imports_tensorflow(onnx_spec: Path) -> None:
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr[-2000:]
+
+
+def test_onnx_runs_a_large_batch_in_parts_in_order(onnx_spec: Path) -> None:
+    """A batch above ONNX_IMAGES_PER_RUN runs in several calls (less activation memory); the outputs come back as
+    one array, in the batch's order, as if the batch had run at once."""
+    from service.models.backends import ONNX_IMAGES_PER_RUN, load_predict
+
+    spec = ModelSpec.load(onnx_spec)
+    predict = load_predict(spec, 1)
+    size = 2 * ONNX_IMAGES_PER_RUN + 1  # two full parts and a remainder
+    brightness = np.linspace(0, 1, size, dtype=np.float32)[:, None, None, None]
+    batch = np.broadcast_to(brightness, (size, spec.input.height, spec.input.width, spec.input.channels)).copy()
+    outputs = predict(batch)
+    assert outputs.shape[0] == size
+    one_at_a_time = np.concatenate([predict(batch[index:index + 1]) for index in range(size)])
+    np.testing.assert_allclose(outputs, one_at_a_time, atol=1e-5)
+    assert len(np.unique(outputs.round(4), axis=0)) > 1  # distinct images, so the order is checked
+
+
+def test_onnx_session_keeps_no_arena_and_no_memory_pattern(onnx_spec: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both would keep activations' memory between calls (see service.models.backends)."""
+    import onnxruntime
+
+    from service.models.backends import load_predict
+
+    made: list[onnxruntime.SessionOptions] = []
+    real_session = onnxruntime.InferenceSession
+
+    def recording(path: str, options: onnxruntime.SessionOptions, **kwargs: object) -> onnxruntime.InferenceSession:
+        made.append(options)
+        return real_session(path, options, **kwargs)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", recording)
+    load_predict(ModelSpec.load(onnx_spec), 2)
+    [options] = made
+    assert options.enable_cpu_mem_arena is False and options.enable_mem_pattern is False
+    assert (options.intra_op_num_threads, options.inter_op_num_threads) == (2, 1)
 
 
 def test_model_backend_switches_to_the_exported_weights(tiny_spec: Path, onnx_spec: Path) -> None:
