@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
 from service.errors import ConfigurationError
+from service.models.library_pages import release_clean_library_pages
 from service.models.spec import ModelSpec
 
 #: A compiled model call: float32 batch (n, height, width, channels) -> raw outputs (n, k).
@@ -49,6 +51,8 @@ def _load_keras(spec: ModelSpec, threads: int) -> PredictBatch:
     tf.config.threading.set_inter_op_parallelism_threads(1)
     import keras
 
+    # Before the model loads, so that the worker's peak is not the import's pages plus the model.
+    release_clean_library_pages(Path(tf.__file__).parent)
     model = keras.saving.load_model(spec.weights, compile=False)
     signature = tf.TensorSpec([None, spec.input.height, spec.input.width, spec.input.channels], tf.float32)
     # One trace for every batch size: a compiled graph instead of an eager call per request.

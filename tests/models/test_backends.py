@@ -107,6 +107,24 @@ def test_onnx_session_keeps_no_arena_and_no_memory_pattern(onnx_spec: Path, monk
     assert (options.intra_op_num_threads, options.inter_op_num_threads) == (2, 1)
 
 
+def test_keras_hands_back_tensorflows_start_up_pages_before_loading_the_model(tiny_spec: Path) -> None:
+    """In a subprocess: TensorFlow stays out of this one."""
+    probe = (
+        "import keras, tensorflow as tf\n"
+        "from pathlib import Path\n"
+        "from service.models import backends\n"
+        "from service.models.spec import ModelSpec\n"
+        "calls = []\n"
+        "real_load = keras.saving.load_model\n"
+        "backends.release_clean_library_pages = lambda directory: calls.append(('release', directory)) or 0\n"
+        "keras.saving.load_model = lambda *args, **kwargs: calls.append(('load', None)) or real_load(*args, **kwargs)\n"
+        f"backends.load_predict(ModelSpec.load({str(tiny_spec)!r}), 1)\n"
+        "assert calls == [('release', Path(tf.__file__).parent), ('load', None)], calls\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_model_backend_switches_to_the_exported_weights(tiny_spec: Path, onnx_spec: Path) -> None:
     keras_spec = ModelSpec.load(tiny_spec)
     switched = keras_spec.for_backend("onnx")
