@@ -13,6 +13,7 @@ object arrives, or by the worker once it is ready (service.engine.worker), never
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future
@@ -137,10 +138,24 @@ def _timed_search(detector: TextDetector, pixels: np.ndarray) -> tuple[TextFindi
 
 def _decode(data: bytes, limits: ImageLimits) -> AnyImage:
     if is_dicom(data):
+        load_dicom_modules()
         from service.dicom.read import read_dicom
 
         return read_dicom(data, max_bytes=limits.max_bytes, max_pixels=limits.max_pixels)
     return decode_image(data, max_bytes=limits.max_bytes, max_pixels=limits.max_pixels)
+
+
+#: One thread at a time imports the DICOM modules: two threads importing parts of one package at once can each
+#: wait for a module the other is initialising, and Python then raises a deadlock RuntimeError in one of them (seen
+#: under load: the worker's preload beside the first DICOM object's decode).
+_DICOM_IMPORTS = threading.Lock()
+
+
+def load_dicom_modules() -> None:
+    """Import what DICOM objects need (pydicom, its codecs, the de-identification profile), if not yet imported."""
+    with _DICOM_IMPORTS:
+        import service.dicom.instances
+        import service.dicom.read  # noqa: F401
 
 
 def _model_pixels(image: AnyImage) -> np.ndarray:

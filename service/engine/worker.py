@@ -23,7 +23,7 @@ from typing import Any
 
 import cv2
 
-from service.engine.analysis import PredictedBatch, finish_batch, predict_batch
+from service.engine.analysis import PredictedBatch, finish_batch, load_dicom_modules, predict_batch
 from service.engine.messages import (
     AnalysisOutcome,
     AnalyzeBatch,
@@ -136,7 +136,7 @@ def worker_main(
 
 def _preload_dicom() -> None:
     try:
-        import service.dicom.instances  # noqa: F401  (pydicom, its codecs and the de-identification profile)
+        load_dicom_modules()
     except Exception:
         # Not here: the first DICOM object imports it again, and its failure is then that object's answer (a
         # traceback on stderr would be the log's one line that is not JSON).
