@@ -123,7 +123,10 @@ def predict_batch(
         raw_outputs = predict(np.stack(tensors))
     except Exception as error:
         # A failed model call fails the batch's images (answered 500, so redelivered), not the worker: a crash
-        # would cost a model reload.
+        # would cost a model reload. Their text searches are not needed any more: those not yet started never are.
+        for search in searches:
+            if search is not None:
+                search.cancel()
         failed = [item if isinstance(item, Exception) else error for item in decoded]
         return PredictedBatch(requests, failed, None, decode_seconds, not_assessed=not_assessed,
                               text_searches=searches)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -122,6 +123,27 @@ def test_text_is_searched_beside_the_model_and_gives_the_same_outputs(spec: Mode
         assert (together.stamped, together.anonymized, together.prediction) == (
             alone.stamped, alone.anonymized, alone.prediction)
         assert together.timings["detect"] > 0
+
+
+def test_a_failed_model_call_cancels_the_text_searches_not_yet_started(spec: ModelSpec) -> None:
+    """The batch's images are answered with the model's error, so their text searches would be wasted CPU: those
+    still queued are cancelled."""
+    requests = [AnalysisRequest(encode(xray_like(level)), anonymize_always=True) for level in (230, 20)]
+    busy = threading.Event()
+
+    def failing_model(batch: np.ndarray) -> np.ndarray:
+        raise RuntimeError("the model failed")
+
+    with RecordingExecutor() as executor:
+        executor.submit(busy.wait, 60)  # holds the one thread, so neither search can start
+        try:
+            predicted = predict_batch(requests, spec=spec, predict=failing_model, limits=LIMITS,
+                                      text_search=(shared_text_detector(), executor))
+        finally:
+            busy.set()
+    assert len(executor.futures) == 3
+    assert all(search.cancelled() for search in executor.futures[1:])
+    assert all(isinstance(item, RuntimeError) for item in predicted.decoded)
 
 
 def test_gray_uploads_stay_gray_and_positive_ones_get_an_anonymized_copy(spec: ModelSpec) -> None:
