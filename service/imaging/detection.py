@@ -318,10 +318,25 @@ def _bgr(eight_bit: np.ndarray) -> np.ndarray:
 
 def _stretched(piece: np.ndarray) -> np.ndarray:
     """`piece` with its grey levels stretched to 0..255 (the 1st to 99th percentile): faint text becomes plain."""
-    low, high = np.percentile(piece, (1, 99))
+    low, high = _percentiles(piece, (1, 99))
     if high - low < _MIN_CROP_RANGE:
         return piece
     return cv2.convertScaleAbs(piece, alpha=255.0 / (high - low), beta=-low * 255.0 / (high - low))
+
+
+def _percentiles(eight_bit: np.ndarray, percents: tuple[float, ...]) -> list[float]:
+    """np.percentile of 8-bit pixels (its default, linear interpolation), from their histogram: a few times
+    faster than sorting them, which np.percentile does."""
+    cumulative = np.cumsum(np.bincount(eight_bit.ravel(), minlength=256))
+    count = int(cumulative[-1])
+    values = []
+    for percent in percents:
+        position = percent / 100 * (count - 1)
+        below = int(position)
+        # The k-th smallest pixel (from 0) is the first level whose cumulative count exceeds k.
+        low, high = np.searchsorted(cumulative, (below, min(below + 1, count - 1)), side="right")
+        values.append(float(low + (position - below) * (high - low)))
+    return values
 
 
 def _crops(image: np.ndarray, proposals: list[tuple[Box, float]]) -> list[tuple[_Crop, np.ndarray]]:

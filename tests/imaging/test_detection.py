@@ -447,6 +447,16 @@ def test_the_demo_x_rays_keep_their_film_markers_and_lose_them_only_when_asked(
     assert with_markers >= 13, with_markers
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (2, 3), (7, 5, 3), (52, 126, 3), (300, 200)])
+def test_percentiles_from_the_histogram_are_numpys(shape: tuple[int, ...]) -> None:
+    """The contrast stretch's percentiles, counted from the histogram, are np.percentile's (linear interpolation)
+    on noise, on a narrow grey range and on a flat piece."""
+    rng = np.random.default_rng(len(shape) * 1000 + shape[0])
+    for piece in (rng.integers(0, 256, shape), rng.normal(100, 3, shape).clip(0, 255), np.full(shape, 7)):
+        piece = piece.astype(np.uint8)
+        assert detection._percentiles(piece, (1, 50, 99)) == pytest.approx(list(np.percentile(piece, (1, 50, 99))))
+
+
 def _overlap(first: Box, second: Box) -> int:
     across = min(first[0] + first[2], second[0] + second[2]) - max(first[0], second[0])
     down = min(first[1] + first[3], second[1] + second[3]) - max(first[1], second[1])
