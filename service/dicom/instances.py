@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.uid import RLELossless
 
 from service.dicom.deidentify import deidentify, map_uid
 from service.dicom.read import DicomImage
+from service.dicom.rle import RleRows
 from service.dicom.write import encode_instance, header_without_pixels, output_transfer_syntax
 from service.models.spec import Prediction
 
@@ -31,8 +33,19 @@ _DERIVED_SERIES_OFFSET = 1000
 _OVERLAY_GROUPS = range(0x6000, 0x6100, 2)
 
 
-def processed_instance(image: DicomImage, stamped: np.ndarray, prediction: Prediction, *, model: str) -> bytes:
-    """The derived instance with `stamped` (every frame, stored values) as its pixels."""
+def source_rows(image: DicomImage) -> RleRows | None:
+    """What both outputs share when they are written as RLE: the source's rows, encoded once (each output then
+    differs from the source in a few rows only). None for any other transfer syntax."""
+    if output_transfer_syntax(image.transfer_syntax) != RLELossless:
+        return None
+    return RleRows(image.frames)
+
+
+def processed_instance(
+    image: DicomImage, stamped: np.ndarray, prediction: Prediction, *, model: str, rows: RleRows | None = None
+) -> bytes:
+    """The derived instance with `stamped` (every frame, stored values) as its pixels (`rows`: see
+    source_rows)."""
     header = header_without_pixels(image.dataset)
     source_class = str(header.get("SOPClassUID", ""))
     source_instance = str(header.get("SOPInstanceUID", ""))
@@ -50,11 +63,12 @@ def processed_instance(image: DicomImage, stamped: np.ndarray, prediction: Predi
     reference.ReferencedSOPInstanceUID = source_instance
     header.SourceImageSequence = [reference]
     return encode_instance(header, stamped, photometric=image.photometric, bits_stored=image.bits_stored,
-                           transfer_syntax=output_transfer_syntax(image.transfer_syntax))
+                           transfer_syntax=output_transfer_syntax(image.transfer_syntax), source_rows=rows)
 
 
-def anonymized_instance(image: DicomImage, cleaned: np.ndarray, *, secret: bytes) -> bytes:
-    """The source instance de-identified, with `cleaned` (every frame, burned-in text redacted) as its pixels."""
+def anonymized_instance(image: DicomImage, cleaned: np.ndarray, *, secret: bytes, rows: RleRows | None = None) -> bytes:
+    """The source instance de-identified, with `cleaned` (every frame, burned-in text redacted) as its pixels
+    (`rows`: see source_rows)."""
     header = header_without_pixels(image.dataset)
     deidentify(header, secret=secret, pixels_cleaned=True)
     for element in list(header):
@@ -62,7 +76,7 @@ def anonymized_instance(image: DicomImage, cleaned: np.ndarray, *, secret: bytes
             del header[element.tag]
     header.BurnedInAnnotation = "NO"
     return encode_instance(header, cleaned, photometric=image.photometric, bits_stored=image.bits_stored,
-                           transfer_syntax=output_transfer_syntax(image.transfer_syntax))
+                           transfer_syntax=output_transfer_syntax(image.transfer_syntax), source_rows=rows)
 
 
 def _derived_uid(kind: str, source_uid: str, model: str) -> str:

@@ -15,6 +15,7 @@ import warnings
 import numpy as np
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
 from pydicom.pixels import get_encoder
 from pydicom.uid import (
     UID,
@@ -25,6 +26,9 @@ from pydicom.uid import (
     JPEGLSLossless,
     RLELossless,
 )
+from pydicom.valuerep import VR
+
+from service.dicom.rle import RleRows
 
 _NATIVE = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian)
 _LOSSLESS_ENCODED = (RLELossless, JPEGLSLossless, JPEG2000Lossless)
@@ -63,10 +67,18 @@ def header_without_pixels(dataset: Dataset) -> Dataset:
 
 
 def encode_instance(
-    dataset: Dataset, frames: np.ndarray, *, photometric: str, bits_stored: int, transfer_syntax: UID
+    dataset: Dataset,
+    frames: np.ndarray,
+    *,
+    photometric: str,
+    bits_stored: int,
+    transfer_syntax: UID,
+    source_rows: RleRows | None = None,
 ) -> bytes:
     """`dataset` (without pixel data) with `frames` (frames x rows x columns [x 3]) as its pixels, as Part 10
-    bytes in `transfer_syntax` (one `output_transfer_syntax` chose)."""
+    bytes in `transfer_syntax` (one `output_transfer_syntax` chose). RLE frames are put together from
+    `source_rows` when given (the source's rows, encoded once for both outputs), re-encoding only the rows that
+    differ from the source's."""
     with warnings.catch_warnings():
         # pydicom's warnings can quote header values.
         warnings.simplefilter("ignore")
@@ -80,7 +92,13 @@ def encode_instance(
         dataset.set_pixel_data(np.ascontiguousarray(pixels), photometric, bits_stored, generate_instance_uid=False)
         if had_frame_count and "NumberOfFrames" not in dataset:
             dataset.NumberOfFrames = 1  # a multi-frame IOD needs the attribute even for one frame
-        if transfer_syntax in _LOSSLESS_ENCODED:
+        if transfer_syntax == RLELossless and source_rows is not None:
+            # What pydicom's compress() does with the frames its encoder returns.
+            dataset.PixelData = encapsulate(source_rows.encoded_frames(frames))
+            dataset["PixelData"].VR = VR.OB
+            dataset["PixelData"].is_undefined_length = True
+            dataset.file_meta.TransferSyntaxUID = transfer_syntax
+        elif transfer_syntax in _LOSSLESS_ENCODED:
             dataset.compress(transfer_syntax, generate_instance_uid=False)
         else:
             dataset.file_meta.TransferSyntaxUID = transfer_syntax
