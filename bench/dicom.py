@@ -3,8 +3,10 @@
 The same chest X-ray (a validation image of the default model, resized to about 2 megapixels) goes through the
 worker's whole analysis (`analyze_batch`: decode, display rendering, text search, stamp, de-identification and
 both outputs; a no-op model, so only the work around the model is counted) three ways: as a JPEG (the baseline),
-as an uncompressed 12-bit CR DICOM, and as an RLE-compressed one. CPU ms per image are process CPU time, medians
-of repeats, and the DICOM figures are reported as differences from the JPEG baseline of the same run, by stage.
+as an uncompressed 12-bit CR DICOM, and compressed losslessly as RLE, JPEG-LS and JPEG 2000 (both outputs are
+written in the source's syntax, so each is decoded once and encoded twice). CPU ms per image are process CPU time,
+medians of repeats, and the DICOM figures are reported as differences from the JPEG baseline of the same run, by
+stage.
 
 `.venv/bin/python bench/dicom.py [--repeats N]` prints the row; `bench/run.py` includes it in its results.
 """
@@ -23,7 +25,7 @@ from typing import Any
 import cv2
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless, RLELossless, generate_uid
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -41,6 +43,9 @@ MODEL_DIR = default_model_dir(CACHE_DIR)
 SIZE = (1760, 1140)
 LIMITS = ImageLimits(max_bytes=10**9, max_pixels=10**9)
 KEY = b"bench-pseudonym-key-0123456789abcdef"
+#: The DICOM sources: (name in the results, transfer syntax, label in the table).
+SYNTAXES = (("explicit", ExplicitVRLittleEndian, "DICOM explicit VR"), ("rle", RLELossless, "DICOM RLE"),
+            ("jpegls", JPEGLSLossless, "DICOM JPEG-LS"), ("j2k", JPEG2000Lossless, "DICOM JPEG 2000"))
 
 
 def chest_pixels() -> np.ndarray:
@@ -96,7 +101,7 @@ def measure(repeats: int = 15) -> dict[str, Any]:
     assert ok
     baseline = cpu_ms(jpeg.tobytes(), spec, repeats)
     row: dict[str, Any] = {"megapixels": pixels.size / 1e6, "jpeg_cpu_ms": baseline}
-    for name, syntax in (("explicit", ExplicitVRLittleEndian), ("rle", RLELossless)):
+    for name, syntax, _ in SYNTAXES:
         figures = cpu_ms(as_dicom(pixels, syntax), spec, repeats)
         row[f"dicom_{name}_cpu_ms"] = figures
         row[f"dicom_{name}_extra_cpu_ms"] = figures["total"] - baseline["total"]
@@ -106,8 +111,7 @@ def measure(repeats: int = 15) -> dict[str, Any]:
 def print_row(row: dict[str, Any]) -> None:
     print(f"DICOM, {row['megapixels']:.1f} MP CR, CPU ms per image around the model (medians):")
     print(f"  {'':<20}{'total':>8}{'decode':>8}{'detect':>8}{'stamp':>8}{'anonymize':>10}{'over JPEG':>11}")
-    for name, label in (("jpeg", "JPEG (baseline)"), ("dicom_explicit", "DICOM explicit VR"),
-                        ("dicom_rle", "DICOM RLE")):
+    for name, label in (("jpeg", "JPEG (baseline)"), *((f"dicom_{name}", label) for name, _, label in SYNTAXES)):
         figures = row[f"{name}_cpu_ms"]
         extra = row.get(f"{name}_extra_cpu_ms")
         print(f"  {label:<20}{figures['total']:8.1f}{figures.get('decode', 0):8.1f}{figures.get('detect', 0):8.1f}"

@@ -498,3 +498,35 @@ def test_the_read_dataset_is_the_header_of_the_object() -> None:
     assert isinstance(image.dataset, pydicom.Dataset)
     assert (image.modality, image.body_part) == ("DX", "CHEST")
     assert image.dataset.StudyInstanceUID == study.study_uid and image.dataset.PatientID == patient.patient_id
+
+
+@pytest.mark.parametrize(("syntax", "fastest"), [(uid.JPEGLSLossless, "pyjpegls"), (uid.JPEG2000Lossless, "pylibjpeg")])
+def test_the_fastest_decoder_decodes_and_the_others_stand_in_when_it_fails(
+    syntax: str, fastest: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where several plugins decode a syntax, the fastest is asked first (pydicom would try GDCM first: about twice
+    as slow on JPEG-LS); if it fails, the object is still read, by the others, to the same values."""
+    data = make_dicom(modality="DX", bits_stored=12, transfer_syntax=syntax, rows=128, columns=160)
+    decoder = pydicom.pixels.get_decoder(syntax)
+    as_array = type(decoder).as_array
+    asked: list[str] = []
+
+    def recorded(self: Any, src: Any, **kwargs: Any) -> Any:
+        asked.append(kwargs.get("decoding_plugin", ""))
+        return as_array(self, src, **kwargs)
+
+    monkeypatch.setattr(type(decoder), "as_array", recorded)
+    expected = _read(data).frames
+    assert asked == [fastest]
+    assert np.array_equal(expected[0], read(data).pixel_array)
+
+    def failing(self: Any, src: Any, **kwargs: Any) -> Any:
+        asked.append(kwargs.get("decoding_plugin", ""))
+        if kwargs.get("decoding_plugin") == fastest:
+            raise RuntimeError("the plugin failed")
+        return as_array(self, src, **kwargs)
+
+    asked.clear()
+    monkeypatch.setattr(type(decoder), "as_array", failing)
+    assert np.array_equal(_read(data).frames, expected)
+    assert asked == [fastest, ""]
