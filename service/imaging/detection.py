@@ -43,6 +43,14 @@ _EDGE_PAD_PX = 16
 _TEXT_HEIGHT_PX = 20
 #: Lines thinner than this (specks of noise or texture) do not set a crop's scale when thicker lines are there.
 _MIN_SCALING_LINE_PX = 10
+#: A proposal more than this many of its lines' median thickness across is a block where text touches anatomy;
+#: its lines at most _BLOCK_LINE_THICKNESS times the _BLOCK_THIN_PERCENTILE of their thickness are read again in
+#: crops of their own (see _block_lines), unless the block's crop holds this share of one's crop and shows its
+#: text large enough.
+_BLOCK_LINES = 6
+_BLOCK_THIN_PERCENTILE = 25
+_BLOCK_LINE_THICKNESS = 3
+_HELD_SHARE = 0.9
 #: No crop goes to the detector larger than this (a proposal spanning a whole CT body is scaled down to it).
 _MAX_CROP_PIXELS = 640 * 640
 #: A crop larger than this at _TEXT_HEIGHT_PX (a photo or a PET whose texture the line search proposes everywhere)
@@ -95,6 +103,10 @@ _MARKER_MAX_ASPECT = 7.0
 #: letter or a marker word identifies nobody. A reading below it but above the retry level is read once more.
 _MARKER_MIN_CONFIDENCE = 0.6
 _MARKER_RETRY_CONFIDENCE = 0.3
+#: A squat region is cut in two rows at its quietest row within this band of its height, if it is at least this
+#: much longer than thick (two lines of a name or an ID are; a round organ is not).
+_MIN_ROWS_ASPECT = 1.4
+_ROW_CUT_BAND = (0.3, 0.7)
 #: The recognizer reads a line with this fraction of its height around it.
 _READ_MARGIN = 0.25
 #: A piece whose channels differ from its grey by more than this many levels is in colour.
@@ -126,6 +138,8 @@ class _Crop:
     scale: float
     #: Turned 90 degrees clockwise before scaling.
     turned: bool
+    #: The height of the proposal's text (its lines' median thickness), which set the scale.
+    text_height: float
     #: Its place and size in the mosaic (turned and scaled).
     x: int
     y: int
@@ -161,6 +175,8 @@ class TextDetector:
         image = to_8bit(pixels)
         redact: list[Box] = []
         to_verify: list[tuple[Box, float]] = []
+        # Lines of text size inside proposals where text touches anatomy (see _block_lines).
+        within_blocks: list[tuple[Box, float]] = []
         glyphs: list[tuple[bool, int, Box]] = []
         # Readings of letter-shaped blobs (at most _MAX_GLYPH_READS), and the lone letters that read as markers.
         readings: dict[Box, tuple[str, float]] = {}
@@ -188,7 +204,10 @@ class TextDetector:
                     lone_markers.append(letter)
                     continue
             across = across[lines_of_text] if lines_of_text.any() else across
-            to_verify.append((box, float(np.median(across)) if len(across) else float(min(width, height))))
+            text_height = float(np.median(across)) if len(across) else float(min(width, height))
+            to_verify.append((box, text_height))
+            if min(width, height) > _BLOCK_LINES * text_height:
+                within_blocks += _block_lines(inside)
             # A letter alone in its proposal first (a film's marker), then the largest.
             glyphs += [(len(inside) > 1, -int(line[2] * line[3]), tuple(int(value) for value in line))
                        for line in inside if _glyph_shaped(line)]
@@ -196,7 +215,7 @@ class TextDetector:
             # More to verify than a worker should spend on one image (text or texture everywhere): redact what the
             # line search found, as it stands. Privacy first; the anatomy under the proposals is lost.
             return TextFindings(redact=sorted(proposals, key=lambda box: (box[1], box[0])), markers=[])
-        lines = [*self._verified_lines(image, to_verify), *lone_markers]
+        lines = [*self._verified_lines(image, to_verify, within_blocks), *lone_markers]
         # The detector does not see every lone letter as text (an `L` is two strokes; a large serif `R`): a
         # letter-shaped blob of the line search, where the detector found nothing, is read by the recognizer, and
         # is a line if it reads as a character (the largest few: each reading costs about 2 ms).
@@ -220,9 +239,14 @@ class TextDetector:
 
     # --- verification --------------------------------------------------------------------------------------
 
-    def _verified_lines(self, image: np.ndarray, proposals: list[tuple[Box, float]]) -> list[Box]:
-        """The text lines the detector finds in the proposals' crops (image coordinates, unpadded)."""
+    def _verified_lines(
+        self, image: np.ndarray, proposals: list[tuple[Box, float]], within_blocks: list[tuple[Box, float]]
+    ) -> list[Box]:
+        """The text lines the detector finds in the proposals' crops (image coordinates, unpadded), and in crops of
+        the lines of text size inside blocks, unless their block's crop shows their text large enough already."""
         crops = _crops(image, proposals)
+        crops += [(crop, piece) for crop, piece in _crops(image, within_blocks)
+                  if not any(_holds(block, crop) for block, _ in crops)]
         if not crops:
             return []
         mosaic, placed = _mosaic(crops)
@@ -277,8 +301,34 @@ class TextDetector:
                 elif squat[index] and index in readings and not _is_marker(*readings[index]) and (
                     len(joined) < 2 or confidence < _MIN_READ_CONFIDENCE
                 ):
+                    # Two or three lines of text set close together are one squat region to the detector, and
+                    # the recognizer reads one line at a time: a region tall enough is read again as two rows.
+                    short, long = sorted(lines[index][2:])
+                    if short >= 2 * _MIN_GLYPH_PX and long >= _MIN_ROWS_ASPECT * short and reads_left >= 2:
+                        reads_left -= 2
+                        if any(len(read) >= 2 and sure >= _MIN_READ_CONFIDENCE
+                               for read, sure in self._rows_reading(image, lines[index])):
+                            continue
                     kinds[index] = "anatomy"  # a marker letter not kept is redacted like any text
         return kinds
+
+    def _rows_reading(self, image: np.ndarray, line: Box) -> list[tuple[str, float]]:
+        """What the recognizer reads in `line` cut in two across its text (turned upright if it runs vertically), at
+        its quietest row in the middle band: between two lines of text."""
+        x, y, width, height = line
+        piece = image[y : y + height, x : x + width]
+        grey = cv2.cvtColor(piece, cv2.COLOR_BGR2GRAY) if piece.ndim == 3 else piece
+        vertical = height > _VERTICAL_ASPECT * width
+        if vertical:
+            grey = cv2.rotate(grey, cv2.ROTATE_90_CLOCKWISE)
+        rows = grey.shape[0]
+        low, high = int(rows * _ROW_CUT_BAND[0]), max(int(rows * _ROW_CUT_BAND[1]), int(rows * _ROW_CUT_BAND[0]) + 1)
+        cut = low + int(np.argmin(grey[low:high].astype(np.float32).std(axis=1)))
+        halves = ((0, cut), (cut, rows))
+        # The turned piece's rows are the image's columns, left to right.
+        parts = [(x + start, y, end - start, height) if vertical else (x, y + start, width, end - start)
+                 for start, end in halves]
+        return [self._read(image, part, _READ_MARGIN) for part in parts]
 
     def _marker_reading(self, image: np.ndarray, line: Box) -> tuple[str, float]:
         """What the recognizer reads in `line`; a marker read without conviction is read once more with more of its
@@ -348,9 +398,9 @@ def _crops(image: np.ndarray, proposals: list[tuple[Box, float]]) -> list[tuple[
         margin = round(min(_MAX_CROP_MARGIN_PX, max(_CROP_MARGIN_PX, _CROP_MARGIN_LINES * text_height)))
         left, top = max(0, x - margin), max(0, y - margin)
         right, bottom = min(width, x + w + margin), min(height, y + h + margin)
-        piece = _bgr(image[top:bottom, left:right])
-        if piece.size == 0:
+        if right <= left or bottom <= top:
             continue
+        piece = _bgr(image[top:bottom, left:right])
         # Where the image's edge cuts the margin off, the crop gets it as plain background: the detector
         # misses text that touches its input's edge (a film's `R` or `A-P` burned flush with the border).
         pads = (top - (y - margin), (y + h + margin) - bottom, left - (x - margin), (x + w + margin) - right)
@@ -370,9 +420,74 @@ def _crops(image: np.ndarray, proposals: list[tuple[Box, float]]) -> list[tuple[
         if scale < 1.0:
             size = (max(1, round(piece.shape[1] * scale)), max(1, round(piece.shape[0] * scale)))
             piece = cv2.resize(piece, size, interpolation=cv2.INTER_AREA)
-        crop = _Crop(left, top, right - left, bottom - top, scale, turned, 0, 0, piece.shape[1], piece.shape[0])
+        crop = _Crop(left, top, right - left, bottom - top, scale, turned, text_height, 0, 0, piece.shape[1],
+                     piece.shape[0])
         crops.append((crop, _stretched(piece)))
     return crops
+
+
+def _block_lines(inside: np.ndarray) -> list[tuple[Box, float]]:
+    """The groups of lines of text size in a block (a proposal many of its lines' median thickness across: text
+    touching textured anatomy, or a CT body the line search proposed whole), each with its median thickness.
+
+    Such a block's crop is scaled by its lines' median, which is the anatomy's, and turned by its outline, which
+    says nothing of its text's direction: a name burned beside the body can come out too small to read, or on
+    its side. Its lines no thicker than _BLOCK_LINE_THICKNESS times the thinner ones, grouped where they touch
+    (padded by half their thickness), are read again as proposals of their own."""
+    across = np.minimum(inside[:, 2], inside[:, 3])
+    thick_enough = across >= _MIN_SCALING_LINE_PX
+    if not thick_enough.any():
+        return []
+    limit = _BLOCK_LINE_THICKNESS * float(np.percentile(across[thick_enough], _BLOCK_THIN_PERCENTILE))
+    chosen = thick_enough & (across <= limit)
+    lines, across = inside[chosen].astype(np.int64), across[chosen]
+    pad = np.ceil(across / 2).astype(np.int64)
+    left, top = lines[:, 0] - pad, lines[:, 1] - pad
+    right, bottom = lines[:, 0] + lines[:, 2] + pad, lines[:, 1] + lines[:, 3] + pad
+    touching = ((left[:, None] < right[None, :]) & (left[None, :] < right[:, None])
+                & (top[:, None] < bottom[None, :]) & (top[None, :] < bottom[:, None]))
+    groups = _connected(touching)
+    found = []
+    for members in groups:
+        group = lines[members]
+        x0, y0 = group[:, 0].min(), group[:, 1].min()
+        x1, y1 = (group[:, 0] + group[:, 2]).max(), (group[:, 1] + group[:, 3]).max()
+        # Read as if its lines were half as thick: next to anatomy the search often sees two or three lines of a
+        # name as one, and a crop scaled by that thickness shows each too small to read.
+        found.append(((int(x0), int(y0), int(x1 - x0), int(y1 - y0)), float(np.median(across[members])) / 2))
+    return found
+
+
+def _connected(adjacent: np.ndarray) -> list[np.ndarray]:
+    """The connected groups of a symmetric adjacency matrix, as index arrays."""
+    unseen = np.ones(len(adjacent), bool)
+    groups = []
+    for start in range(len(adjacent)):
+        if not unseen[start]:
+            continue
+        members = np.zeros(len(adjacent), bool)
+        members[start] = True
+        frontier = members.copy()
+        while frontier.any():
+            reached = adjacent[frontier].any(axis=0) & ~members
+            members |= reached
+            frontier = reached
+        unseen &= ~members
+        groups.append(np.flatnonzero(members))
+    return groups
+
+
+def _holds(block: _Crop, crop: _Crop) -> bool:
+    """Whether `block`'s crop already shows `crop`'s text as the detector reads it: the same way up (it misses
+    vertical text it is not shown upright), nearly all of `crop` inside it, and its text at least
+    _LARGE_CROP_TEXT_HEIGHT_PX tall there (or as tall as in `crop` itself)."""
+    across = min(block.left + block.width, crop.left + crop.width) - max(block.left, crop.left)
+    down = min(block.top + block.height, crop.top + crop.height) - max(block.top, crop.top)
+    return (
+        block.turned == crop.turned
+        and max(0, across) * max(0, down) >= _HELD_SHARE * crop.width * crop.height
+        and crop.text_height * block.scale >= min(_LARGE_CROP_TEXT_HEIGHT_PX, crop.text_height * crop.scale)
+    )
 
 
 def _mosaic(crops: list[tuple[_Crop, np.ndarray]]) -> tuple[np.ndarray, list[_Crop]]:

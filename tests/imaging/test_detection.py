@@ -154,6 +154,19 @@ CASES = [
         Burn(("Ovrebo 2019-06-02",), (0.5, 0.9), "dark-grey", "DejaVuSerif", 16),
         marker("L", (0.93, 0.06), 36),
     ), colour=True, seed=12),
+    # Found by burning random names, fonts, places and inks into new images of each modality (none of them tuned
+    # on): vertical names next to an MR head, which the line search proposes with the head as one block (scaled
+    # by the anatomy's lines and not turned, the names were too small and on their side), and a faint thin
+    # vertical name. See also test_a_name_beside_a_ct_body_in_one_block_with_it_is_redacted.
+    Case("mr-12-bit-vertical-names-beside-head", "mr", (992, 835), (
+        Burn(("Siobhan O'Neill", "ID 62712"), "top", "white", "DejaVuSansMono-Bold", 12, turn=1),
+        Burn(("DOB 1948-12-05",), "top-left", "dark-grey", "DejaVuSansMono-Bold", 20),
+        Burn(("O'Neill ACC560253",), "right", "dark-grey", "DejaVuSans-Oblique", 29, turn=3),
+    ), bits=12, seed=1514),
+    Case("mr-16-bit-faint-thin-vertical", "mr", (1004, 780), (
+        Burn(("Jose Garcia Nunez", "ID 42146"), "right", "light-grey", "DejaVuSans-ExtraLight", 16, contrast=33,
+             turn=1),
+    ), bits=16, seed=1502),
 ]  # fmt: skip
 #: The same modalities without any text: whatever changes there is anatomy redacted.
 ANATOMY_ONLY = [
@@ -324,7 +337,7 @@ def test_cases_cover_every_kind_of_burn() -> None:
     assert any(isinstance(burn.where, tuple) for burn in texts)  # over anatomy
     assert {burn.turn for burn in texts} == {0, 1, 3}
     assert {burn.light for burn in texts} == {True, False}
-    assert {burn.contrast for burn in texts if burn.contrast is not None} == {25, -25}
+    assert {burn.contrast for burn in texts if burn.contrast is not None} >= {25, -25}
     assert {INKS[burn.ink][1] for burn in texts if burn.contrast is None} == {"light", "dark"}
     assert any(burn.margin is not None and burn.margin <= 3 for burn in texts)
     assert {burn.lines[0] for burn in burns if burn.is_marker} == {"R", "L"}
@@ -340,6 +353,25 @@ def test_cases_cover_every_kind_of_burn() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ the cascade
+
+
+def test_a_name_beside_a_ct_body_in_one_block_with_it_is_redacted(text_detector: TextDetector) -> None:
+    """A narrow CT scout whose corner texts (dark and coloured: too faint for the oracle, so not checked) join the
+    body into one proposal: scaled by the body's lines and turned by its outline, the crop showed the name at the
+    bottom too small and on its side, and the detector then saw its two lines as one squat region, which the
+    recognizer could not read as one line. The name is read before and not after."""
+    case = Case("ct-scout-narrow-name-beside-body", "ct-scout", (1127, 400), (
+        Burn(("Wei Zhang", "ID 21713"), "bottom", "white", "DejaVuSansCondensed", 18),
+        Burn(("DOB 1990-05-10",), "top-right", "cyan", "DejaVuSerif-Italic", 26),
+        Burn(("Zhang ACC658605",), "top-left", "dark-grey", "DejaVuSansCondensed-BoldOblique", 19),
+    ), colour=True, seed=1504)  # fmt: skip
+    pixels, boxes = scene(case)
+    name, box = case.burns[0], boxes[0]
+    assert len(propose_text(pixels)[1]) == 1, "the line search no longer proposes the scout as one block"
+    after = blur_text_regions(pixels, text_detector.find(pixels).redact)
+    leaked, before = tokens_read([_attacker_views(after, box, name), _attacker_views(pixels, box, name)],
+                                 list(name.lines))
+    assert before & patient_tokens(name.lines) and not leaked, (sorted(before), sorted(leaked))
 
 
 def test_the_cascade_finds_nothing_on_an_image_without_text(text_detector: TextDetector) -> None:
