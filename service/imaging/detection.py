@@ -138,7 +138,7 @@ class _Crop:
     scale: float
     #: Turned 90 degrees clockwise before scaling.
     turned: bool
-    #: The height of the proposal's text (its lines' median thickness), which set the scale.
+    #: The height of text the scale was set for (a proposal's lines' median thickness; see _block_lines).
     text_height: float
     #: Its place and size in the mosaic (turned and scaled).
     x: int
@@ -428,7 +428,8 @@ def _crops(image: np.ndarray, proposals: list[tuple[Box, float]]) -> list[tuple[
 
 def _block_lines(inside: np.ndarray) -> list[tuple[Box, float]]:
     """The groups of lines of text size in a block (a proposal many of its lines' median thickness across: text
-    touching textured anatomy, or a CT body the line search proposed whole), each with its median thickness.
+    touching textured anatomy, or a CT body the line search proposed whole), each with half its median thickness
+    as the height of its text.
 
     Such a block's crop is scaled by its lines' median, which is the anatomy's, and turned by its outline, which
     says nothing of its text's direction: a name burned beside the body can come out too small to read, or on
