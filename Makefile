@@ -27,16 +27,16 @@ imagenet-model: $(INSTALLED)
 system-deps:
 	$(PYTHON) tests/local_rgw.py ensure-packages
 
-# Tesseract is the tests' OCR oracle for anonymization; DejaVu fonts render test text; curl is in the
-# docs/operator-tools.md example that tests/test_readme.py runs; dcmtk's dcmdump is the second, independent
-# reader every DICOM output must open with.
+# Tesseract is the tests' OCR oracle for anonymization; DejaVu fonts render test text (core and extra: the tests
+# burn names in oblique, condensed and extra-light faces too); curl is in the docs/operator-tools.md example that
+# tests/test_readme.py runs; dcmtk's dcmdump is the second, independent reader every DICOM output must open with.
 test-deps: system-deps
-	@if ! command -v tesseract >/dev/null || ! command -v curl >/dev/null || ! command -v dcmdump >/dev/null || [ ! -d /usr/share/fonts/truetype/dejavu ]; then \
+	@if ! command -v tesseract >/dev/null || ! command -v curl >/dev/null || ! command -v dcmdump >/dev/null || [ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans-ExtraLight.ttf ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	      tesseract-ocr tesseract-ocr-eng fonts-dejavu-core curl dcmtk >/dev/null; \
+	      tesseract-ocr tesseract-ocr-eng fonts-dejavu-core fonts-dejavu-extra curl dcmtk >/dev/null; \
 	  else \
-	    echo "missing: run 'sudo apt-get install tesseract-ocr tesseract-ocr-eng fonts-dejavu-core curl dcmtk'" >&2; exit 1; \
+	    echo "missing: run 'sudo apt-get install tesseract-ocr tesseract-ocr-eng fonts-dejavu-core fonts-dejavu-extra curl dcmtk'" >&2; exit 1; \
 	  fi; \
 	fi
 

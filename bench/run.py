@@ -23,7 +23,10 @@ validation X-rays, and `imagenet`, the ImageNet photo classifier (ONNX) fed its 
 6. the DICOM row (bench/dicom.py): CPU ms per 2-megapixel CR around the model, as JPEG, uncompressed DICOM and
    RLE DICOM, by stage, and the DICOM paths' extra over JPEG;
 7. the text-detection row (bench/detection.py): CPU ms per image of the text cascade against the line search
-   alone, by modality (the 16 X-rays, synthetic CT scouts, PET, MR and grainy chest films).
+   alone, by modality (the 16 X-rays, synthetic CT scouts, PET, MR and grainy chest films);
+8. the privacy row (bench/privacy.py): on random images of those modalities with random patient text burned in
+   (none of them tuned on), the text blocks the OCR oracle still reads after redaction and the share of the other
+   pixels kept.
 
 It prints the table, the stage tables and issue 16's targets against the figures (bench/targets.py), and writes
 bench/results.json (one row per configuration x workers). Everything it starts it stops, also on failure or
@@ -61,6 +64,7 @@ from bench import stages, targets  # noqa: E402
 from bench.configurations import CONFIGURATIONS, Configuration  # noqa: E402
 from bench.detection import print_row as print_detection_row  # noqa: E402
 from bench.dicom import print_row as print_dicom_row  # noqa: E402
+from bench.privacy import print_row as print_privacy_row  # noqa: E402
 from bench.processes import cpu_seconds, descendants, peak_rss_mib, thread_cpu_seconds  # noqa: E402
 
 RESULTS_PATH = ROOT / "bench" / "results.json"
@@ -468,6 +472,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[{time.monotonic() - started:5.0f} s] text cascade over line search, CPU per image: " + ", ".join(
         f"{name} {figures['cascade_over_line_search']:.1f}x" for name, figures in detection_row["modalities"].items()
     ), flush=True)
+    privacy = subprocess.run([sys.executable, str(ROOT / "bench" / "privacy.py"), "--json",
+                              *(["--quick"] if args.quick else [])],
+                             cwd=ROOT, check=True, capture_output=True, text=True, timeout=1800)
+    privacy_row = json.loads(privacy.stdout.strip().splitlines()[-1])
+    print(f"[{time.monotonic() - started:5.0f} s] privacy: {privacy_row['all']['blocks_leaked']} of "
+          f"{privacy_row['all']['blocks_readable']} readable text blocks leaked", flush=True)
     rows: list[dict[str, Any]] = []
     evaluated: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="xray-bench-") as workdir:
@@ -500,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
                 add_ratios(rows)
                 evaluated = targets.evaluate(rows)
                 args.output.write_text(json.dumps([*rows, {"dicom": dicom_row}, {"detection": detection_row},
-                                                   {"targets": evaluated}], indent=2) + "\n")
+                                                   {"privacy": privacy_row}, {"targets": evaluated}], indent=2) + "\n")
     print()
     print_table(rows)
     print()
@@ -511,6 +521,8 @@ def main(argv: list[str] | None = None) -> int:
     print_dicom_row(dicom_row)
     print()
     print_detection_row(detection_row)
+    print()
+    print_privacy_row(privacy_row)
     print(f"\n{len(rows)} configurations in {time.monotonic() - started:.0f} s; rows in {args.output}")
     return 0
 

@@ -107,6 +107,9 @@ _MARKER_RETRY_CONFIDENCE = 0.3
 #: much longer than thick (two lines of a name or an ID are; a round organ is not).
 _MIN_ROWS_ASPECT = 1.4
 _ROW_CUT_BAND = (0.3, 0.7)
+#: The ways a vertical squat region's rows are turned upright, in the order tried: text burned along a side edge
+#: reads top to bottom or bottom to top, and the recognizer reads nothing upside down.
+_READING_TURNS = (cv2.ROTATE_90_CLOCKWISE, cv2.ROTATE_90_COUNTERCLOCKWISE)
 #: The recognizer reads a line with this fraction of its height around it.
 _READ_MARGIN = 0.25
 #: A piece whose channels differ from its grey by more than this many levels is in colour.
@@ -305,16 +308,26 @@ class TextDetector:
                     # the recognizer reads one line at a time: a region tall enough is read again as two rows.
                     short, long = sorted(lines[index][2:])
                     if short >= 2 * _MIN_GLYPH_PX and long >= _MIN_ROWS_ASPECT * short and reads_left >= 2:
-                        reads_left -= 2
-                        if any(len(read) >= 2 and sure >= _MIN_READ_CONFIDENCE
-                               for read, sure in self._rows_reading(image, lines[index])):
+                        parts = self._row_parts(image, lines[index])
+                        # Rows running vertically may read either way up: the other way too if the first reads
+                        # nothing.
+                        turns = _READING_TURNS if any(map(_runs_vertically, parts)) else _READING_TURNS[:1]
+                        read_as_text = False
+                        for turn in turns:
+                            if reads_left < 2:
+                                break
+                            reads_left -= 2
+                            if any(len(read) >= 2 and sure >= _MIN_READ_CONFIDENCE
+                                   for read, sure in (self._read(image, part, _READ_MARGIN, turn) for part in parts)):
+                                read_as_text = True
+                                break
+                        if read_as_text:
                             continue
                     kinds[index] = "anatomy"  # a marker letter not kept is redacted like any text
         return kinds
 
-    def _rows_reading(self, image: np.ndarray, line: Box) -> list[tuple[str, float]]:
-        """What the recognizer reads in `line` cut in two across its text (turned upright if it runs vertically), at
-        its quietest row in the middle band: between two lines of text."""
+    def _row_parts(self, image: np.ndarray, line: Box) -> list[Box]:
+        """`line` cut in two across its text, at its quietest row in the middle band: between two lines of text."""
         x, y, width, height = line
         piece = image[y : y + height, x : x + width]
         grey = cv2.cvtColor(piece, cv2.COLOR_BGR2GRAY) if piece.ndim == 3 else piece
@@ -326,9 +339,8 @@ class TextDetector:
         cut = low + int(np.argmin(grey[low:high].astype(np.float32).std(axis=1)))
         halves = ((0, cut), (cut, rows))
         # The turned piece's rows are the image's columns, left to right.
-        parts = [(x + start, y, end - start, height) if vertical else (x, y + start, width, end - start)
-                 for start, end in halves]
-        return [self._read(image, part, _READ_MARGIN) for part in parts]
+        return [(x + start, y, end - start, height) if vertical else (x, y + start, width, end - start)
+                for start, end in halves]
 
     def _marker_reading(self, image: np.ndarray, line: Box) -> tuple[str, float]:
         """What the recognizer reads in `line`; a marker read without conviction is read once more with more of its
@@ -339,15 +351,16 @@ class TextDetector:
                                    key=lambda reading: reading[1])
         return read, confidence
 
-    def _read(self, image: np.ndarray, line: Box, margin_fraction: float) -> tuple[str, float]:
+    def _read(
+        self, image: np.ndarray, line: Box, margin_fraction: float, upright: int = _READING_TURNS[0]
+    ) -> tuple[str, float]:
         """What the recognizer reads in `line` (capitals and digits only), with a margin of this fraction of its
-        height around it, turned upright if it runs vertically; and its confidence."""
+        height around it, turned by `upright` (a cv2.rotate code) if it runs vertically; and its confidence."""
         x, y, width, height = line
-        short, long = sorted((width, height))
-        margin = max(2, round(margin_fraction * short))
+        margin = max(2, round(margin_fraction * min(width, height)))
         piece = _bgr(image[max(0, y - margin) : y + height + margin, max(0, x - margin) : x + width + margin])
-        if height > _VERTICAL_ASPECT * width and long > _MIN_LINE_ASPECT * short:
-            piece = cv2.rotate(piece, cv2.ROTATE_90_CLOCKWISE)
+        if _runs_vertically(line):
+            piece = cv2.rotate(piece, upright)
         grey = cv2.cvtColor(cv2.cvtColor(piece, cv2.COLOR_BGR2GRAY), cv2.COLOR_GRAY2BGR)
         readings = [self._recognizer.read(_stretched(grey))]
         if readings[0][1] < _MARKER_MIN_CONFIDENCE and int(cv2.absdiff(piece, grey).max()) > _COLOUR_LEVELS:
@@ -357,6 +370,12 @@ class TextDetector:
             readings.append(self._recognizer.read(_stretched(piece)))
         text, confidence = max(readings, key=lambda reading: reading[1])
         return re.sub(r"[^A-Z0-9]", "", text.upper()), confidence
+
+
+def _runs_vertically(line: Box) -> bool:
+    """Whether the recognizer reads `line` turned: it is much taller than wide."""
+    short, long = sorted(line[2:])
+    return line[3] > _VERTICAL_ASPECT * line[2] and long > _MIN_LINE_ASPECT * short
 
 
 def _bgr(eight_bit: np.ndarray) -> np.ndarray:

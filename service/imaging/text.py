@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from service.imaging.codec import to_gray8
+from service.imaging.codec import to_8bit
 
 Box = tuple[int, int, int, int]  # x, y, w, h in pixel coordinates
 
@@ -83,18 +83,39 @@ def propose_text(pixels: np.ndarray) -> tuple[np.ndarray, list[Box]]:
     along their row over fainter words. The same search on a copy reduced four times more finds letters too large
     for the first. Overlapping boxes are merged.
     """
-    gray = to_gray8(pixels)
-    height, width = gray.shape
+    planes = _planes(pixels)
+    height, width = planes[0].shape
     factor = _search_reduction(height * width)
-    bright, dark = _pooled(gray, factor)
+    pooled = [_pooled(plane, factor) for plane in planes]
+    bright, dark = [plane for plane, _ in pooled], [plane for _, plane in pooled]
     lines = _LineSearch(factor).lines(bright, dark)
     ratio = _LARGE_TEXT_REDUCTION
-    if min(bright.shape) >= 8 * ratio:
-        large = _LineSearch(factor, large_text=True).lines(_max_pooled(bright, ratio), _min_pooled(dark, ratio))
+    reduced_shape = bright[0].shape
+    if min(reduced_shape) >= 8 * ratio:
+        large = _LineSearch(factor, large_text=True).lines(
+            [_max_pooled(plane, ratio) for plane in bright], [_min_pooled(plane, ratio) for plane in dark]
+        )
         lines = np.concatenate([lines, large * ratio])
     # A blob as wide as tall is found by the horizontal and the vertical search alike: once is enough.
     lines = np.unique(lines, axis=0) if len(lines) else lines
-    return lines * factor, _padded_union(lines, factor, bright.shape, (height, width))
+    return lines * factor, _padded_union(lines, factor, reduced_shape, (height, width))
+
+
+def _planes(pixels: np.ndarray) -> list[np.ndarray]:
+    """The 8-bit planes text is searched in: the grey of a grey image, each channel of a colour one.
+
+    In colour, text can be as bright as its background in grey and still plain to see (green letters on a grey
+    body, white ones on a yellow colour map), but never in every channel: a stroke stands out in grey by at most
+    what it does in its strongest channel, so the search, taking each pixel's strongest channel, finds all that a
+    search in grey finds, and coloured text too."""
+    eight_bit = to_8bit(pixels)
+    if eight_bit.ndim == 2:
+        return [eight_bit]
+    planes = cv2.split(eight_bit[:, :, :3])
+    # Grey stored as colour (a film scanned in RGB, a grey DICOM made colour) is searched once.
+    if all(np.array_equal(planes[0], plane) for plane in planes[1:]):
+        return planes[:1]
+    return list(planes)
 
 
 def _search_reduction(pixel_count: int) -> int:
@@ -155,13 +176,11 @@ class _LineSearch:
         self.min_height = min_height / factor
         self.max_height = _MAX_LINE_HEIGHT_PX / factor
 
-    def lines(self, bright: np.ndarray, dark: np.ndarray) -> np.ndarray:
-        """Text lines of bright strokes (white top-hat of `bright`) and of dark ones (black-hat of `dark`)."""
+    def lines(self, bright: list[np.ndarray], dark: list[np.ndarray]) -> np.ndarray:
+        """Text lines of bright strokes (white top-hat of the `bright` planes) and of dark ones (black-hat of the
+        `dark` planes), each pixel's contrast that of its strongest plane."""
         found = []
-        for contrast in (
-            cv2.morphologyEx(bright, cv2.MORPH_TOPHAT, self.stroke_kernel),
-            cv2.morphologyEx(dark, cv2.MORPH_BLACKHAT, self.stroke_kernel),
-        ):
+        for contrast in (self._contrast(bright, cv2.MORPH_TOPHAT), self._contrast(dark, cv2.MORPH_BLACKHAT)):
             sharp = _sharp_integral(contrast)
             if self.large_text:
                 strokes = cv2.threshold(contrast, _CONTRAST_LEVELS[_LARGE_TEXT_LEVEL] - 1, 1, cv2.THRESH_BINARY)[1]
@@ -177,6 +196,12 @@ class _LineSearch:
             accepted, candidates = self.run(contrast, strokes, 0, sharp, vertical=True)
             found.append(_extend_along_rows(accepted[:, _SWAPPED], candidates[:, _SWAPPED])[:, _SWAPPED])
         return np.concatenate(found)
+
+    def _contrast(self, planes: list[np.ndarray], operation: int) -> np.ndarray:
+        contrast = cv2.morphologyEx(planes[0], operation, self.stroke_kernel)
+        for plane in planes[1:]:
+            contrast = cv2.max(contrast, cv2.morphologyEx(plane, operation, self.stroke_kernel))
+        return contrast
 
     def run(
         self, contrast: np.ndarray, strokes: np.ndarray, next_level: int, sharp: np.ndarray, *, vertical: bool = False

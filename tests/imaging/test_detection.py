@@ -167,6 +167,17 @@ CASES = [
         Burn(("Jose Garcia Nunez", "ID 42146"), "right", "light-grey", "DejaVuSans-ExtraLight", 16, contrast=33,
              turn=1),
     ), bits=16, seed=1502),
+    # From the same sweep: a vertical name reading top to bottom beside a CT body, proposed with it as one region
+    # the detector sees as one squat block (its rows were read turned clockwise only: upside down); and a green
+    # date on a grey body, as bright as the body in grey (the line search saw no text in grey).
+    Case("ct-scout-12-bit-name-down-the-side", "ct-scout", (965, 786), (
+        Burn(("Wei Zhang", "ID 63329"), "left", "white", "DejaVuSerif-Italic", 17, turn=3),
+    ), bits=12, seed=2528),
+    Case("ct-scout-16-bit-bgr-green-date", "ct-scout", (1022, 1087), (
+        Burn(("Oystein Aeroe", "ID 69818"), "right", "yellow", "DejaVuSerif-Italic", 11, turn=1),
+        Burn(("DOB 1938-03-02",), "bottom", "green", "DejaVuSansCondensed-BoldOblique", 29),
+        Burn(("Aeroe ACC986606",), "top-right", "dark-grey", "DejaVuSansMono-Bold", 17),
+    ), bits=16, colour=True, seed=2540),
 ]  # fmt: skip
 #: The same modalities without any text: whatever changes there is anatomy redacted.
 ANATOMY_ONLY = [
