@@ -4,9 +4,10 @@ The same chest X-ray (a validation image of the default model, resized to about 
 worker's whole analysis (`analyze_batch`: decode, display rendering, text search, stamp, de-identification and
 both outputs; a no-op model, so only the work around the model is counted) three ways: as a JPEG (the baseline),
 as an uncompressed 12-bit CR DICOM, and compressed losslessly as RLE, JPEG-LS and JPEG 2000 (both outputs are
-written in the source's syntax, so each is decoded once and encoded twice). CPU ms per image are process CPU time,
-medians of repeats, and the DICOM figures are reported as differences from the JPEG baseline of the same run, by
-stage.
+written in the source's syntax, so each is decoded once and encoded twice); and the JPEG-LS and JPEG 2000 sources
+again with DICOM_OUTPUT_SYNTAX=rle (outputs written as RLE). CPU ms per image are process CPU time, medians of
+repeats, and the DICOM figures are reported as differences from the JPEG baseline of the same run, by stage, with
+the size of the outputs (kB, the mean of the two) beside the source's.
 
 `.venv/bin/python bench/dicom.py [--repeats N]` prints the row; `bench/run.py` includes it in its results.
 """
@@ -43,9 +44,15 @@ MODEL_DIR = default_model_dir(CACHE_DIR)
 SIZE = (1760, 1140)
 LIMITS = ImageLimits(max_bytes=10**9, max_pixels=10**9)
 KEY = b"bench-pseudonym-key-0123456789abcdef"
-#: The DICOM sources: (name in the results, transfer syntax, label in the table).
-SYNTAXES = (("explicit", ExplicitVRLittleEndian, "DICOM explicit VR"), ("rle", RLELossless, "DICOM RLE"),
-            ("jpegls", JPEGLSLossless, "DICOM JPEG-LS"), ("j2k", JPEG2000Lossless, "DICOM JPEG 2000"))
+#: The DICOM sources: (name in the results, transfer syntax, DICOM_OUTPUT_SYNTAX, label in the table).
+SYNTAXES = (
+    ("explicit", ExplicitVRLittleEndian, "source", "DICOM explicit VR"),
+    ("rle", RLELossless, "source", "DICOM RLE"),
+    ("jpegls", JPEGLSLossless, "source", "DICOM JPEG-LS"),
+    ("j2k", JPEG2000Lossless, "source", "DICOM JPEG 2000"),
+    ("jpegls_as_rle", JPEGLSLossless, "rle", "JPEG-LS -> RLE"),
+    ("j2k_as_rle", JPEG2000Lossless, "rle", "JPEG 2000 -> RLE"),
+)
 
 
 def chest_pixels() -> np.ndarray:
@@ -75,10 +82,11 @@ def as_dicom(pixels: np.ndarray, transfer_syntax: str) -> bytes:
     return buffer.getvalue()
 
 
-def cpu_ms(data: bytes, spec: ModelSpec, repeats: int) -> dict[str, float]:
-    """Median process CPU ms of one image's analysis, and of each stage the worker times."""
+def cpu_ms(data: bytes, spec: ModelSpec, repeats: int, output_syntax: str = "source") -> dict[str, float]:
+    """Median process CPU ms of one image's analysis, and of each stage the worker times; and the kB of the source
+    and of its outputs (the mean of the two)."""
     totals, stages = [], {}
-    request = AnalysisRequest(data, anonymize_always=True, deid_key=KEY)
+    request = AnalysisRequest(data, anonymize_always=True, deid_key=KEY, dicom_output_syntax=output_syntax)
     detector = TextDetector.load(text_models_dir(ModelCacheSettings().model_cache_dir))
     for _ in range(repeats + 1):  # the first run warms caches and imports
         started = time.process_time()
@@ -89,7 +97,9 @@ def cpu_ms(data: bytes, spec: ModelSpec, repeats: int) -> dict[str, float]:
             raise analysis
         for stage, seconds in analysis.timings.items():
             stages.setdefault(stage, []).append(seconds * 1000)
-    return {"total": statistics.median(totals[1:])} | {
+    outputs = len(analysis.stamped) + len(analysis.anonymized or b"")
+    sizes = {"source_kb": len(data) / 1000, "output_kb": outputs / 2000}
+    return {"total": statistics.median(totals[1:])} | sizes | {
         stage: statistics.median(values[1:]) for stage, values in stages.items() if stage != "infer"
     }
 
@@ -101,8 +111,8 @@ def measure(repeats: int = 15) -> dict[str, Any]:
     assert ok
     baseline = cpu_ms(jpeg.tobytes(), spec, repeats)
     row: dict[str, Any] = {"megapixels": pixels.size / 1e6, "jpeg_cpu_ms": baseline}
-    for name, syntax, _ in SYNTAXES:
-        figures = cpu_ms(as_dicom(pixels, syntax), spec, repeats)
+    for name, syntax, output_syntax, _ in SYNTAXES:
+        figures = cpu_ms(as_dicom(pixels, syntax), spec, repeats, output_syntax)
         row[f"dicom_{name}_cpu_ms"] = figures
         row[f"dicom_{name}_extra_cpu_ms"] = figures["total"] - baseline["total"]
     return row
@@ -110,13 +120,17 @@ def measure(repeats: int = 15) -> dict[str, Any]:
 
 def print_row(row: dict[str, Any]) -> None:
     print(f"DICOM, {row['megapixels']:.1f} MP CR, CPU ms per image around the model (medians):")
-    print(f"  {'':<20}{'total':>8}{'decode':>8}{'detect':>8}{'stamp':>8}{'anonymize':>10}{'over JPEG':>11}")
-    for name, label in (("jpeg", "JPEG (baseline)"), *((f"dicom_{name}", label) for name, _, label in SYNTAXES)):
+    print(f"  {'':<20}{'total':>8}{'decode':>8}{'detect':>8}{'stamp':>8}{'anonymize':>10}{'over JPEG':>11}"
+          f"{'kB in':>8}{'kB out':>8}")
+    for name, label in (("jpeg", "JPEG (baseline)"), *((f"dicom_{name}", label) for name, *_, label in SYNTAXES)):
+        if f"{name}_cpu_ms" not in row:  # a row from before the syntax was measured
+            continue
         figures = row[f"{name}_cpu_ms"]
         extra = row.get(f"{name}_extra_cpu_ms")
         print(f"  {label:<20}{figures['total']:8.1f}{figures.get('decode', 0):8.1f}{figures.get('detect', 0):8.1f}"
               f"{figures.get('stamp', 0):8.1f}"
-              f"{figures.get('anonymize', 0):10.1f}{'' if extra is None else f'{extra:+11.1f}'}")
+              f"{figures.get('anonymize', 0):10.1f}{'' if extra is None else f'{extra:+11.1f}'}"
+              f"{figures.get('source_kb', 0):8.0f}{figures.get('output_kb', 0):8.0f}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -464,7 +464,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[{time.monotonic() - started:5.0f} s] DICOM over JPEG: "
           f"{dicom_row['dicom_explicit_extra_cpu_ms']:+.1f} CPU ms (explicit VR), "
           f"{dicom_row['dicom_rle_extra_cpu_ms']:+.1f} (RLE), {dicom_row['dicom_jpegls_extra_cpu_ms']:+.1f} (JPEG-LS), "
-          f"{dicom_row['dicom_j2k_extra_cpu_ms']:+.1f} (JPEG 2000)", flush=True)
+          f"{dicom_row['dicom_j2k_extra_cpu_ms']:+.1f} (JPEG 2000), {dicom_row['dicom_j2k_as_rle_extra_cpu_ms']:+.1f} "
+          "(JPEG 2000 written as RLE)", flush=True)
     detection = subprocess.run([sys.executable, str(ROOT / "bench" / "detection.py"), "--json",
                                 *(["--quick"] if args.quick else [])],
                                cwd=ROOT, check=True, capture_output=True, text=True, timeout=900)

@@ -100,6 +100,11 @@ class Settings(S3Settings, ModelCacheSettings):
     text_models_dir: Path | None = None
     """Folder of the text detector and recognizer (service.imaging.detection); default: where
     `xray-pipeline model fetch` puts them below MODEL_CACHE_DIR. The service image carries them here."""
+    dicom_output_syntax: Literal["source", "explicit", "rle", "jpeg-ls", "jpeg-2000"] = "source"
+    """Transfer syntax of both DICOM outputs. `source`: the source's, where it is lossless and can be encoded here
+    (lossy and unencodable sources are written as explicit VR little endian); `explicit` (uncompressed), `rle`,
+    `jpeg-ls` or `jpeg-2000` (lossless): that one for every object. Writing JPEG 2000 sources as `rle` or `jpeg-ls`
+    spends a fraction of the CPU (docs/dicom.md#cost) for larger outputs."""
     redact_orientation_markers: bool = False
     """Orientation markers burned into an image (an isolated `R` or `L`, `AP`, `PA`, `PORTABLE`, `SUPINE`, `ERECT`)
     are anatomy-side information and are kept in the anonymized copy; set this to redact them with all other text."""
@@ -148,7 +153,7 @@ class Settings(S3Settings, ModelCacheSettings):
     def _upper_level(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
 
-    @field_validator("log_format", "batch_wait_policy", mode="before")
+    @field_validator("log_format", "batch_wait_policy", "dicom_output_syntax", mode="before")
     @classmethod
     def _lower_choice(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value

@@ -18,7 +18,7 @@ KEY = "k" * 32
 def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ["S3_ENDPOINT_URL", "service_point", "SERVICE_POINT", "PSEUDONYM_KEY", "DEV_MODE", "INPUT_BUCKETS",
                  "PROCESSED_BUCKET", "ANONYMIZED_BUCKET", "MODEL_SPEC", "MODEL_URI", "MODEL_SHA256", "MODEL_CACHE_DIR",
-                 "WORKERS", "PORT", "ANONYMIZE_WHEN", "BATCH_WAIT_POLICY"]:
+                 "WORKERS", "PORT", "ANONYMIZE_WHEN", "BATCH_WAIT_POLICY", "DICOM_OUTPUT_SYNTAX"]:
         monkeypatch.delenv(name, raising=False)
 
 
@@ -28,6 +28,7 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.port == 8080
     assert settings.anonymize_when == "positive"
     assert settings.batch_wait_policy == "adaptive"
+    assert settings.dicom_output_syntax == "source"
     assert settings.processed_bucket_for("xray") == "xray-processed"
     assert settings.anonymized_bucket_for("xray") == "xray-anonymized"
     assert Path(settings.model_uri).name == "pneumonia.yaml"
@@ -56,6 +57,7 @@ def test_pseudonym_key_required_unless_dev_mode(monkeypatch: pytest.MonkeyPatch)
         ("WORKERS", "0", "WORKERS:"),
         ("ANONYMIZE_WHEN", "sometimes", "ANONYMIZE_WHEN:"),
         ("BATCH_WAIT_POLICY", "eager", "BATCH_WAIT_POLICY: Input should be 'adaptive' or 'fixed'"),
+        ("DICOM_OUTPUT_SYNTAX", "jpeg-lossy", "DICOM_OUTPUT_SYNTAX: Input should be 'source', 'explicit', 'rle'"),
         ("MODEL_URI", "/nonexistent/spec.yaml", "MODEL_URI: /nonexistent/spec.yaml does not exist"),
         ("MODEL_SPEC", "/nonexistent/spec.yaml", "/nonexistent/spec.yaml does not exist"),
         ("MODEL_URI", "s3://models", "MODEL_URI: s3://models must name an object: s3://bucket/key"),
@@ -78,10 +80,12 @@ def test_bad_values_name_the_variable(
     assert message in str(raised.value)
 
 
-def test_batch_wait_policy_is_read_in_any_case(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_batch_wait_policy_and_dicom_output_syntax_are_read_in_any_case(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PSEUDONYM_KEY", KEY)
     monkeypatch.setenv("BATCH_WAIT_POLICY", "Fixed")
-    assert load_settings().batch_wait_policy == "fixed"
+    monkeypatch.setenv("DICOM_OUTPUT_SYNTAX", "JPEG-LS")
+    settings = load_settings()
+    assert (settings.batch_wait_policy, settings.dicom_output_syntax) == ("fixed", "jpeg-ls")
 
 
 def test_model_uri_accepts_s3_and_the_old_name(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

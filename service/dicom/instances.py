@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.uid import RLELossless
+from pydicom.uid import UID, RLELossless
 
 from service.dicom.deidentify import deidentify, map_uid
 from service.dicom.read import DicomImage
 from service.dicom.rle import RleRows
-from service.dicom.write import encode_instance, header_without_pixels, output_transfer_syntax
+from service.dicom.write import encode_instance, header_without_pixels
 from service.models.spec import Prediction
 
 #: The derived instance's UIDs are a function of the source's; not secret (the processed copy identifies the
@@ -33,19 +33,26 @@ _DERIVED_SERIES_OFFSET = 1000
 _OVERLAY_GROUPS = range(0x6000, 0x6100, 2)
 
 
-def source_rows(image: DicomImage) -> RleRows | None:
-    """What both outputs share when they are written as RLE: the source's rows, encoded once (each output then
-    differs from the source in a few rows only). None for any other transfer syntax."""
-    if output_transfer_syntax(image.transfer_syntax) != RLELossless:
+def source_rows(image: DicomImage, transfer_syntax: UID) -> RleRows | None:
+    """What both outputs share when they are written as RLE (`transfer_syntax`, service.dicom.write's
+    output_transfer_syntax): the source's rows, encoded once (each output then differs from the source in a few rows
+    only). None for any other transfer syntax."""
+    if transfer_syntax != RLELossless:
         return None
     return RleRows(image.frames)
 
 
 def processed_instance(
-    image: DicomImage, stamped: np.ndarray, prediction: Prediction, *, model: str, rows: RleRows | None = None
+    image: DicomImage,
+    stamped: np.ndarray,
+    prediction: Prediction,
+    *,
+    model: str,
+    transfer_syntax: UID,
+    rows: RleRows | None = None,
 ) -> bytes:
-    """The derived instance with `stamped` (every frame, stored values) as its pixels (`rows`: see
-    source_rows)."""
+    """The derived instance with `stamped` (every frame, stored values) as its pixels, in `transfer_syntax` (`rows`:
+    see source_rows)."""
     header = header_without_pixels(image.dataset)
     source_class = str(header.get("SOPClassUID", ""))
     source_instance = str(header.get("SOPInstanceUID", ""))
@@ -63,12 +70,14 @@ def processed_instance(
     reference.ReferencedSOPInstanceUID = source_instance
     header.SourceImageSequence = [reference]
     return encode_instance(header, stamped, photometric=image.photometric, bits_stored=image.bits_stored,
-                           transfer_syntax=output_transfer_syntax(image.transfer_syntax), source_rows=rows)
+                           transfer_syntax=transfer_syntax, source_rows=rows)
 
 
-def anonymized_instance(image: DicomImage, cleaned: np.ndarray, *, secret: bytes, rows: RleRows | None = None) -> bytes:
-    """The source instance de-identified, with `cleaned` (every frame, burned-in text redacted) as its pixels
-    (`rows`: see source_rows)."""
+def anonymized_instance(
+    image: DicomImage, cleaned: np.ndarray, *, secret: bytes, transfer_syntax: UID, rows: RleRows | None = None
+) -> bytes:
+    """The source instance de-identified, with `cleaned` (every frame, burned-in text redacted) as its pixels, in
+    `transfer_syntax` (`rows`: see source_rows)."""
     header = header_without_pixels(image.dataset)
     deidentify(header, secret=secret, pixels_cleaned=True)
     for element in list(header):
@@ -76,7 +85,7 @@ def anonymized_instance(image: DicomImage, cleaned: np.ndarray, *, secret: bytes
             del header[element.tag]
     header.BurnedInAnnotation = "NO"
     return encode_instance(header, cleaned, photometric=image.photometric, bits_stored=image.bits_stored,
-                           transfer_syntax=output_transfer_syntax(image.transfer_syntax), source_rows=rows)
+                           transfer_syntax=transfer_syntax, source_rows=rows)
 
 
 def _derived_uid(kind: str, source_uid: str, model: str) -> str:

@@ -1,9 +1,10 @@
-"""Writing a data set with new pixels as a Part 10 object, in the source's transfer syntax where it can be.
+"""Writing a data set with new pixels as a Part 10 object, in the source's transfer syntax where it can be, or in
+the one the operator chose (DICOM_OUTPUT_SYNTAX).
 
-Lossless syntaxes with an encoder here (RLE, JPEG-LS lossless, JPEG 2000 lossless, deflated, the native ones)
-are kept. Lossy sources (JPEG baseline/extended, lossy JPEG-LS and JPEG 2000) and syntaxes nobody here can encode
-(JPEG lossless, HTJ2K) are written as explicit VR little endian: no second generation of loss is added, and a
-lossy source stays flagged by its LossyImageCompression attribute.
+By default lossless syntaxes with an encoder here (RLE, JPEG-LS lossless, JPEG 2000 lossless, deflated, the native
+ones) are kept. Lossy sources (JPEG baseline/extended, lossy JPEG-LS and JPEG 2000) and syntaxes nobody here can
+encode (JPEG lossless, HTJ2K) are written as explicit VR little endian: no second generation of loss is added, and
+a lossy source stays flagged by its LossyImageCompression attribute. A chosen syntax is lossless too.
 """
 
 from __future__ import annotations
@@ -37,16 +38,32 @@ _PALETTE_TAGS = (0x00281101, 0x00281102, 0x00281103, 0x00281199, 0x00281201, 0x0
                  0x00281221, 0x00281222, 0x00281223)
 
 
-def output_transfer_syntax(source: UID) -> UID:
-    if source in _NATIVE:
-        return source
-    if source in _LOSSLESS_ENCODED:
-        try:
-            if get_encoder(source).is_available:
-                return source
-        except NotImplementedError:
-            pass
+#: DICOM_OUTPUT_SYNTAX's choices other than `source`.
+OUTPUT_SYNTAXES: dict[str, UID] = {
+    "explicit": ExplicitVRLittleEndian,
+    "rle": RLELossless,
+    "jpeg-ls": JPEGLSLossless,
+    "jpeg-2000": JPEG2000Lossless,
+}
+
+
+def output_transfer_syntax(source: UID, choice: str = "source") -> UID:
+    """The transfer syntax of the outputs of an object stored in `source`: `choice` (a key of OUTPUT_SYNTAXES), or
+    for `source` the source's own where it is lossless and can be encoded here; explicit VR little endian when the
+    syntax's encoder is not installed."""
+    wanted = source if choice == "source" else OUTPUT_SYNTAXES[choice]
+    if wanted in _NATIVE:
+        return wanted
+    if wanted in _LOSSLESS_ENCODED and _can_encode(wanted):
+        return wanted
     return ExplicitVRLittleEndian
+
+
+def _can_encode(syntax: UID) -> bool:
+    try:
+        return bool(get_encoder(syntax).is_available)
+    except NotImplementedError:
+        return False
 
 
 def header_without_pixels(dataset: Dataset) -> Dataset:
@@ -99,7 +116,12 @@ def encode_instance(
             dataset["PixelData"].is_undefined_length = True
             dataset.file_meta.TransferSyntaxUID = transfer_syntax
         elif transfer_syntax in _LOSSLESS_ENCODED:
-            dataset.compress(transfer_syntax, generate_instance_uid=False)
+            try:
+                dataset.compress(transfer_syntax, generate_instance_uid=False)
+            except ValueError:
+                # The encoder refuses pixels its syntax cannot hold (JPEG-LS: fewer than 2 bits stored), before it
+                # changes anything: they are written uncompressed, losslessly all the same.
+                dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         else:
             dataset.file_meta.TransferSyntaxUID = transfer_syntax
         dataset.file_meta.MediaStorageSOPClassUID = dataset.SOPClassUID

@@ -235,6 +235,7 @@ def _finish_dicom(
     timings: dict[str, float],
 ) -> Analysis:
     from service.dicom.instances import anonymized_instance, processed_instance, source_rows
+    from service.dicom.write import output_transfer_syntax
 
     if not request.deid_key:
         raise RuntimeError("DICOM de-identification needs PSEUDONYM_KEY; the request carried none")
@@ -249,14 +250,19 @@ def _finish_dicom(
     stamped = np.stack([stamp_label(frame, prediction.stamp_text, avoid=avoid, white=white, black=black)
                         for frame in image.frames])
     model = f"{spec.name} {spec.version}"
-    rows = source_rows(image)
-    processed = _dicom_output(lambda: processed_instance(image, stamped, prediction, model=model, rows=rows))
+    syntax = output_transfer_syntax(image.transfer_syntax, request.dicom_output_syntax)
+    rows = source_rows(image, syntax)
+    processed = _dicom_output(
+        lambda: processed_instance(image, stamped, prediction, model=model, transfer_syntax=syntax, rows=rows)
+    )
     timings["stamp"] = time.perf_counter() - started
     # Always de-identified, whatever the anonymization policy: a DICOM object carries patient data in its header
     # as well as its pixels, and an object the model did not assess still needs its anonymized copy.
     started = time.perf_counter()
     cleaned = np.stack([blur_text_regions(frame, text.redact) for frame, text in zip(image.frames, found, strict=True)])
-    anonymized = _dicom_output(lambda: anonymized_instance(image, cleaned, secret=request.deid_key, rows=rows))
+    anonymized = _dicom_output(
+        lambda: anonymized_instance(image, cleaned, secret=request.deid_key, transfer_syntax=syntax, rows=rows)
+    )
     timings["anonymize"] = time.perf_counter() - started
     return Analysis(
         prediction=prediction,

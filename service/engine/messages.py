@@ -66,6 +66,8 @@ class AnalysisRequest:
     anonymize_always: bool
     #: PSEUDONYM_KEY: keys the de-identification of DICOM headers (new UIDs, patient pseudonym).
     deid_key: bytes = field(default=b"", repr=False)
+    #: DICOM_OUTPUT_SYNTAX: the transfer syntax of DICOM outputs (service.dicom.write.OUTPUT_SYNTAXES).
+    dicom_output_syntax: str = "source"
 
 
 #: A batch's per-item outcome: the analysis, or the error that belongs to that item alone.

@@ -59,6 +59,7 @@ class InferenceEngine:
         limits: ImageLimits,
         deid_key: bytes,
         text: TextOptions,
+        dicom_output_syntax: str = "source",
         start_timeout_s: float = 300.0,
         batch_max_size: int = 8,
         batch_max_wait_ms: float = 5.0,
@@ -71,6 +72,7 @@ class InferenceEngine:
         self._threads = threads_per_worker
         self._limits = limits
         self._deid_key = deid_key
+        self._dicom_output_syntax = dicom_output_syntax
         self._text = text
         self._start_timeout_s = start_timeout_s
         self._restart_limit = restart_limit
@@ -105,6 +107,7 @@ class InferenceEngine:
             limits=ImageLimits(settings.max_image_bytes, settings.max_image_pixels),
             deid_key=settings.effective_pseudonym_key,
             text=TextOptions(settings.effective_text_models_dir, keep_markers=not settings.redact_orientation_markers),
+            dicom_output_syntax=settings.dicom_output_syntax,
             start_timeout_s=settings.worker_start_timeout_s,
             batch_max_size=settings.batch_max_size,
             batch_max_wait_ms=settings.batch_max_wait_ms,
@@ -188,7 +191,8 @@ class InferenceEngine:
         answers it within INFERENCE_TIMEOUT_S, when its worker dies, or at shutdown."""
         if not self.ready:
             raise ModelNotReady("the model is not loaded yet")
-        future = self._batcher.submit(AnalysisRequest(data, anonymize_always, self._deid_key))
+        future = self._batcher.submit(AnalysisRequest(data, anonymize_always, self._deid_key,
+                                                      self._dicom_output_syntax))
         try:
             # The batcher answers by the deadline; this bound holds even if its dispatcher could not be kept running.
             outcome = await asyncio.wait_for(future, self._inference_timeout_s + _DEADLINE_GRACE_S)

@@ -50,6 +50,8 @@ class Case:
     classified: bool
     #: Transfer syntax of both outputs.
     output_syntax: UID
+    #: DICOM_OUTPUT_SYNTAX.
+    syntax_choice: str = "source"
 
     @property
     def frames(self) -> int:
@@ -74,6 +76,17 @@ CASES = [
     Case("us-rgb-3frames-jpeg-baseline", dict(modality="US", photometric="RGB", bits_stored=8, frames=3, rows=256,
                                               columns=256, transfer_syntax=uid.JPEGBaseline8Bit), False,
          uid.ExplicitVRLittleEndian),
+    # An operator's choice of output syntax (DICOM_OUTPUT_SYNTAX), lossless whatever the source.
+    Case("pt-rgb-j2k-lossless-as-rle", dict(modality="PT", photometric="RGB", bits_stored=8, rows=256, columns=256,
+                                            transfer_syntax=uid.JPEG2000Lossless), False, uid.RLELossless, "rle"),
+    Case("dx-12bit-explicit-as-jpeg-ls", dict(modality="DX", bits_stored=12, rows=256, columns=256,
+                                              transfer_syntax=uid.ExplicitVRLittleEndian), True, uid.JPEGLSLossless,
+         "jpeg-ls"),
+    Case("ct-signed16-jpegls-as-jpeg-2000", dict(modality="CT", signed=True, bits_stored=16,
+                                                 transfer_syntax=uid.JPEGLSLossless), False, uid.JPEG2000Lossless,
+         "jpeg-2000"),
+    Case("cr-rle-as-explicit", dict(modality="CR", bits_stored=12, rows=256, columns=256,
+                                    transfer_syntax=uid.RLELossless), True, uid.ExplicitVRLittleEndian, "explicit"),
 ]
 by_case = pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
 
@@ -134,8 +147,9 @@ class Analyzed:
 
 
 def _analyze(sources: list[bytes], spec: ModelSpec, model: ConstantModel | None = None,
-             key: bytes = KEY) -> list[AnalysisOutcome]:
-    requests = [AnalysisRequest(data, anonymize_always=False, deid_key=key) for data in sources]
+             key: bytes = KEY, syntaxes: list[str] | None = None) -> list[AnalysisOutcome]:
+    requests = [AnalysisRequest(data, anonymize_always=False, deid_key=key, dicom_output_syntax=syntax)
+                for data, syntax in zip(sources, syntaxes or ["source"] * len(sources), strict=True)]
     return analyze_batch(requests, spec=spec, predict=model or ConstantModel(), limits=LIMITS,
                          detector=shared_text_detector())
 
@@ -147,7 +161,7 @@ def batch(spec: ModelSpec) -> tuple[dict[str, Analyzed], ConstantModel]:
     sources = [make_dicom(burned_in=BURNED, patient=PATIENT, study=study, **case.kwargs)
                for case, study in zip(CASES, studies, strict=True)]
     model = ConstantModel()
-    outcomes = _analyze(sources, spec, model)
+    outcomes = _analyze(sources, spec, model, syntaxes=[case.syntax_choice for case in CASES])
     analyzed = {case.name: Analyzed(case, study, data, outcome)
                 for case, study, data, outcome in zip(CASES, studies, sources, outcomes, strict=True)}
     return analyzed, model
@@ -303,7 +317,7 @@ def test_outputs_are_the_same_bytes_when_the_same_object_is_analyzed_again(
 ) -> None:
     """At-least-once delivery may analyze an object twice: both versions written must be identical."""
     analyzed = list(batch[0].values())
-    again = _analyze([item.source for item in analyzed], spec)
+    again = _analyze([item.source for item in analyzed], spec, syntaxes=[item.case.syntax_choice for item in analyzed])
     for item, outcome in zip(analyzed, again, strict=True):
         assert isinstance(outcome, Analysis)
         assert outcome.stamped == item.processed, item.case.name

@@ -273,6 +273,27 @@ def test_dicom_folder_gets_dcm_outputs_not_assessed_rows_and_a_rerun_skips_every
     assert "0 processed, 5 skipped, 0 failed" in capsys.readouterr().err
 
 
+def test_dicom_outputs_are_written_in_the_syntax_the_operator_chose(
+    tool_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, tiny_spec: Path, tmp_path: Path
+) -> None:
+    """DICOM_OUTPUT_SYNTAX reaches the workers: a JPEG 2000 source's two outputs are RLE, with its pixels."""
+    from pydicom import uid
+
+    monkeypatch.setenv("MODEL_URI", str(chest_model(tiny_spec, tmp_path / "model")))
+    monkeypatch.setenv("DICOM_OUTPUT_SYNTAX", "rle")
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    source = make_dicom(modality="CR", bits_stored=12, rows=256, columns=256, transfer_syntax=uid.JPEG2000Lossless)
+    (folder / "chest.dcm").write_bytes(source)
+    assert main(["process", str(folder), "--out", str(out)]) == 0
+    outputs = sorted((out / "processed").rglob("*.dcm")) + sorted((out / "anonymized").rglob("*.dcm"))
+    assert len(outputs) == 2
+    for path in outputs:
+        written = read(path.read_bytes())
+        assert written.file_meta.TransferSyntaxUID == uid.RLELossless
+        assert written.pixel_array.shape == read(source).pixel_array.shape
+
+
 def test_dicom_objects_from_s3_to_s3_and_a_rerun_that_fetches_only_what_was_misnamed(
     tool_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, tiny_spec: Path, rgw: Any, s3: Any,
     input_bucket: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
