@@ -37,8 +37,10 @@ _UNVERIFIED_MAX_PIXELS = 32 * 32
 _CROP_MARGIN_LINES = 1.5
 _CROP_MARGIN_PX = 8
 _MAX_CROP_MARGIN_PX = 64
-#: At most this much plain background is added where the image's edge cuts a crop's margin off.
+#: At most this much plain background is added where the image's edge cuts a crop's margin off; its level is the
+#: median of at most about this many of the crop's pixels.
 _EDGE_PAD_PX = 16
+_MEDIAN_SAMPLE_PIXELS = 1_000_000
 #: Text is scaled down to about this height: the detector finds lines from ~8 px up, and fewer pixels cost less.
 _TEXT_HEIGHT_PX = 20
 #: Lines thinner than this (specks of noise or texture) do not set a crop's scale when thicker lines are there.
@@ -58,8 +60,12 @@ _MAX_CROP_PIXELS = 640 * 640
 #: pixels, and it still reads text of this height.
 _LARGE_CROP_PIXELS = 100_000
 _LARGE_CROP_TEXT_HEIGHT_PX = 14
-#: At most this many proposal pixels are verified in one image (about half a second of the detector's CPU).
+#: At most this many proposal pixels, and this many pixels of crops, are verified in one image (about half a second
+#: of the detector's CPU).
 _MAX_VERIFIED_PIXELS = 2_500_000
+#: Crops go to the detector in mosaics of at most this many pixels (plus packing): ONNX Runtime keeps the memory of
+#: its largest run for the worker's lifetime, about 140 MB per megapixel of mosaic.
+_MAX_MOSAIC_PIXELS = 1_000_000
 #: A proposal this much taller than wide runs vertically: its crop is turned to horizontal.
 _VERTICAL_ASPECT = 1.5
 #: The mosaic: crops on shelves this far apart (the detector's input is a multiple of 32).
@@ -214,11 +220,16 @@ class TextDetector:
             # A letter alone in its proposal first (a film's marker), then the largest.
             glyphs += [(len(inside) > 1, -int(line[2] * line[3]), tuple(int(value) for value in line))
                        for line in inside if _glyph_shaped(line)]
+        # More to verify than a worker should spend on one image (text or texture everywhere: the proposals, or the
+        # crops made of them and of the lines in blocks): what the line search found is redacted as it stands.
+        # Privacy first; the anatomy under the proposals is lost.
+        unverified = TextFindings(redact=sorted(proposals, key=lambda box: (box[1], box[0])), markers=[])
         if sum(min(box[2] * box[3], _MAX_CROP_PIXELS) for box, _ in to_verify) > _MAX_VERIFIED_PIXELS:
-            # More to verify than a worker should spend on one image (text or texture everywhere): redact what the
-            # line search found, as it stands. Privacy first; the anatomy under the proposals is lost.
-            return TextFindings(redact=sorted(proposals, key=lambda box: (box[1], box[0])), markers=[])
-        lines = [*self._verified_lines(image, to_verify, within_blocks), *lone_markers]
+            return unverified
+        crops = _verification_crops(image, to_verify, within_blocks)
+        if sum(crop.mosaic_width * crop.mosaic_height for crop, _ in crops) > _MAX_VERIFIED_PIXELS:
+            return unverified
+        lines = [*self._verified_lines(image, crops), *lone_markers]
         # The detector does not see every lone letter as text (an `L` is two strokes; a large serif `R`): a
         # letter-shaped blob of the line search, where the detector found nothing, is read by the recognizer, and
         # is a line if it reads as a character (the largest few: each reading costs about 2 ms).
@@ -242,23 +253,15 @@ class TextDetector:
 
     # --- verification --------------------------------------------------------------------------------------
 
-    def _verified_lines(
-        self, image: np.ndarray, proposals: list[tuple[Box, float]], within_blocks: list[tuple[Box, float]]
-    ) -> list[Box]:
-        """The text lines the detector finds in the proposals' crops (image coordinates, unpadded), and in crops of
-        the lines of text size inside blocks, unless their block's crop shows their text large enough already."""
-        crops = _crops(image, proposals)
-        crops += [(crop, piece) for crop, piece in _crops(image, within_blocks)
-                  if not any(_holds(block, crop) for block, _ in crops)]
-        if not crops:
-            return []
-        mosaic, placed = _mosaic(crops)
-        regions = DbTextDetector.regions(self._detector.probability(mosaic))
+    def _verified_lines(self, image: np.ndarray, crops: list[tuple[_Crop, np.ndarray]]) -> list[Box]:
+        """The text lines the detector finds in `crops` (image coordinates, unpadded)."""
         lines = []
-        for region in regions:
-            crop = _crop_holding(placed, region)
-            if crop is not None:
-                lines.append(_within(_to_image(region, crop), image.shape))
+        for group in _mosaic_groups(crops):
+            mosaic, placed = _mosaic(group)
+            for region in DbTextDetector.regions(self._detector.probability(mosaic)):
+                crop = _crop_holding(placed, region)
+                if crop is not None:
+                    lines.append(_within(_to_image(region, crop), image.shape))
         return _deduplicated(lines)
 
     # --- reading --------------------------------------------------------------------------------------------
@@ -419,13 +422,20 @@ def _crops(image: np.ndarray, proposals: list[tuple[Box, float]]) -> list[tuple[
         right, bottom = min(width, x + w + margin), min(height, y + h + margin)
         if right <= left or bottom <= top:
             continue
-        piece = _bgr(image[top:bottom, left:right])
+        # Grey stays one channel until the crop is scaled: a proposal can span most of a 100-megapixel image, and
+        # each full-resolution copy made colour would be three times as large.
+        piece = image[top:bottom, left:right]
+        piece = piece[:, :, :3] if piece.ndim == 3 else piece
         # Where the image's edge cuts the margin off, the crop gets it as plain background: the detector
         # misses text that touches its input's edge (a film's `R` or `A-P` burned flush with the border).
         pads = (top - (y - margin), (y + h + margin) - bottom, left - (x - margin), (x + w + margin) - right)
         edge = tuple(min(pad, _EDGE_PAD_PX) if pad > 0 else 0 for pad in pads)
         if any(edge):
-            background = [int(value) for value in np.median(piece.reshape(-1, 3), axis=0)]
+            # The background's median, from a sample of at most about a megapixel (every pixel of smaller crops).
+            step = max(1, int(np.ceil(np.sqrt(piece.shape[0] * piece.shape[1] / _MEDIAN_SAMPLE_PIXELS))))
+            sample = np.ascontiguousarray(piece[::step, ::step])
+            channels = cv2.split(sample) if sample.ndim == 3 else [sample]
+            background = [int(_percentiles(channel, (50,))[0]) for channel in channels]
             piece = cv2.copyMakeBorder(piece, *edge, cv2.BORDER_CONSTANT, value=background)
             left, top, right, bottom = left - edge[2], top - edge[0], right + edge[3], bottom + edge[1]
         turned = h > _VERTICAL_ASPECT * w
@@ -441,7 +451,18 @@ def _crops(image: np.ndarray, proposals: list[tuple[Box, float]]) -> list[tuple[
             piece = cv2.resize(piece, size, interpolation=cv2.INTER_AREA)
         crop = _Crop(left, top, right - left, bottom - top, scale, turned, text_height, 0, 0, piece.shape[1],
                      piece.shape[0])
-        crops.append((crop, _stretched(piece)))
+        crops.append((crop, _stretched(_bgr(piece))))
+    return crops
+
+
+def _verification_crops(
+    image: np.ndarray, proposals: list[tuple[Box, float]], within_blocks: list[tuple[Box, float]]
+) -> list[tuple[_Crop, np.ndarray]]:
+    """The crops the detector reads: the proposals', and those of the lines of text size inside blocks, unless their
+    block's crop shows their text large enough already."""
+    crops = _crops(image, proposals)
+    crops += [(crop, piece) for crop, piece in _crops(image, within_blocks)
+              if not any(_holds(block, crop) for block, _ in crops)]
     return crops
 
 
@@ -462,11 +483,9 @@ def _block_lines(inside: np.ndarray) -> list[tuple[Box, float]]:
     chosen = thick_enough & (across <= limit)
     lines, across = inside[chosen].astype(np.int64), across[chosen]
     pad = np.ceil(across / 2).astype(np.int64)
-    left, top = lines[:, 0] - pad, lines[:, 1] - pad
-    right, bottom = lines[:, 0] + lines[:, 2] + pad, lines[:, 1] + lines[:, 3] + pad
-    touching = ((left[:, None] < right[None, :]) & (left[None, :] < right[:, None])
-                & (top[:, None] < bottom[None, :]) & (top[None, :] < bottom[:, None]))
-    groups = _connected(touching)
+    padded = np.stack([lines[:, 0] - pad, lines[:, 1] - pad, lines[:, 0] + lines[:, 2] + pad,
+                       lines[:, 1] + lines[:, 3] + pad], 1)
+    groups = _touching_groups(padded)
     found = []
     for members in groups:
         group = lines[members]
@@ -478,23 +497,32 @@ def _block_lines(inside: np.ndarray) -> list[tuple[Box, float]]:
     return found
 
 
-def _connected(adjacent: np.ndarray) -> list[np.ndarray]:
-    """The connected groups of a symmetric adjacency matrix, as index arrays."""
-    unseen = np.ones(len(adjacent), bool)
-    groups = []
-    for start in range(len(adjacent)):
-        if not unseen[start]:
-            continue
-        members = np.zeros(len(adjacent), bool)
-        members[start] = True
-        frontier = members.copy()
-        while frontier.any():
-            reached = adjacent[frontier].any(axis=0) & ~members
-            members |= reached
-            frontier = reached
-        unseen &= ~members
-        groups.append(np.flatnonzero(members))
-    return groups
+def _touching_groups(boxes: np.ndarray) -> list[np.ndarray]:
+    """The groups of `boxes` (left, top, right, bottom rows) that overlap, directly or through others, as index
+    arrays in order of their first member. A photo's texture makes thousands of lines in one block: the pairs are
+    found through the boxes sorted by top (not in a boxes x boxes matrix) and joined by union-find."""
+    parent = np.arange(len(boxes))
+
+    def root(index: int) -> int:
+        while parent[index] != index:
+            parent[index] = parent[parent[index]]
+            index = parent[index]
+        return index
+
+    by_top = np.argsort(boxes[:, 1], kind="stable")
+    sorted_tops = boxes[by_top, 1]
+    tallest = int((boxes[:, 3] - boxes[:, 1]).max()) if len(boxes) else 0
+    for index, (left, top, right, bottom) in enumerate(boxes):
+        near = by_top[np.searchsorted(sorted_tops, top - tallest) : np.searchsorted(sorted_tops, bottom)]
+        near = near[near > index]
+        overlapping = near[(boxes[near, 0] < right) & (left < boxes[near, 2]) & (boxes[near, 1] < bottom)
+                           & (top < boxes[near, 3])]
+        for other in overlapping:
+            first, second = root(index), root(int(other))
+            if first != second:
+                parent[max(first, second)] = min(first, second)
+    roots = np.array([root(index) for index in range(len(boxes))], np.int64)
+    return [np.flatnonzero(roots == group) for group in np.unique(roots)]
 
 
 def _holds(block: _Crop, crop: _Crop) -> bool:
@@ -508,6 +536,20 @@ def _holds(block: _Crop, crop: _Crop) -> bool:
         and max(0, across) * max(0, down) >= _HELD_SHARE * crop.width * crop.height
         and crop.text_height * block.scale >= min(_LARGE_CROP_TEXT_HEIGHT_PX, crop.text_height * crop.scale)
     )
+
+
+def _mosaic_groups(crops: list[tuple[_Crop, np.ndarray]]) -> list[list[tuple[_Crop, np.ndarray]]]:
+    """`crops` in groups of at most _MAX_MOSAIC_PIXELS (tallest first), one mosaic each."""
+    groups: list[list[tuple[_Crop, np.ndarray]]] = []
+    pixels = 0
+    for item in sorted(crops, key=lambda item: -item[0].mosaic_height):
+        area = item[0].mosaic_width * item[0].mosaic_height
+        if not groups or pixels + area > _MAX_MOSAIC_PIXELS:
+            groups.append([])
+            pixels = 0
+        groups[-1].append(item)
+        pixels += area
+    return groups
 
 
 def _mosaic(crops: list[tuple[_Crop, np.ndarray]]) -> tuple[np.ndarray, list[_Crop]]:

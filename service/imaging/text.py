@@ -333,34 +333,45 @@ def _extend_along_rows(lines: np.ndarray, candidates: np.ndarray) -> np.ndarray:
     """Grow each accepted line sideways over candidate blobs in its row, so faint words of a line join it."""
     if not len(lines) or not len(candidates):
         return lines
-    row_top, row_bottom = (
-        lines[:, 1:2].astype(np.float64),
-        (lines[:, 1] + lines[:, 3])[:, None].astype(np.float64),
-    )
-    row_height = row_bottom - row_top
-    grown = np.stack([lines[:, 0], lines[:, 1], lines[:, 0] + lines[:, 2], lines[:, 1] + lines[:, 3]], 1)
-    cand_left, cand_top = candidates[None, :, 0], candidates[None, :, 1]
-    cand_right, cand_bottom = cand_left + candidates[None, :, 2], cand_top + candidates[None, :, 3]
-    cand_height = candidates[None, :, 3]
-    # Rows stay those of the original lines, so a line cannot snowball up or down over anatomy.
-    overlap = np.minimum(row_bottom, cand_bottom) - np.maximum(row_top, cand_top)
-    in_row = (overlap >= 0.5 * np.minimum(row_height, cand_height)) & (
-        cand_height <= _MAX_SAME_LINE_HEIGHT * row_height
-    )
+    line_top, line_bottom = lines[:, 1], lines[:, 1] + lines[:, 3]
+    cand_left, cand_top = candidates[:, 0], candidates[:, 1]
+    cand_right, cand_bottom, cand_height = cand_left + candidates[:, 2], cand_top + candidates[:, 3], candidates[:, 3]
+    # The (line, candidate) pairs in one row, found through the candidates sorted by their top: texture can make
+    # thousands of each, and a lines x candidates matrix would not fit in memory. Rows stay those of the original
+    # lines, so a line cannot snowball up or down over anatomy.
+    by_top = np.argsort(cand_top, kind="stable")
+    sorted_tops = cand_top[by_top]
+    tallest = int(cand_height.max())
+    pair_lines, pair_candidates = [], []
+    for line in range(len(lines)):
+        top, bottom, height = int(line_top[line]), int(line_bottom[line]), int(lines[line, 3])
+        near = by_top[np.searchsorted(sorted_tops, top - tallest) : np.searchsorted(sorted_tops, bottom, "right")]
+        overlap = np.minimum(bottom, cand_bottom[near]) - np.maximum(top, cand_top[near])
+        in_row = (overlap >= 0.5 * np.minimum(height, cand_height[near])) & (
+            cand_height[near] <= _MAX_SAME_LINE_HEIGHT * height
+        )
+        pair_candidates.append(np.sort(near[in_row]))
+        pair_lines.append(np.full(len(pair_candidates[-1]), line))
+    pair_line, pair_candidate = np.concatenate(pair_lines), np.concatenate(pair_candidates)
+    reach = _SAME_LINE_GAP * np.minimum(lines[pair_line, 3], cand_height[pair_candidate])
+    grown = np.stack([lines[:, 0], line_top, lines[:, 0] + lines[:, 2], line_bottom], 1)
     taken = np.zeros(len(candidates), bool)
     while True:
-        gap = np.maximum(cand_left - grown[:, 2:3], grown[:, 0:1] - cand_right)
-        joins = in_row & (gap <= _SAME_LINE_GAP * np.minimum(row_height, cand_height)) & ~taken[None, :]
+        gap = np.maximum(
+            cand_left[pair_candidate] - grown[pair_line, 2], grown[pair_line, 0] - cand_right[pair_candidate]
+        )
+        joins = (gap <= reach) & ~taken[pair_candidate]
         if not joins.any():
             break
-        for line, candidate in zip(*np.nonzero(joins), strict=True):
+        # In order of line, then candidate: a candidate two lines reach joins the first.
+        for line, candidate in zip(pair_line[joins], pair_candidate[joins], strict=True):
             if taken[candidate]:
                 continue
             taken[candidate] = True
-            grown[line, 0] = min(grown[line, 0], candidates[candidate, 0])
-            grown[line, 1] = min(grown[line, 1], candidates[candidate, 1])
-            grown[line, 2] = max(grown[line, 2], candidates[candidate, 0] + candidates[candidate, 2])
-            grown[line, 3] = max(grown[line, 3], candidates[candidate, 1] + candidates[candidate, 3])
+            grown[line, 0] = min(grown[line, 0], cand_left[candidate])
+            grown[line, 1] = min(grown[line, 1], cand_top[candidate])
+            grown[line, 2] = max(grown[line, 2], cand_right[candidate])
+            grown[line, 3] = max(grown[line, 3], cand_bottom[candidate])
     return np.stack([grown[:, 0], grown[:, 1], grown[:, 2] - grown[:, 0], grown[:, 3] - grown[:, 1]], 1)
 
 

@@ -14,6 +14,7 @@ boxes go through the redaction as a worker applies it (`blur_text_regions`), wit
 from __future__ import annotations
 
 import dataclasses
+import tracemalloc
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cache
@@ -23,6 +24,8 @@ import cv2
 import numpy as np
 import pytest
 from conftest import VALIDATION_IMAGES
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from modalities import INKS, PLACES, WHITE, Burn, as_bgr, burn_in, chest_grain, ct_scout, marker, mr_slice, pet
 from ocr_oracle import Box, View, block_views, crop, patient_tokens, tokens_read
 
@@ -401,6 +404,90 @@ def test_too_much_to_verify_redacts_what_the_line_search_found(
     monkeypatch.setattr(detection, "_MAX_VERIFIED_PIXELS", 1)
     findings = text_detector.find(pixels)
     assert findings.redact == propose_text(pixels)[1] and findings.markers == []
+
+
+def test_a_texture_whose_crops_are_too_many_pixels_is_redacted_unverified(
+    text_detector: TextDetector, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Blurred noise (a hostile image): few proposals, each a block of thousands of lines, whose crops and block-line
+    crops together are more than a worker should verify. The detector never sees them (it would have run on a
+    mosaic of several megapixels, whose memory ONNX Runtime keeps); what the line search found is redacted."""
+    rng = np.random.default_rng(0)
+    pixels = cv2.GaussianBlur(rng.integers(0, 256, (3000, 3000), dtype=np.uint8), (0, 0), 1.5)
+    proposals = propose_text(pixels)[1]
+    first_budget = sum(min(w * h, detection._MAX_CROP_PIXELS) for _, _, w, h in proposals)
+    assert first_budget <= detection._MAX_VERIFIED_PIXELS, "caught by the first budget: choose another image"
+    runs: list[tuple[int, ...]] = []
+    probability = DbTextDetector.probability
+    monkeypatch.setattr(DbTextDetector, "probability",
+                        lambda self, mosaic: runs.append(mosaic.shape) or probability(self, mosaic))
+    findings = text_detector.find(pixels)
+    assert runs == [] and findings == TextFindings(redact=proposals, markers=[])
+
+
+def test_crops_go_to_the_detector_in_mosaics_of_bounded_size(
+    text_detector: TextDetector, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With mosaics of one crop each, the detector runs once per crop, and the text is still redacted."""
+    case = next(case for case in CASES if case.name == "ct-scout-16-bit-bgr-green-date")
+    pixels, boxes = scene(case)
+    mosaics: list[int] = []
+    mosaic = detection._mosaic
+    monkeypatch.setattr(detection, "_mosaic", lambda crops: mosaics.append(len(crops)) or mosaic(crops))
+    text_detector.find(pixels)
+    assert mosaics and max(mosaics) > 1, "the case's crops no longer share a mosaic: choose another case"
+    crops, mosaics[:] = sum(mosaics), []
+    monkeypatch.setattr(detection, "_MAX_MOSAIC_PIXELS", 1)
+    after = blur_text_regions(pixels, text_detector.find(pixels).redact)
+    assert mosaics == [1] * crops
+    texts = [(burn, box) for burn, box in zip(case.burns, boxes, strict=True) if not burn.is_marker]
+    groups = [_attacker_views(image, box, burn) for burn, box in texts for image in (after, pixels)]
+    read = tokens_read(groups, [line for burn, _ in texts for line in burn.lines])
+    for (burn, _), leaked, before in zip(texts, read[::2], read[1::2], strict=True):
+        assert before & patient_tokens(burn.lines) and not leaked, (burn.lines, sorted(leaked))
+
+
+def test_a_crop_of_most_of_a_huge_image_is_made_without_full_size_colour_copies() -> None:
+    """A 36-megapixel grey image proposed nearly whole, at its edges: its crop is scaled from grey, and the edge's
+    background level comes from a sample, so making it costs about one grey copy (it took three colour ones and a
+    sort: 250 MB)."""
+    pixels = np.random.default_rng(0).integers(0, 256, (6000, 6000), dtype=np.uint8)
+    tracemalloc.start()
+    try:
+        [(crop, piece)] = detection._crops(pixels, [((5, 5, 5990, 5990), 20.0)])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert piece.shape == (crop.mosaic_height, crop.mosaic_width, 3) and crop.mosaic_width <= 640
+    assert peak < 80 * 2**20, f"{peak / 2**20:.0f} MiB"
+
+
+def _groups_by_matrix(boxes: np.ndarray) -> list[list[int]]:
+    """Connected groups of overlapping boxes (left, top, right, bottom), through the dense overlap matrix."""
+    left, top, right, bottom = boxes.T
+    overlap = ((left[:, None] < right[None, :]) & (left[None, :] < right[:, None]) & (top[:, None] < bottom[None, :])
+               & (top[None, :] < bottom[:, None]))  # fmt: skip
+    groups: list[list[int]] = []
+    seen: set[int] = set()
+    for start in range(len(boxes)):
+        if start in seen:
+            continue
+        group, frontier = {start}, [start]
+        while frontier:
+            reached = {int(other) for index in frontier for other in np.flatnonzero(overlap[index])} - group
+            group |= reached
+            frontier = list(reached)
+        seen |= group
+        groups.append(sorted(group))
+    return groups
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 200), st.integers(0, 200), st.integers(1, 40), st.integers(1, 40)),
+                min_size=1, max_size=40))
+def test_touching_groups_are_the_connected_groups_of_overlapping_boxes(rows: list[tuple[int, int, int, int]]) -> None:
+    boxes = np.array([(x, y, x + w, y + h) for x, y, w, h in rows], np.int64)
+    assert [group.tolist() for group in detection._touching_groups(boxes)] == _groups_by_matrix(boxes)
 
 
 def test_reading_is_bounded_and_what_is_not_read_is_redacted(

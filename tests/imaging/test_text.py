@@ -1,0 +1,99 @@
+"""The line search (service.imaging.text) on its own: what it proposes in colour, and how its row extension
+scales. What it finds on real and synthetic images is tested through the cascade (test_detection.py,
+test_privacy.py, test_imaging.py)."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import cv2
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from service.imaging.text import _MAX_SAME_LINE_HEIGHT, _SAME_LINE_GAP, _extend_along_rows, propose_text
+
+
+def _covered(boxes: list[tuple[int, int, int, int]], box: tuple[int, int, int, int]) -> float:
+    mask = np.zeros((1000, 1000), bool)
+    for x, y, w, h in boxes:
+        mask[y : y + h, x : x + w] = True
+    x, y, w, h = box
+    return float(mask[y : y + h, x : x + w].mean())
+
+
+def test_coloured_text_as_bright_as_its_background_in_grey_is_proposed() -> None:
+    """Green letters on a grey body of the same brightness: nothing to see in grey, plain in the green channel."""
+    grey = np.full((300, 500), 150, np.uint8)
+    colour = cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR)
+    ink = (51, 220, 51)  # BGR: the grey of this green is 150
+    assert abs(int(cv2.cvtColor(np.uint8([[ink]]), cv2.COLOR_BGR2GRAY)[0, 0]) - 150) <= 1
+    cv2.putText(colour, "NORDMANN 1962", (40, 160), cv2.FONT_HERSHEY_SIMPLEX, 1.0, ink, 2, cv2.LINE_AA)
+    text_box = (40, 135, 260, 32)
+    assert _covered(propose_text(cv2.cvtColor(colour, cv2.COLOR_BGR2GRAY))[1], text_box) < 0.5
+    assert _covered(propose_text(colour)[1], text_box) > 0.95
+
+
+def test_grey_stored_as_colour_is_proposed_as_grey() -> None:
+    grey = np.full((200, 400), 40, np.uint8)
+    cv2.putText(grey, "ID 48213", (30, 110), cv2.FONT_HERSHEY_SIMPLEX, 1.0, 230, 2, cv2.LINE_AA)
+    lines, proposals = propose_text(cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR))
+    expected_lines, expected = propose_text(grey)
+    assert proposals == expected and np.array_equal(lines, expected_lines) and proposals
+
+
+def _extended_by_matrix(lines: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """The row extension as first written: every line against every candidate, in lines x candidates matrices."""
+    if not len(lines) or not len(candidates):
+        return lines
+    top, bottom = lines[:, 1:2], (lines[:, 1] + lines[:, 3])[:, None]
+    height = bottom - top
+    grown = np.stack([lines[:, 0], lines[:, 1], lines[:, 0] + lines[:, 2], lines[:, 1] + lines[:, 3]], 1)
+    left, cand_top = candidates[None, :, 0], candidates[None, :, 1]
+    cand_height = candidates[None, :, 3]
+    right, cand_bottom = left + candidates[None, :, 2], cand_top + cand_height
+    overlap = np.minimum(bottom, cand_bottom) - np.maximum(top, cand_top)
+    in_row = (overlap >= 0.5 * np.minimum(height, cand_height)) & (cand_height <= _MAX_SAME_LINE_HEIGHT * height)
+    taken = np.zeros(len(candidates), bool)
+    while True:
+        gap = np.maximum(left - grown[:, 2:3], grown[:, 0:1] - right)
+        joins = in_row & (gap <= _SAME_LINE_GAP * np.minimum(height, cand_height)) & ~taken[None, :]
+        if not joins.any():
+            return np.stack([grown[:, 0], grown[:, 1], grown[:, 2] - grown[:, 0], grown[:, 3] - grown[:, 1]], 1)
+        for line, candidate in zip(*np.nonzero(joins), strict=True):
+            if not taken[candidate]:
+                taken[candidate] = True
+                x, y, w, h = candidates[candidate]
+                grown[line] = [min(grown[line, 0], x), min(grown[line, 1], y), max(grown[line, 2], x + w),
+                               max(grown[line, 3], y + h)]  # fmt: skip
+
+
+_boxes = st.lists(st.tuples(st.integers(0, 300), st.integers(0, 200), st.integers(1, 60), st.integers(1, 30)),
+                  max_size=40).map(lambda rows: np.array(rows, np.int64).reshape(-1, 4))  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(_boxes, _boxes, st.booleans())
+def test_row_extension_is_the_matrix_one(lines: np.ndarray, candidates: np.ndarray, lines_are_candidates: bool) -> None:
+    if lines_are_candidates:  # as in the search: every accepted line is a candidate too
+        candidates = np.concatenate([candidates, lines])
+    np.testing.assert_array_equal(_extend_along_rows(lines, candidates), _extended_by_matrix(lines, candidates))
+
+
+def test_row_extension_of_a_texture_fits_in_memory() -> None:
+    """Texture (noise, a photo, a 100-megapixel hostile image) makes thousands of lines and tens of thousands of
+    candidates: their matrices would take gigabytes (3000 x 40000 x 8 bytes each), the pairs in a row do not."""
+    rng = np.random.default_rng(0)
+
+    def blobs(count: int) -> np.ndarray:
+        return np.stack([rng.integers(0, 3000, count), rng.integers(0, 3000, count), rng.integers(4, 30, count),
+                         rng.integers(4, 12, count)], 1)  # fmt: skip
+
+    lines, candidates = blobs(3000), blobs(40000)
+    tracemalloc.start()
+    try:
+        grown = _extend_along_rows(lines, candidates)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert grown.shape == lines.shape and peak < 100 * 2**20, f"{peak / 2**20:.0f} MiB"
