@@ -99,6 +99,10 @@ _LONE_LETTER_SPREAD = 1.5
 #: of squat regions, each reading costs 2-4 ms): possible markers first, then squat regions, largest first. A
 #: squat region left unread is redacted, and a possible marker left unread is not kept (privacy first).
 _MAX_LINE_READS = 6
+#: Squat regions side by side read as one word (a letter each) when at most this many of their heights apart: the
+#: detector finds a word's letters apart a fraction of their height from each other, not two ventricles of a brain
+#: a height apart (read as `X` and `2`).
+_LETTER_GAP = 0.5
 #: Lines are orientation markers if they stand apart from other text (nothing within this many of their heights),
 #: are short, are at most this many together, and each reads as a marker.
 _MARKER_ISOLATION = 1.5
@@ -295,13 +299,15 @@ class TextDetector:
                     reads_left -= 1
                     readings[index] = self._marker_reading(image, lines[index])
             rows = _rows(lines, group)
-            row_text = {index: _row_reading(row, lines, readings) for row in rows for index in row}
+            # A squat region is a letter of a word only with the word's other letters next to it.
+            word_text = {index: _row_reading(word, lines, readings) for row in rows for word in _words(row, lines)
+                         for index in word}
             markers = maybe_markers and all(
                 all(index in readings for index in row) and _is_marker(*_row_reading(row, lines, readings))
                 for row in rows
             )
             for index in group:
-                joined, confidence = row_text[index]
+                joined, confidence = word_text[index]
                 if markers:
                     kinds[index] = "marker" if self.keep_markers else "text"
                 elif squat[index] and index in readings and not _is_marker(*readings[index]) and (
@@ -311,39 +317,28 @@ class TextDetector:
                     # the recognizer reads one line at a time: a region tall enough is read again as two rows.
                     short, long = sorted(lines[index][2:])
                     if short >= 2 * _MIN_GLYPH_PX and long >= _MIN_ROWS_ASPECT * short and reads_left >= 2:
-                        parts = self._row_parts(image, lines[index])
-                        # Rows running vertically may read either way up: the other way too if the first reads
-                        # nothing.
-                        turns = _READING_TURNS if any(map(_runs_vertically, parts)) else _READING_TURNS[:1]
-                        read_as_text = False
-                        for turn in turns:
-                            if reads_left < 2:
-                                break
-                            reads_left -= 2
-                            if any(len(read) >= 2 and sure >= _MIN_READ_CONFIDENCE
-                                   for read, sure in (self._read(image, part, _READ_MARGIN, turn) for part in parts)):
-                                read_as_text = True
-                                break
+                        read_as_text, spent = self._rows_read_as_text(image, lines[index], reads_left)
+                        reads_left -= spent
                         if read_as_text:
                             continue
                     kinds[index] = "anatomy"  # a marker letter not kept is redacted like any text
         return kinds
 
-    def _row_parts(self, image: np.ndarray, line: Box) -> list[Box]:
-        """`line` cut in two across its text, at its quietest row in the middle band: between two lines of text."""
-        x, y, width, height = line
-        piece = image[y : y + height, x : x + width]
-        grey = cv2.cvtColor(piece, cv2.COLOR_BGR2GRAY) if piece.ndim == 3 else piece
-        vertical = height > _VERTICAL_ASPECT * width
-        if vertical:
-            grey = cv2.rotate(grey, cv2.ROTATE_90_CLOCKWISE)
-        rows = grey.shape[0]
-        low, high = int(rows * _ROW_CUT_BAND[0]), max(int(rows * _ROW_CUT_BAND[1]), int(rows * _ROW_CUT_BAND[0]) + 1)
-        cut = low + int(np.argmin(grey[low:high].astype(np.float32).std(axis=1)))
-        halves = ((0, cut), (cut, rows))
-        # The turned piece's rows are the image's columns, left to right.
-        return [(x + start, y, end - start, height) if vertical else (x, y + start, width, end - start)
-                for start, end in halves]
+    def _rows_read_as_text(self, image: np.ndarray, line: Box, reads_left: int) -> tuple[bool, int]:
+        """Whether `line`, cut in two rows (_row_parts), reads as text in either: at least two characters with
+        conviction. Rows running vertically may read either way up, so they are read turned the other way too if
+        the first reads nothing (two readings each way, while `reads_left` allows). Also the readings spent."""
+        parts = _row_parts(image, line)
+        turns = _READING_TURNS if any(map(_runs_vertically, parts)) else _READING_TURNS[:1]
+        spent = 0
+        for turn in turns:
+            if reads_left - spent < len(parts):
+                break
+            spent += len(parts)
+            if any(len(read) >= 2 and sure >= _MIN_READ_CONFIDENCE
+                   for read, sure in (self._read(image, part, _READ_MARGIN, turn) for part in parts)):
+                return True, spent
+        return False, spent
 
     def _marker_reading(self, image: np.ndarray, line: Box) -> tuple[str, float]:
         """What the recognizer reads in `line`; a marker read without conviction is read once more with more of its
@@ -373,6 +368,23 @@ class TextDetector:
             readings.append(self._recognizer.read(_stretched(piece)))
         text, confidence = max(readings, key=lambda reading: reading[1])
         return re.sub(r"[^A-Z0-9]", "", text.upper()), confidence
+
+
+def _row_parts(image: np.ndarray, line: Box) -> list[Box]:
+    """`line` cut in two across its text, at its quietest row in the middle band: between two lines of text."""
+    x, y, width, height = line
+    piece = image[y : y + height, x : x + width]
+    grey = cv2.cvtColor(piece, cv2.COLOR_BGR2GRAY) if piece.ndim == 3 else piece
+    vertical = height > _VERTICAL_ASPECT * width
+    if vertical:
+        grey = cv2.rotate(grey, cv2.ROTATE_90_CLOCKWISE)
+    rows = grey.shape[0]
+    low, high = int(rows * _ROW_CUT_BAND[0]), max(int(rows * _ROW_CUT_BAND[1]), int(rows * _ROW_CUT_BAND[0]) + 1)
+    cut = low + int(np.argmin(grey[low:high].astype(np.float32).std(axis=1)))
+    halves = ((0, cut), (cut, rows))
+    # The turned piece's rows are the image's columns, left to right.
+    return [(x + start, y, end - start, height) if vertical else (x, y + start, width, end - start)
+            for start, end in halves]
 
 
 def _runs_vertically(line: Box) -> bool:
@@ -676,6 +688,21 @@ def _rows(lines: list[Box], group: list[int]) -> list[list[int]]:
                 continue
         rows.append([index])
     return [sorted(row, key=lambda index: lines[index][0]) for row in rows]
+
+
+def _words(row: list[int], lines: list[Box]) -> list[list[int]]:
+    """A row's lines (left to right) in runs set at most _LETTER_GAP of the lower one's height apart: the letters of
+    one word that the detector found apart."""
+    words: list[list[int]] = []
+    for index in row:
+        if words:
+            previous = lines[words[-1][-1]]
+            gap = lines[index][0] - (previous[0] + previous[2])
+            if gap <= _LETTER_GAP * min(previous[3], lines[index][3]):
+                words[-1].append(index)
+                continue
+        words.append([index])
+    return words
 
 
 def _row_reading(row: list[int], lines: list[Box], readings: dict[int, tuple[str, float]]) -> tuple[str, float]:
