@@ -310,8 +310,12 @@ class TextDetector:
                 joined, confidence = word_text[index]
                 if markers:
                     kinds[index] = "marker" if self.keep_markers else "text"
-                elif squat[index] and index in readings and not _is_marker(*readings[index]) and (
-                    len(joined) < 2 or confidence < _MIN_READ_CONFIDENCE
+                elif (
+                    squat[index]
+                    and index in readings
+                    # A marker letter is kept like one, unless markers are redacted: then it is text.
+                    and (self.keep_markers or not _is_marker(*readings[index]))
+                    and (len(joined) < 2 or confidence < _MIN_READ_CONFIDENCE)
                 ):
                     # Two or three lines of text set close together are one squat region to the detector, and
                     # the recognizer reads one line at a time: a region tall enough is read again as two rows.
