@@ -77,11 +77,11 @@ def propose_text(pixels: np.ndarray) -> tuple[np.ndarray, list[Box]]:
     boxes merged). The proposals of service.imaging.detection, which keeps only what is text.
 
     Classical morphology, no model: white top-hat (bright strokes) and black-hat (dark strokes) with a kernel
-    wider than any stroke; thresholded at a few times the local texture, and at rising levels wherever a blob
-    is too tall for a line or touches something; characters joined by a horizontal closing (and the same on the
-    columns, for vertical text); blobs kept if they are sharp or shaped like a text line, then extended
-    along their row over fainter words. The same search on a copy reduced four times more finds letters too large
-    for the first. Overlapping boxes are merged.
+    wider than any stroke, in grey or in each channel of a colour image (see _planes); thresholded at a few times
+    the local texture, and at rising levels wherever a blob is too tall for a line or touches something;
+    characters joined by a horizontal closing (and the same on the columns, for vertical text); blobs kept if they
+    are sharp or shaped like a text line, then extended along their row over fainter words. The same search on a
+    copy reduced four times more finds letters too large for the first. Overlapping boxes are merged.
     """
     planes = _planes(pixels)
     height, width = planes[0].shape
