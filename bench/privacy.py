@@ -14,8 +14,8 @@ oracle (Tesseract through every attack view: stretched, sharpened, strokes isola
 block in the original and in the anonymized pixels. A block the oracle cannot read in the original is not counted
 (too faint or small for Tesseract: nobody reads it either); a block with a patient token read after is a leak.
 Reported per modality and in all: images, blocks read before, blocks leaked, images with a leak, and the median
-share of the pixels away from the text (farther than TEXT_MARGIN_IN_HEIGHTS of its height from its ink) that the
-anonymized pixels keep unchanged (issue 15 asks >= 0.95).
+share of the pixels away from the text (modalities.away_from_text: farther than 0.6 of its height from its ink) that
+the anonymized pixels keep unchanged (issue 15 asks >= 0.95).
 
 `.venv/bin/python bench/privacy.py [--quick] [--images N] [--seed S] [--json] [--verbose]`. About 4 s per image on
 one core, most of it Tesseract; needs the test dependencies (`make test-deps`: Tesseract, DejaVu fonts).
@@ -28,7 +28,6 @@ import json
 import os
 import statistics
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "tests" / "imaging"))
 
-from modalities import WHITE, Burn, as_bgr, burn_in, chest_grain, ct_scout, mr_slice, pet  # noqa: E402
+from modalities import GENERATORS, WHITE, Burn, as_bgr, away_from_text, burn_in  # noqa: E402
 from ocr_oracle import Box, block_views, crop, patient_tokens, tokens_read  # noqa: E402
 
 from service.imaging.detection import TextDetector  # noqa: E402
@@ -53,15 +52,8 @@ from service.settings import ModelCacheSettings  # noqa: E402
 #: Seeds of the images: not those of the sweeps the cascade was developed on (1000s and 2000s).
 BASE_SEED = 3000
 IMAGES, QUICK_IMAGES = 48, 24
-#: As in tests/imaging/test_detection.py: pixels this many text heights from the ink count as away from the text.
-TEXT_MARGIN_IN_HEIGHTS = 0.6
-
-MODALITIES: dict[str, Callable[[np.random.Generator, int, int, int], np.ndarray]] = {
-    "ct": ct_scout,
-    "pet": lambda rng, height, width, bits: pet(rng, height, width),
-    "mr": mr_slice,
-    "chest": chest_grain,
-}
+#: The modalities, in turn (modalities.GENERATORS): CT scout, PET, MR slice, chest film with grain.
+MODALITIES = list(GENERATORS)
 FONTS = ("DejaVuSans", "DejaVuSans-Oblique", "DejaVuSansCondensed", "DejaVuSerif-Italic", "DejaVuSansMono-Bold",
          "DejaVuSerifCondensed-Bold", "DejaVuSans-ExtraLight", "DejaVuSansCondensed-BoldOblique")  # fmt: skip
 #: Names as consoles write them (ASCII transliterations).
@@ -83,13 +75,13 @@ class Scene:
 def scene(seed: int, modality: str) -> Scene:
     """The image of `seed`: `modality`'s anatomy with one to three random blocks of patient text burned in."""
     rng = np.random.default_rng(seed)
-    if modality == "chest":
+    if modality == "chest-grain":
         height, width = int(rng.integers(900, 2200)), int(rng.integers(900, 2000))
     else:
         height, width = int(rng.integers(400, 1400)), int(rng.integers(400, 1400))
     bits = 8 if modality == "pet" else int(rng.choice([8, 12, 16]))
     # The anatomy has a stream of its own, so the text's draws do not shift with the generator's.
-    pixels = MODALITIES[modality](np.random.default_rng([seed, 1]), height, width, bits)
+    pixels = GENERATORS[modality](np.random.default_rng([seed, 1]), height, width, bits)
     if pixels.ndim == 2 and rng.random() < 0.2:
         pixels = as_bgr(pixels)
     name = NAMES[int(rng.integers(len(NAMES)))]
@@ -125,10 +117,7 @@ def measure_image(detector: TextDetector, seed: int, modality: str) -> dict[str,
         readable = bool(before & patient_tokens(burn.lines))
         blocks.append({"readable": readable, "leaked": readable and bool(leaked), "ink": burn.ink,
                        "faint": burn.contrast is not None, "turn": burn.turn, "size": burn.size, "font": burn.font})
-    away = np.ones(image.pixels.shape[:2], bool)
-    for burn, (x, y, w, h) in zip(image.burns, image.boxes, strict=True):
-        margin = int(np.ceil(TEXT_MARGIN_IN_HEIGHTS * burn.text_height))
-        away[max(0, y - margin) : y + h + margin, max(0, x - margin) : x + w + margin] = False
+    away = away_from_text(image.pixels.shape, image.burns, image.boxes)
     same = image.pixels == after
     kept = float((same.all(axis=2) if same.ndim == 3 else same)[away].mean())
     return {"seed": seed, "modality": modality, "shape": list(image.pixels.shape), "kept": kept, "blocks": blocks}
@@ -153,7 +142,7 @@ def measure(count: int = IMAGES, base_seed: int = BASE_SEED, *, verbose: bool = 
     detector = TextDetector.load(text_models_dir(ModelCacheSettings().model_cache_dir))
     images = []
     for index in range(count):
-        modality = list(MODALITIES)[index % len(MODALITIES)]
+        modality = MODALITIES[index % len(MODALITIES)]
         images.append(measure_image(detector, base_seed + index, modality))
         if verbose:
             image = images[-1]
@@ -168,10 +157,10 @@ def measure(count: int = IMAGES, base_seed: int = BASE_SEED, *, verbose: bool = 
 
 def print_row(row: dict[str, Any]) -> None:
     print(f"Privacy on unseen images (seeds {row['base_seed']}+; OCR oracle before and after redaction):")
-    print(f"  {'modality':<10}{'images':>7}{'blocks read':>13}{'leaked':>8}{'images leaking':>16}"
+    print(f"  {'modality':<12}{'images':>7}{'blocks read':>13}{'leaked':>8}{'images leaking':>16}"
           f"{'kept (median, min)':>21}")  # fmt: skip
     for name, figures in [*row["modalities"].items(), ("all", row["all"])]:
-        print(f"  {name:<10}{figures['images']:>7}{figures['blocks_readable']:>13}{figures['blocks_leaked']:>8}"
+        print(f"  {name:<12}{figures['images']:>7}{figures['blocks_readable']:>13}{figures['blocks_leaked']:>8}"
               f"{figures['images_leaking']:>16}{figures['kept_median']:>13.3f}, {figures['kept_min']:.3f}")
 
 

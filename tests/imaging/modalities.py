@@ -8,6 +8,7 @@ clavicle and vertebra edges, pedicles in rows like letters, ECG leads and wires,
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -382,3 +383,24 @@ def burn_in(pixels: np.ndarray, burn: Burn, white: int | None = None) -> Box:
         blended = base * (1 - alpha) + ink * alpha
     region[...] = np.clip(np.rint(blended), 0, white).astype(pixels.dtype)
     return x, y, w, h
+
+
+#: Each modality's generator, called as (rng, height, width, bits): PET is always 8-bit BGR.
+GENERATORS: dict[str, Callable[[np.random.Generator, int, int, int], np.ndarray]] = {
+    "ct-scout": ct_scout,
+    "pet": lambda rng, height, width, _bits: pet(rng, height, width),
+    "mr": mr_slice,
+    "chest-grain": chest_grain,
+}
+#: Pixels farther than this many text heights from every burned ink box are away from the text: what redaction
+#: must keep.
+TEXT_MARGIN_IN_HEIGHTS = 0.6
+
+
+def away_from_text(shape: tuple[int, ...], burns: Sequence[Burn], boxes: Sequence[Box]) -> np.ndarray:
+    """Mask (of an image of `shape`) of the pixels away from the text of `burns`, burned at `boxes`."""
+    away = np.ones(shape[:2], bool)
+    for burn, (x, y, w, h) in zip(burns, boxes, strict=True):
+        margin = int(np.ceil(TEXT_MARGIN_IN_HEIGHTS * burn.text_height))
+        away[max(0, y - margin) : y + h + margin, max(0, x - margin) : x + w + margin] = False
+    return away

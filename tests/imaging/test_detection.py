@@ -26,7 +26,7 @@ import pytest
 from conftest import VALIDATION_IMAGES
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from modalities import INKS, PLACES, WHITE, Burn, as_bgr, burn_in, chest_grain, ct_scout, marker, mr_slice, pet
+from modalities import GENERATORS, INKS, PLACES, WHITE, Burn, as_bgr, away_from_text, burn_in, marker
 from ocr_oracle import Box, View, block_views, crop, patient_tokens, tokens_read
 
 from service.imaging import detection
@@ -38,15 +38,6 @@ from service.imaging.text import propose_text
 
 #: Share of the pixels away from the burned text that the redaction must leave bit for bit.
 MIN_KEPT_SHARE = 0.95
-#: What counts as "away from the burned text": each ink box dilated by this many text heights.
-TEXT_MARGIN_IN_HEIGHTS = 0.6
-
-GENERATORS: dict[str, Callable[[np.random.Generator, int, int, int], np.ndarray]] = {
-    "ct-scout": ct_scout,
-    "pet": lambda rng, height, width, _bits: pet(rng, height, width),
-    "mr": mr_slice,
-    "chest-grain": chest_grain,
-}
 
 
 @dataclass(frozen=True)
@@ -249,13 +240,8 @@ def _contains(outer: Box, inner: Box) -> bool:
 
 
 def _away_from_text(case: Case) -> np.ndarray:
-    """Mask of the pixels farther from every burned ink box than TEXT_MARGIN_IN_HEIGHTS of its text height."""
     pixels, boxes = scene(case)
-    away = np.ones(pixels.shape[:2], bool)
-    for burn, (x, y, w, h) in zip(case.burns, boxes, strict=True):
-        margin = int(np.ceil(TEXT_MARGIN_IN_HEIGHTS * burn.text_height))
-        away[max(0, y - margin) : y + h + margin, max(0, x - margin) : x + w + margin] = False
-    return away
+    return away_from_text(pixels.shape, case.burns, boxes)
 
 
 def _unchanged(before: np.ndarray, after: np.ndarray) -> np.ndarray:
