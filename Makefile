@@ -51,11 +51,12 @@ demo: install system-deps
 	$(BIN)/python tests/local_rgw.py exec --dir .rgw/demo -- $(BIN)/xray-pipeline demo
 
 # keras, onnx and the ImageNet model x 1 and 2 workers: the model alone vs the service end to end, CPU by stage and
-# the issue-16 targets (~25 min; bench-quick ~10 min); writes bench/results.json.
-bench: install system-deps
+# the issue-16 targets (~25 min; bench-quick ~10 min); writes bench/results.json. Its privacy row reads text with
+# the tests' OCR oracle, hence test-deps.
+bench: install test-deps
 	$(BIN)/python bench/run.py
 
-bench-quick: install system-deps
+bench-quick: install test-deps
 	$(BIN)/python bench/run.py --quick
 
 # The service image (Containerfile), with podman if present, else docker. BACKEND=onnx: ONNX Runtime, no TensorFlow.
