@@ -41,8 +41,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "tests" / "imaging"))
 
-from modalities import GENERATORS, WHITE, Burn, as_bgr, away_from_text, burn_in  # noqa: E402
-from ocr_oracle import Box, block_views, crop, patient_tokens, tokens_read  # noqa: E402
+from modalities import GENERATORS, WHITE, Burn, as_bgr, attacker_views, away_from_text, burn_in  # noqa: E402
+from ocr_oracle import Box, patient_tokens, tokens_read  # noqa: E402
 
 from service.imaging.detection import TextDetector  # noqa: E402
 from service.imaging.redact import blur_text_regions  # noqa: E402
@@ -105,12 +105,8 @@ def scene(seed: int, modality: str) -> Scene:
 def measure_image(detector: TextDetector, seed: int, modality: str) -> dict[str, Any]:
     image = scene(seed, modality)
     after = blur_text_regions(image.pixels, detector.find(image.pixels).redact)
-    groups = []
-    for burn, box in zip(image.burns, image.boxes, strict=True):
-        for pixels in (after, image.pixels):
-            # Upright, as Tesseract reads it.
-            groups.append(block_views(np.ascontiguousarray(np.rot90(crop(pixels, box, max(4, burn.size)), -burn.turn)),
-                                      burn.size))
+    groups = [attacker_views(pixels, box, burn) for burn, box in zip(image.burns, image.boxes, strict=True)
+              for pixels in (after, image.pixels)]
     read = tokens_read(groups, [line for burn in image.burns for line in burn.lines])
     blocks = []
     for burn, leaked, before in zip(image.burns, read[::2], read[1::2], strict=True):

@@ -17,6 +17,7 @@ not who they are: the recognizer reads each isolated short line, and the markers
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -227,12 +228,10 @@ class TextDetector:
         # More to verify than a worker should spend on one image (text or texture everywhere: the proposals, or the
         # crops made of them and of the lines in blocks): what the line search found is redacted as it stands.
         # Privacy first; the anatomy under the proposals is lost.
-        unverified = TextFindings(redact=sorted(proposals, key=lambda box: (box[1], box[0])), markers=[])
-        if sum(min(box[2] * box[3], _MAX_CROP_PIXELS) for box, _ in to_verify) > _MAX_VERIFIED_PIXELS:
-            return unverified
-        crops = _verification_crops(image, to_verify, within_blocks)
-        if sum(crop.mosaic_width * crop.mosaic_height for crop, _ in crops) > _MAX_VERIFIED_PIXELS:
-            return unverified
+        affordable = sum(min(box[2] * box[3], _MAX_CROP_PIXELS) for box, _ in to_verify) <= _MAX_VERIFIED_PIXELS
+        crops = _verification_crops(image, to_verify, within_blocks) if affordable else []
+        if not affordable or sum(crop.mosaic_width * crop.mosaic_height for crop, _ in crops) > _MAX_VERIFIED_PIXELS:
+            return TextFindings(redact=sorted(proposals, key=lambda box: (box[1], box[0])), markers=[])
         lines = [*self._verified_lines(image, crops), *lone_markers]
         # The detector does not see every lone letter as text (an `L` is two strokes; a large serif `R`): a
         # letter-shaped blob of the line search, where the detector found nothing, is read by the recognizer, and
@@ -513,11 +512,27 @@ def _block_lines(inside: np.ndarray) -> list[tuple[Box, float]]:
     return found
 
 
-def _touching_groups(boxes: np.ndarray) -> list[np.ndarray]:
-    """The groups of `boxes` (left, top, right, bottom rows) that overlap, directly or through others, as index
-    arrays in order of their first member. A photo's texture makes thousands of lines in one block: the pairs are
-    found through the boxes sorted by top (not in a boxes x boxes matrix) and joined by union-find."""
-    parent = np.arange(len(boxes))
+def _touching_groups(boxes: np.ndarray) -> list[list[int]]:
+    """The groups of `boxes` (left, top, right, bottom rows) that overlap, directly or through others (see
+    _components). A photo's texture makes thousands of lines in one block: the pairs are found through the boxes
+    sorted by top, not in a boxes x boxes matrix."""
+    by_top = np.argsort(boxes[:, 1], kind="stable")
+    sorted_tops = boxes[by_top, 1]
+    tallest = int((boxes[:, 3] - boxes[:, 1]).max()) if len(boxes) else 0
+    pairs = []
+    for index, (left, top, right, bottom) in enumerate(boxes):
+        near = by_top[np.searchsorted(sorted_tops, top - tallest) : np.searchsorted(sorted_tops, bottom)]
+        near = near[near > index]
+        overlapping = near[(boxes[near, 0] < right) & (left < boxes[near, 2]) & (boxes[near, 1] < bottom)
+                           & (top < boxes[near, 3])]
+        pairs += [(index, int(other)) for other in overlapping]
+    return _components(len(boxes), pairs)
+
+
+def _components(count: int, pairs: Iterable[tuple[int, int]]) -> list[list[int]]:
+    """The connected groups of `count` items joined by `pairs` (union-find), each in ascending order, in order of
+    their first member."""
+    parent = list(range(count))
 
     def root(index: int) -> int:
         while parent[index] != index:
@@ -525,20 +540,12 @@ def _touching_groups(boxes: np.ndarray) -> list[np.ndarray]:
             index = parent[index]
         return index
 
-    by_top = np.argsort(boxes[:, 1], kind="stable")
-    sorted_tops = boxes[by_top, 1]
-    tallest = int((boxes[:, 3] - boxes[:, 1]).max()) if len(boxes) else 0
-    for index, (left, top, right, bottom) in enumerate(boxes):
-        near = by_top[np.searchsorted(sorted_tops, top - tallest) : np.searchsorted(sorted_tops, bottom)]
-        near = near[near > index]
-        overlapping = near[(boxes[near, 0] < right) & (left < boxes[near, 2]) & (boxes[near, 1] < bottom)
-                           & (top < boxes[near, 3])]
-        for other in overlapping:
-            first, second = root(index), root(int(other))
-            if first != second:
-                parent[max(first, second)] = min(first, second)
-    roots = np.array([root(index) for index in range(len(boxes))], np.int64)
-    return [np.flatnonzero(roots == group) for group in np.unique(roots)]
+    for first, second in pairs:
+        parent[root(second)] = root(first)
+    groups: dict[int, list[int]] = {}
+    for index in range(count):
+        groups.setdefault(root(index), []).append(index)
+    return list(groups.values())
 
 
 def _holds(block: _Crop, crop: _Crop) -> bool:
@@ -721,14 +728,7 @@ def _row_reading(row: list[int], lines: list[Box], readings: dict[int, tuple[str
 def _groups(lines: list[Box]) -> list[list[int]]:
     """Indices of the lines, grouped: two lines closer than _MARKER_ISOLATION of the thinner one's height (its
     shorter side) are in one group."""
-    parent = list(range(len(lines)))
-
-    def root(index: int) -> int:
-        while parent[index] != index:
-            parent[index] = parent[parent[index]]
-            index = parent[index]
-        return index
-
+    pairs = []
     for first, (x, y, width, height) in enumerate(lines):
         for second in range(first + 1, len(lines)):
             ox, oy, ow, oh = lines[second]
@@ -738,9 +738,6 @@ def _groups(lines: list[Box]) -> list[list[int]]:
             gap_x = max(ox - (x + width), x - (ox + ow), 0)
             gap_y = max(oy - (y + height), y - (oy + oh), 0)
             if max(gap_x, gap_y) < reach:
-                parent[root(second)] = root(first)
-    groups: dict[int, list[int]] = {}
-    for index in range(len(lines)):
-        groups.setdefault(root(index), []).append(index)
-    return list(groups.values())
+                pairs.append((first, second))
+    return _components(len(lines), pairs)
 

@@ -14,7 +14,7 @@ from functools import lru_cache
 
 import cv2
 import numpy as np
-from ocr_oracle import Box, ink_box
+from ocr_oracle import Box, View, block_views, crop, ink_box
 
 from service.imaging.patient_text import burn_patient_text
 
@@ -404,3 +404,10 @@ def away_from_text(shape: tuple[int, ...], burns: Sequence[Burn], boxes: Sequenc
         margin = int(np.ceil(TEXT_MARGIN_IN_HEIGHTS * burn.text_height))
         away[max(0, y - margin) : y + h + margin, max(0, x - margin) : x + w + margin] = False
     return away
+
+
+def attacker_views(pixels: np.ndarray, box: Box, burn: Burn) -> list[View]:
+    """What an attacker reads (ocr_oracle.block_views) around one burned block at `box`: its pixels tightly cropped
+    and turned so its lines run left to right."""
+    block = np.ascontiguousarray(np.rot90(crop(pixels, box, max(4, burn.size)), -burn.turn))
+    return block_views(block, burn.size)

@@ -26,8 +26,8 @@ import pytest
 from conftest import VALIDATION_IMAGES
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from modalities import GENERATORS, INKS, PLACES, WHITE, Burn, as_bgr, away_from_text, burn_in, marker
-from ocr_oracle import Box, View, block_views, crop, patient_tokens, tokens_read
+from modalities import GENERATORS, INKS, PLACES, WHITE, Burn, as_bgr, attacker_views, away_from_text, burn_in, marker
+from ocr_oracle import Box, View, patient_tokens, tokens_read
 
 from service.imaging import detection
 from service.imaging.codec import decode_image
@@ -220,17 +220,6 @@ def redacted() -> Iterator[Callable[[Case, TextDetector], tuple[TextFindings, np
 # ----------------------------------------------------------------------------------------------- the oracle
 
 
-def _block(pixels: np.ndarray, box: Box, burn: Burn) -> np.ndarray:
-    """The pixels around one burned block, tightly cropped and turned so its lines run left to right."""
-    return np.ascontiguousarray(np.rot90(crop(pixels, box, max(4, burn.size)), -burn.turn))
-
-
-def _attacker_views(pixels: np.ndarray, box: Box, burn: Burn) -> list[View]:
-    """What an attacker reads around one block (`block_views`). The same views of the original show the oracle
-    can read the block (faint text on grain often only in one of them)."""
-    return block_views(_block(pixels, box, burn), burn.size)
-
-
 # --------------------------------------------------------------------------------------------------- geometry
 
 
@@ -266,7 +255,7 @@ def test_burned_text_is_read_before_and_not_after_redaction(
     texts = [(burn, box) for burn, box in zip(case.burns, boxes, strict=True) if not burn.is_marker]
     groups: list[list[View]] = []
     for burn, box in texts:
-        groups += [_attacker_views(after, box, burn), _attacker_views(pixels, box, burn)]
+        groups += [attacker_views(after, box, burn), attacker_views(pixels, box, burn)]
     read = tokens_read(groups, [line for burn, _ in texts for line in burn.lines])
     unread, leaks = [], []
     for (burn, box), leaked, read_before in zip(texts, read[::2], read[1::2], strict=True):
@@ -375,7 +364,7 @@ def test_a_name_beside_a_ct_body_in_one_block_with_it_is_redacted(text_detector:
     name, box = case.burns[0], boxes[0]
     assert len(propose_text(pixels)[1]) == 1, "the line search no longer proposes the scout as one block"
     after = blur_text_regions(pixels, text_detector.find(pixels).redact)
-    leaked, before = tokens_read([_attacker_views(after, box, name), _attacker_views(pixels, box, name)],
+    leaked, before = tokens_read([attacker_views(after, box, name), attacker_views(pixels, box, name)],
                                  list(name.lines))
     assert before & patient_tokens(name.lines) and not leaked, (sorted(before), sorted(leaked))
 
@@ -396,7 +385,7 @@ def test_two_squat_regions_a_height_apart_are_not_read_as_one_word(text_detector
     kept = float(_unchanged(pixels, after)[_away_from_text(case)].mean())
     assert kept >= MIN_KEPT_SHARE, f"only {kept:.2%} of the pixels away from the text are unchanged"
     for burn, box in ((case.burns[0], boxes[0]), (case.burns[2], boxes[2])):
-        leaked, before = tokens_read([_attacker_views(after, box, burn), _attacker_views(pixels, box, burn)],
+        leaked, before = tokens_read([attacker_views(after, box, burn), attacker_views(pixels, box, burn)],
                                      list(burn.lines))
         assert before & patient_tokens(burn.lines) and not leaked, (burn.lines, sorted(before), sorted(leaked))
 
@@ -454,7 +443,7 @@ def test_crops_go_to_the_detector_in_mosaics_of_bounded_size(
     after = blur_text_regions(pixels, text_detector.find(pixels).redact)
     assert mosaics == [1] * crops
     texts = [(burn, box) for burn, box in zip(case.burns, boxes, strict=True) if not burn.is_marker]
-    groups = [_attacker_views(image, box, burn) for burn, box in texts for image in (after, pixels)]
+    groups = [attacker_views(image, box, burn) for burn, box in texts for image in (after, pixels)]
     read = tokens_read(groups, [line for burn, _ in texts for line in burn.lines])
     for (burn, _), leaked, before in zip(texts, read[::2], read[1::2], strict=True):
         assert before & patient_tokens(burn.lines) and not leaked, (burn.lines, sorted(leaked))
@@ -500,7 +489,7 @@ def _groups_by_matrix(boxes: np.ndarray) -> list[list[int]]:
                 min_size=1, max_size=40))
 def test_touching_groups_are_the_connected_groups_of_overlapping_boxes(rows: list[tuple[int, int, int, int]]) -> None:
     boxes = np.array([(x, y, x + w, y + h) for x, y, w, h in rows], np.int64)
-    assert [group.tolist() for group in detection._touching_groups(boxes)] == _groups_by_matrix(boxes)
+    assert detection._touching_groups(boxes) == _groups_by_matrix(boxes)
 
 
 def test_reading_is_bounded_and_what_is_not_read_is_redacted(
