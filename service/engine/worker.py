@@ -37,6 +37,7 @@ from service.engine.messages import (
 from service.errors import PipelineError
 from service.imaging.detection import TextDetector
 from service.models.backends import load_predict
+from service.models.library_pages import release_installed_library_pages
 from service.models.spec import ModelSpec
 
 
@@ -98,6 +99,8 @@ def worker_main(
         with sending:  # the main thread and the finisher both send; a pickled message must not interleave
             connection.send(message)
 
+    # Measured with one ONNX worker: its peak resident memory 438 -> 393 MB (part of them fault back in).
+    release_installed_library_pages()
     send(Ready(os.getpid()))
     # What only DICOM objects need is loaded now, while the first batch is on its way, rather than before Ready
     # (the pool would wait for it) or in the first DICOM object's time.
@@ -137,6 +140,7 @@ def worker_main(
 def _preload_dicom() -> None:
     try:
         load_dicom_modules()
+        release_installed_library_pages()  # pydicom's codecs (GDCM, OpenJPEG, CharLS: ~15 MB at import)
     except Exception:
         # Not here: the first DICOM object imports it again, and its failure is then that object's answer (a
         # traceback on stderr would be the log's one line that is not JSON).

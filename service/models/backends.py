@@ -9,15 +9,17 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Callable
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from service.errors import ConfigurationError
 from service.models.library_pages import release_clean_library_pages
 from service.models.spec import ModelSpec
 
+if TYPE_CHECKING:
+    import numpy as np
+
 #: A compiled model call: float32 batch (n, height, width, channels) -> raw outputs (n, k).
-PredictBatch = Callable[[np.ndarray], np.ndarray]
+PredictBatch = Callable[["np.ndarray"], "np.ndarray"]
 
 _RUNTIMES = {"keras": ("tensorflow", "keras"), "onnx": ("onnxruntime", "onnx")}
 #: ONNX Runtime runs a batch this many images at a time. Its activations grow with the batch (~70 MB at 8 for the
@@ -37,6 +39,8 @@ def check_backend_installed(spec: ModelSpec) -> None:
 
 def load_predict(spec: ModelSpec, threads: int) -> PredictBatch:
     """Load the model once and warm it; returns the batch call (float32 NHWC in, raw outputs out)."""
+    import numpy as np  # here, not above: the web process imports this module, and only workers need numpy
+
     loaders = {"keras": _load_keras, "onnx": _load_onnx}
     predict = loaders[spec.backend](spec, threads)
     predict(np.zeros((1, spec.input.height, spec.input.width, spec.input.channels), np.float32))
@@ -50,6 +54,7 @@ def _load_keras(spec: ModelSpec, threads: int) -> PredictBatch:
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(1)
     import keras
+    import numpy as np
 
     # Before the model loads, so that the worker's peak is not the import's pages plus the model.
     release_clean_library_pages(Path(tf.__file__).parent)
@@ -68,6 +73,7 @@ def _load_keras(spec: ModelSpec, threads: int) -> PredictBatch:
 
 
 def _load_onnx(spec: ModelSpec, threads: int) -> PredictBatch:
+    import numpy as np
     import onnxruntime
 
     options = onnxruntime.SessionOptions()

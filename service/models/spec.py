@@ -12,13 +12,15 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from service.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 BACKEND_SUFFIXES = {"keras": ".keras", "onnx": ".onnx"}
 _NUMBER = r"\d+(?:\.\d+)?"
@@ -247,6 +249,9 @@ class ModelSpec(_StrictModel):
 
     def probabilities(self, raw: np.ndarray) -> np.ndarray:
         """One output vector -> class probabilities, aligned with class_names."""
+        # Imported here: only workers interpret outputs, and numpy would be ~17 MB of the web process's memory.
+        import numpy as np
+
         scores = np.asarray(raw, dtype=np.float64).reshape(-1)
         if self.output.kind == "logits":
             if scores.size == 1:
@@ -265,6 +270,8 @@ class ModelSpec(_StrictModel):
 
     def interpret(self, raw: np.ndarray) -> Prediction:
         """One output vector -> label, risk and top-k."""
+        import numpy as np
+
         probabilities = self.probabilities(raw)
         order = np.argsort(-probabilities)[: self.output.top_k]
         top = [(self.output.class_names[i], float(probabilities[i])) for i in order]

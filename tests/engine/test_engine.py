@@ -41,7 +41,9 @@ def imported_by(modules: str) -> set[str]:
 
 def test_the_web_process_imports_no_pixel_or_model_library() -> None:
     """Only workers decode, draw and run the model: the web process stays small and starts fast."""
-    assert imported_by("service.app") & {"cv2", "PIL", "tensorflow", "keras", "onnxruntime", "pydicom"} == set()
+    # numpy too: ~17 MB of the web process's memory, and only workers touch pixels or model outputs.
+    assert imported_by("service.app, service.cli") & {"cv2", "PIL", "tensorflow", "keras", "onnxruntime", "pydicom",
+                                                       "numpy"} == set()
     # A check that can fail: the worker's modules do pull them in.
     assert {"cv2", "PIL"} <= imported_by("service.engine.worker")
 
@@ -66,6 +68,41 @@ def test_spawning_a_worker_imports_none_of_its_libraries_into_the_parent(tiny_sp
     packages, worker_imported = done.stdout.splitlines()
     assert set(packages.split()) & {"cv2", "PIL", "onnxruntime", "tensorflow", "keras", "pydicom"} == set()
     assert worker_imported == "False"
+
+
+def test_a_ready_worker_holds_few_of_its_libraries_pages(tiny_spec: Path) -> None:
+    """Loading OpenCV, ONNX Runtime and the model makes tens of MB of library pages resident that the work never
+    reads again; the worker drops them before it says Ready (service.models.library_pages)."""
+    probe = (
+        "import pathlib, sys\n"
+        "from service.engine.messages import ImageLimits, TextOptions\n"
+        "from service.engine.spawn import spawn_worker\n"
+        "from service.models.spec import ModelSpec\n"
+        "def opencv_kib(pid):\n"
+        "    total, inside = 0, False\n"
+        "    for line in pathlib.Path(f'/proc/{pid}/smaps').read_text().splitlines():\n"
+        "        if not line.split()[0].endswith(':'):\n"
+        "            inside = line.rstrip().endswith('.so') and '/cv2/' in line\n"
+        "        elif inside and line.startswith('Rss:'):\n"
+        "            total += int(line.split()[1])\n"
+        "    return total\n"
+        f"worker = spawn_worker(ModelSpec.load({str(tiny_spec)!r}), 1, ImageLimits(10, 10),\n"
+        f"                      TextOptions(pathlib.Path({str(TEXT_OPTIONS.models)!r})))\n"
+        "try:\n"
+        "    print(type(worker.connection.recv()).__name__, opencv_kib(worker.pid))\n"
+        "finally:\n"
+        "    worker.kill()\n"
+        "    worker.process.join(30)\n"
+        "import os, cv2\n"
+        "print(opencv_kib(os.getpid()))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          check=True)
+    ready_line, imported_line = done.stdout.splitlines()[-2:]
+    message, in_worker = ready_line.split()
+    assert message == "Ready"
+    # Importing OpenCV alone makes ~20 MB of it resident; the ready worker has used it more, and holds far less.
+    assert int(in_worker) < int(imported_line) / 4, (in_worker, imported_line)
 
 
 def test_a_worker_loads_dicom_support_only_after_it_is_ready() -> None:
