@@ -180,13 +180,14 @@ class ObjectPool:
 class Service:
     """`python -m service.cli serve` as a subprocess in its own session, so a kill reaches its workers too."""
 
-    def __init__(self, rgw: LocalRGW, configuration: Configuration, workers: int, log_path: Path) -> None:
+    def __init__(self, rgw: LocalRGW, configuration: Configuration, workers: int, log_path: Path,
+                 anonymize_when: str = "always") -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = os.environ | rgw.env() | {
             "PORT": str(self.port), "HOST": "127.0.0.1", "PSEUDONYM_KEY": BENCH_PSEUDONYM_KEY,
             "MODEL_URI": str(configuration.spec), "MODEL_BACKEND": configuration.backend, "WORKERS": str(workers),
-            "ANONYMIZE_WHEN": "always", "LOG_LEVEL": "WARNING",
+            "ANONYMIZE_WHEN": anonymize_when, "LOG_LEVEL": "WARNING",
         }
         for variable in ("MODEL_SPEC", "MODEL_SHA256"):  # the configuration's model is what is measured
             env.pop(variable, None)
@@ -282,13 +283,13 @@ def percentile(values: list[float], fraction: float) -> float:
 
 
 def measure_service(rgw: LocalRGW, s3: Any, configuration: Configuration, workers: int, workdir: Path,
-                    quick: bool, run: int, py_spy: Path | None) -> dict[str, Any]:
+                    quick: bool, run: int, py_spy: Path | None, anonymize_when: str = "always") -> dict[str, Any]:
     name = f"{configuration.name}-{workers}-{run}"
     pool = ObjectPool(s3, f"bench-{name}", configuration.images)
     events = 48 if quick else 128
     saturation_records = pool.upload(events)
     first_record = pool.upload(1)[0]
-    service = Service(rgw, configuration, workers, workdir / f"service-{name}.log")
+    service = Service(rgw, configuration, workers, workdir / f"service-{name}.log", anonymize_when)
     retries_before = RETRIES["count"]
     try:
         ready_s = service.wait_ready()
@@ -307,6 +308,7 @@ def measure_service(rgw: LocalRGW, s3: Any, configuration: Configuration, worker
         capacity = len(saturation_records) / wall_s
         row: dict[str, Any] = {
             "configuration": configuration.name, "backend": configuration.backend, "workers": workers,
+            "anonymize_when": anonymize_when,
             "xray": configuration.xray,
             "e2e_images_per_s": capacity,
             "service_cpu_ms_per_image": web_ms + workers_ms,
@@ -438,6 +440,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated, default: {','.join(CONFIGURATIONS)}")
     parser.add_argument("--workers", default=",".join(map(str, WORKER_COUNTS)), help="comma-separated, default 1,2")
     parser.add_argument("--no-stage-cpu", action="store_true", help="skip the py-spy phase (CPU by stage)")
+    parser.add_argument("--anonymize-when", choices=("always", "positive"), default="always",
+                        help="the service's ANONYMIZE_WHEN (default always, as issue 16 measures; positive is the "
+                             "service's default)")
     parser.add_argument("--output", type=Path, default=RESULTS_PATH)
     parser.add_argument("--model-only", help=argparse.SUPPRESS)  # internal: the per-configuration model subprocess
     parser.add_argument("--model-repeats", type=int, default=5, help=argparse.SUPPRESS)
@@ -493,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
                     runs = []
                     for run in range(repeats):
                         runs.append(measure_service(rgw, s3, configuration, workers, Path(workdir), args.quick, run,
-                                                    py_spy))
+                                                    py_spy, args.anonymize_when))
                         print(f"[{time.monotonic() - started:5.0f} s] {configuration.name} x{workers} run "
                               f"{run + 1}/{repeats}: {runs[-1]['e2e_images_per_s']:.2f} img/s", flush=True)
                     row = median_row(runs)

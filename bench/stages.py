@@ -192,6 +192,8 @@ class StageLines:
 _S3_CALLS = {"fetch_object": "s3_get", "recorded_metadata": "s3_head", "current_etag": "s3_head",
              "put_object": "s3_put"}
 _PIPE_THREADS = ("worker-reader", "worker-writer")
+#: The text cascade (service.imaging.detection): whole, or its halves (the second may run in the finisher).
+_DETECTOR_FUNCTIONS = ("TextDetector.find", "TextDetector.propose", "TextDetector.verify")
 _DECODE = {"_decode", "decode_image", "read_dicom", "to_model_tensor", "to_model_input", "_model_pixels"}
 #: Files of the model's runtimes (py-spy runs with --full-filenames) and of the service's call into them.
 _MODEL_RUNTIMES = ("/onnxruntime/", "/tensorflow/", "/keras/", "/tf_keras/")
@@ -206,7 +208,7 @@ def classify(sample: Sample, *, web: bool, lines: StageLines) -> str:
                 return _S3_CALLS[frame.name]
         return "web_pipe" if sample.thread in _PIPE_THREADS else "web_other"
     names = {frame.name for frame in sample.frames}
-    if "find" in names and any(frame.function.endswith("TextDetector.find") for frame in sample.frames):
+    if any(frame.function.endswith(_DETECTOR_FUNCTIONS) for frame in sample.frames):
         return "detect"
     finish = next((frame for frame in sample.frames if frame.name in ("_finish", "_finish_dicom")), None)
     if finish is not None:

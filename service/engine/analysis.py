@@ -26,9 +26,9 @@ from service.dicom.sniff import is_dicom
 from service.engine.messages import Analysis, AnalysisOutcome, AnalysisRequest, ImageLimits
 from service.errors import UnprocessableObject
 from service.imaging.codec import DecodedImage, decode_image, encode_changed_rows, encode_image, to_model_input
-from service.imaging.detection import TextDetector, TextFindings
+from service.imaging.detection import ProposedText, TextDetector, TextFindings
 from service.imaging.redact import blur_text_regions
-from service.imaging.stamp import stamp_label
+from service.imaging.stamp import label_fits, stamp_label
 from service.imaging.text import Box
 from service.models.backends import PredictBatch
 from service.models.preprocess import to_model_tensor
@@ -56,7 +56,8 @@ class PredictedBatch:
     not_assessed: list[str | None] = field(default_factory=list)
     #: Per item: its text search, started on the worker's detector thread as soon as it was decoded (it needs
     #: no model output), with the seconds it took; None where it was not started (then the finisher searches).
-    text_searches: list[Future[tuple[TextFindings, float]] | None] = field(default_factory=list)
+    #: Only the proposals (`ProposedText`) where the prediction decides whether the image is anonymized.
+    text_searches: list[Future[tuple[TextFindings | ProposedText, float]] | None] = field(default_factory=list)
 
 
 def analyze_batch(
@@ -90,12 +91,13 @@ def predict_batch(
 
     With `text_search` (a detector and the executor it runs on), each decoded image's text search starts at once,
     beside the model: at light load the cores are free, and an image then waits for the longer of the two, not for
-    both.
+    both. Where only a positive prediction makes an anonymized copy, only the search's cheap half (the proposals,
+    which keep the stamp off any text) starts: the detector and the recognizer run only if the model says positive.
     """
     decoded: list[AnyImage | Exception] = []
     decode_seconds: list[float] = []
     not_assessed: list[str | None] = []
-    searches: list[Future[tuple[TextFindings, float]] | None] = []
+    searches: list[Future[tuple[TextFindings | ProposedText, float]] | None] = []
     tensors = []
     for request in requests:
         started = time.perf_counter()
@@ -114,7 +116,8 @@ def predict_batch(
         decode_seconds.append(time.perf_counter() - started)
         item = decoded[-1]
         searching = text_search is not None and isinstance(item, DecodedImage)
-        searches.append(text_search[1].submit(_timed_search, text_search[0], item.pixels) if searching else None)
+        searches.append(text_search[1].submit(_timed_search, text_search[0], item.pixels, request.anonymize_always)
+                        if searching else None)
     if not tensors:
         return PredictedBatch(requests, decoded, None, decode_seconds, not_assessed=not_assessed,
                               text_searches=searches)
@@ -134,9 +137,12 @@ def predict_batch(
                           not_assessed, searches)
 
 
-def _timed_search(detector: TextDetector, pixels: np.ndarray) -> tuple[TextFindings, float]:
+def _timed_search(
+    detector: TextDetector, pixels: np.ndarray, whole: bool
+) -> tuple[TextFindings | ProposedText, float]:
+    """The text of `pixels` if `whole`, else only the proposals; and the seconds it took."""
     started = time.perf_counter()
-    return detector.find(pixels), time.perf_counter() - started
+    return detector.find(pixels) if whole else detector.propose(pixels), time.perf_counter() - started
 
 
 def _decode(data: bytes, limits: ImageLimits) -> AnyImage:
@@ -186,8 +192,9 @@ def finish_batch(batch: PredictedBatch, *, spec: ModelSpec, detector: TextDetect
         try:
             prediction = Prediction.not_assessed(refusal) if refusal else spec.interpret(next(raw_outputs))
             if isinstance(image, DecodedImage):
-                text, timings["detect"] = search.result() if search else _timed_search(detector, image.pixels)
-                results.append(_finish(image, prediction, text, request.anonymize_always, timings))
+                searched, timings["detect"] = (search.result() if search
+                                               else _timed_search(detector, image.pixels, request.anonymize_always))
+                results.append(_finish(image, prediction, searched, request.anonymize_always, detector, timings))
             else:
                 results.append(_finish_dicom(image, prediction, request, spec, detector, timings))
         except Exception as error:
@@ -198,30 +205,42 @@ def finish_batch(batch: PredictedBatch, *, spec: ModelSpec, detector: TextDetect
 def _finish(
     decoded: DecodedImage,
     prediction: Prediction,
-    text: TextFindings,
+    searched: TextFindings | ProposedText,
     anonymize_always: bool,
+    detector: TextDetector,
     timings: dict[str, float],
 ) -> Analysis:
-    """Stamp, anonymize and encode one image, given its text (searched on the original, so the stamp is never
-    mistaken for patient text and blurred)."""
+    """Stamp, anonymize and encode one image, given its text or only its proposals (searched on the original, so
+    the stamp is never mistaken for patient text and blurred)."""
+    anonymize = anonymize_always or prediction.is_positive
+    text = searched
+    # Without an anonymized copy the proposals are all the stamp must avoid (text, and some anatomy with them),
+    # unless they leave it no room (a photo's texture is proposed everywhere): then the text decides, as always.
+    if isinstance(text, ProposedText) and (
+        anonymize or not label_fits(decoded.pixels.shape, prediction.stamp_text, avoid=text.all_text)
+    ):
+        started = time.perf_counter()
+        text = detector.verify(text)
+        timings["detect"] += time.perf_counter() - started
     started = time.perf_counter()
     stamped = stamp_label(decoded.pixels, prediction.stamp_text, avoid=text.all_text)
     stamped_encoded = encode_image(stamped, decoded.format)
     timings["stamp"] = time.perf_counter() - started
     anonymized = None
-    if anonymize_always or prediction.is_positive:
+    redact = text.redact if isinstance(text, TextFindings) else []
+    if anonymize:
         started = time.perf_counter()
         # Only the redacted rows differ from the stamped copy: of a JPEG only they are encoded again.
-        anonymized = encode_changed_rows(blur_text_regions(stamped, text.redact), decoded.format,
+        anonymized = encode_changed_rows(blur_text_regions(stamped, redact), decoded.format,
                                          unchanged_encoding=stamped_encoded,
-                                         changed=[(y, y + height) for _, y, _, height in text.redact])
+                                         changed=[(y, y + height) for _, y, _, height in redact])
         timings["anonymize"] = time.perf_counter() - started
     return Analysis(
         prediction=prediction,
         image_format=decoded.format,
         stamped=stamped_encoded,
         anonymized=anonymized,
-        text_regions=len(text.redact),
+        text_regions=len(redact),
         timings=timings,
     )
 

@@ -141,6 +141,24 @@ class TextFindings:
 
 
 @dataclass(frozen=True)
+class ProposedText:
+    """What the line search proposes in one image: where text may be, anatomy included. Enough to keep a stamp off
+    any text (an image that gets no anonymized copy needs no more); `TextDetector.verify` tells text from anatomy."""
+
+    #: The 8-bit pixels searched (what the models read from, if verified).
+    image: np.ndarray
+    #: The lines found, as (x, y, w, h) rows.
+    lines: np.ndarray
+    #: The boxes around them, padded for blurring and merged where they overlap.
+    boxes: list[Box]
+
+    @property
+    def all_text(self) -> list[Box]:
+        """Every box that may hold text (what a stamp must not cover)."""
+        return self.boxes
+
+
+@dataclass(frozen=True)
 class _Crop:
     """One proposal's crop: where it came from and where it sits in the mosaic."""
 
@@ -185,8 +203,19 @@ class TextDetector:
 
     def find(self, pixels: np.ndarray) -> TextFindings:
         """The burned-in text of `pixels` (HxW or HxWxC, 8 or 16 bits; what a viewer shows)."""
+        return self.verify(self.propose(pixels))
+
+    @staticmethod
+    def propose(pixels: np.ndarray) -> ProposedText:
+        """The cascade's first, cheap half: the line search's proposals (see `find`)."""
         # 8 bits as stored (grey stays one channel): only the pieces read by the models are made BGR.
         image = to_8bit(pixels)
+        lines, boxes = propose_text(image)
+        return ProposedText(image, lines, boxes)
+
+    def verify(self, proposed: ProposedText) -> TextFindings:
+        """The cascade's second half: which of `proposed` is text, and which of that is an orientation marker."""
+        image, proposed_lines, proposals = proposed.image, proposed.lines, proposed.boxes
         redact: list[Box] = []
         to_verify: list[tuple[Box, float]] = []
         # Lines of text size inside proposals where text touches anatomy (see _block_lines).
@@ -195,7 +224,6 @@ class TextDetector:
         # Readings of letter-shaped blobs (at most _MAX_GLYPH_READS), and the lone letters that read as markers.
         readings: dict[Box, tuple[str, float]] = {}
         lone_markers: list[Box] = []
-        proposed_lines, proposals = propose_text(image)
         centre_x = proposed_lines[:, 0] + proposed_lines[:, 2] / 2
         centre_y = proposed_lines[:, 1] + proposed_lines[:, 3] / 2
         for box in proposals:

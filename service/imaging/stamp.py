@@ -29,22 +29,39 @@ def stamp_label(
     at the bottom and the label goes there, so every existing coordinate (and `avoid` box) stays valid.
     """
     height, width = pixels.shape[:2]
-    margin = max(2, round(min(height, width) * 0.01))
-    tile = _render_label(text, max_width=width - 2 * margin, min_side=min(height, width))
-    tile_height, tile_width = tile.shape
-    for x, y in _label_positions(width, height, tile_width, tile_height, margin):
-        inside = x >= 0 and y >= 0 and x + tile_width <= width and y + tile_height <= height
-        if inside and not any(_overlaps((x, y, tile_width, tile_height), box) for box in avoid):
-            stamped = pixels.copy()
-            _paste(stamped, tile, x, y, white, black)
-            return stamped
-    band_height = tile_height + 2 * margin
+    tile, place, margin = _placed_label(pixels.shape, text, avoid)
+    if place is not None:
+        stamped = pixels.copy()
+        _paste(stamped, tile, *place, white, black)
+        return stamped
+    band_height = tile.shape[0] + 2 * margin
     stamped = np.full((height + band_height, width, *pixels.shape[2:]), black, pixels.dtype)
     stamped[:height] = pixels
     if stamped.ndim == 3 and stamped.shape[2] == 4:
         stamped[height:, :, 3] = np.iinfo(stamped.dtype).max  # an opaque band
     _paste(stamped, tile, margin, height + margin, white, black)
     return stamped
+
+
+def label_fits(shape: tuple[int, ...], text: str, *, avoid: Sequence[Box]) -> bool:
+    """Whether `stamp_label` puts `text` on an image of `shape` without a band below it: some place is free of
+    every box in `avoid`."""
+    return _placed_label(shape, text, avoid)[1] is not None
+
+
+def _placed_label(
+    shape: tuple[int, ...], text: str, avoid: Sequence[Box]
+) -> tuple[np.ndarray, tuple[int, int] | None, int]:
+    """The label's tile, its first place free of `avoid` on an image of `shape` (None: none is), and the margin."""
+    height, width = shape[:2]
+    margin = max(2, round(min(height, width) * 0.01))
+    tile = _render_label(text, max_width=width - 2 * margin, min_side=min(height, width))
+    tile_height, tile_width = tile.shape
+    for x, y in _label_positions(width, height, tile_width, tile_height, margin):
+        inside = x >= 0 and y >= 0 and x + tile_width <= width and y + tile_height <= height
+        if inside and not any(_overlaps((x, y, tile_width, tile_height), box) for box in avoid):
+            return tile, (x, y), margin
+    return tile, None, margin
 
 
 def _render_label(text: str, *, max_width: int, min_side: int) -> np.ndarray:

@@ -9,6 +9,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import pytest
 from conftest import BINARY, encode, shared_text_detector, write_spec, xray_like
@@ -17,6 +18,7 @@ from service.engine.analysis import analyze_batch, finish_batch, predict_batch
 from service.engine.messages import Analysis, AnalysisRequest, ImageLimits
 from service.errors import UnprocessableObject
 from service.imaging.codec import decode_image
+from service.imaging.detection import ProposedText, TextDetector, TextFindings
 from service.models.spec import ModelSpec
 
 LIMITS = ImageLimits(max_bytes=10**7, max_pixels=10**7)
@@ -155,3 +157,59 @@ def test_gray_uploads_stay_gray_and_positive_ones_get_an_anonymized_copy(spec: M
     assert positive.anonymized is not None and negative.anonymized is None  # ANONYMIZE_WHEN=positive
     stamped = decode_image(positive.stamped, max_bytes=10**7, max_pixels=10**7)
     assert stamped.format == positive.image_format and stamped.pixels.ndim == 2
+
+
+class CountingDetector:
+    """The real text cascade, counting how often its expensive half (detector and recognizer) runs."""
+
+    def __init__(self, detector: TextDetector) -> None:
+        self.detector = detector
+        self.verified = 0
+
+    def find(self, pixels: np.ndarray) -> TextFindings:
+        return self.verify(self.propose(pixels))
+
+    def propose(self, pixels: np.ndarray) -> ProposedText:
+        return self.detector.propose(pixels)
+
+    def verify(self, proposed: ProposedText) -> TextFindings:
+        self.verified += 1
+        return self.detector.verify(proposed)
+
+
+def with_a_name_where_the_stamp_goes(brightness: int) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """An X-ray-like image with a name burned into its bottom-left corner (the stamp's first choice); and its box."""
+    pixels = xray_like(brightness)
+    cv2.putText(pixels, "DOE JOHN 1961", (12, 455), cv2.FONT_HERSHEY_SIMPLEX, 0.8, 255 - brightness, 2)
+    return pixels, (8, 430, 200, 35)
+
+
+@pytest.mark.parametrize("beside_the_model", [True, False], ids=["beside the model", "after it"])
+def test_only_images_that_get_an_anonymized_copy_have_their_proposals_verified(
+    spec: ModelSpec, beside_the_model: bool
+) -> None:
+    """With ANONYMIZE_WHEN=positive, a negative image needs its text only to keep the stamp off it: the line search's
+    proposals do that, and the detector and recognizer never run for it. A positive image's outputs are those of
+    ANONYMIZE_WHEN=always."""
+    (positive, box), (negative, _) = with_a_name_where_the_stamp_goes(230), with_a_name_where_the_stamp_goes(20)
+    requests = [AnalysisRequest(encode(pixels), anonymize_always=False) for pixels in (positive, negative)]
+    detector = CountingDetector(shared_text_detector())
+    with RecordingExecutor() as executor:
+        predicted = predict_batch(requests, spec=spec, predict=BrightnessModel(), limits=LIMITS,
+                                  text_search=(detector, executor) if beside_the_model else None)  # type: ignore[arg-type]
+        positive_out, negative_out = finish_batch(predicted, spec=spec, detector=detector)  # type: ignore[arg-type]
+    assert detector.verified == 1
+    assert isinstance(positive_out, Analysis) and isinstance(negative_out, Analysis)
+    assert negative_out.anonymized is None and negative_out.text_regions == 0 and negative_out.timings["detect"] > 0
+    always = analyze_batch([AnalysisRequest(requests[0].data, anonymize_always=True)], spec=spec,
+                           predict=BrightnessModel(), limits=LIMITS, detector=shared_text_detector())[0]
+    assert isinstance(always, Analysis)
+    assert (positive_out.stamped, positive_out.anonymized) == (always.stamped, always.anonymized)
+    assert positive_out.text_regions >= 1
+    # The negative's stamp went elsewhere: the name's corner is as it was, within the noise of one more JPEG pass
+    # (at most ~20 levels at the strokes' edges; the label's white letters on its black box differ by ~200).
+    stamped = decode_image(negative_out.stamped, max_bytes=10**7, max_pixels=10**7).pixels
+    x, y, width, height = box
+    original = decode_image(requests[1].data, max_bytes=10**7, max_pixels=10**7).pixels
+    difference = np.abs(stamped[y : y + height, x : x + width].astype(int) - original[y : y + height, x : x + width])
+    assert difference.max() < 60

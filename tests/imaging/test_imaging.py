@@ -40,7 +40,7 @@ from service.errors import UnprocessableObject
 from service.imaging.codec import decode_image, encode_changed_rows, encode_image, to_model_input
 from service.imaging.patient_text import burn_patient_text
 from service.imaging.redact import blur_text_regions
-from service.imaging.stamp import stamp_label
+from service.imaging.stamp import label_fits, stamp_label
 from service.imaging.text import Box, propose_text
 
 LIMITS = {"max_bytes": 50_000_000, "max_pixels": 40_000_000}
@@ -351,6 +351,8 @@ def test_stamp_never_overlaps_avoided_boxes(height: int, width: int, boxes: list
     ]
     stamped = stamp_label(pixels, STAMP, avoid=avoid)
     assert stamped.shape[1] == width and stamped.shape[0] >= height
+    # label_fits says beforehand whether a band is added (the worker asks it to decide how precise `avoid` must be).
+    assert label_fits(pixels.shape, STAMP, avoid=avoid) == (stamped.shape[0] == height)
     for x, y, w, h in avoid:
         np.testing.assert_array_equal(stamped[:height][y : y + h, x : x + w], pixels[y : y + h, x : x + w])
     assert (stamped[:height] != pixels).any() or stamped.shape[0] > height  # the label is somewhere
