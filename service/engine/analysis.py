@@ -28,7 +28,7 @@ from service.errors import UnprocessableObject
 from service.imaging.codec import DecodedImage, decode_image, encode_changed_rows, encode_image, to_model_input
 from service.imaging.detection import ProposedText, TextDetector, TextFindings
 from service.imaging.redact import blur_text_regions
-from service.imaging.stamp import label_fits, stamp_label
+from service.imaging.stamp import stamp_label
 from service.imaging.text import Box
 from service.models.backends import PredictBatch
 from service.models.preprocess import to_model_tensor
@@ -214,18 +214,19 @@ def _finish(
     the stamp is never mistaken for patient text and blurred)."""
     anonymize = anonymize_always or prediction.is_positive
     text = searched
-    # Without an anonymized copy the proposals are all the stamp must avoid (text, and some anatomy with them),
-    # unless they leave it no room (a photo's texture is proposed everywhere): then the text decides, as always.
-    if isinstance(text, ProposedText) and (
-        anonymize or not label_fits(decoded.pixels.shape, prediction.stamp_text, avoid=text.all_text)
-    ):
+    if anonymize and isinstance(text, ProposedText):
         started = time.perf_counter()
         text = detector.verify(text)
         timings["detect"] += time.perf_counter() - started
+    # Without an anonymized copy the proposals are all the stamp must avoid (text, and some anatomy with them);
+    # where they cover every place (a photo's texture is proposed everywhere), the detector looks at each place.
+    free = _FreePlaces(detector, text) if isinstance(text, ProposedText) else None
     started = time.perf_counter()
-    stamped = stamp_label(decoded.pixels, prediction.stamp_text, avoid=text.all_text)
+    stamped = stamp_label(decoded.pixels, prediction.stamp_text, avoid=text.all_text, free=free)
     stamped_encoded = encode_image(stamped, decoded.format)
-    timings["stamp"] = time.perf_counter() - started
+    looked = free.seconds if free is not None else 0.0
+    timings["stamp"] = time.perf_counter() - started - looked
+    timings["detect"] += looked
     anonymized = None
     redact = text.redact if isinstance(text, TextFindings) else []
     if anonymize:
@@ -243,6 +244,22 @@ def _finish(
         text_regions=len(redact),
         timings=timings,
     )
+
+
+class _FreePlaces:
+    """stamp_label's `free`: whether a place holds no text the detector finds; and the seconds spent looking."""
+
+    def __init__(self, detector: TextDetector, proposed: ProposedText) -> None:
+        self._detector = detector
+        self._proposed = proposed
+        self.seconds = 0.0
+
+    def __call__(self, place: Box) -> bool:
+        started = time.perf_counter()
+        try:
+            return not self._detector.finds_text(self._proposed, place)
+        finally:
+            self.seconds += time.perf_counter() - started
 
 
 def _finish_dicom(

@@ -233,10 +233,7 @@ class TextDetector:
             x, y, width, height = box
             within = (centre_x >= x) & (centre_x < x + width) & (centre_y >= y) & (centre_y < y + height)
             inside = proposed_lines[within]
-            # The typical line decides the scale (the detector still reads text at half that height); specks too
-            # small to be a line of text (noise beside a film's marker) have no say.
-            across = np.minimum(inside[:, 2], inside[:, 3])
-            lines_of_text = across >= _MIN_SCALING_LINE_PX
+            lines_of_text = np.minimum(inside[:, 2], inside[:, 3]) >= _MIN_SCALING_LINE_PX
             letter = _lone_letter(inside[lines_of_text])
             if letter is not None and len(readings) < _MAX_GLYPH_READS:
                 # A letter alone in its proposal (specks aside), as a film's `R` is: if it reads as an orientation
@@ -245,8 +242,7 @@ class TextDetector:
                 if _is_marker(*readings[letter]):
                     lone_markers.append(letter)
                     continue
-            across = across[lines_of_text] if lines_of_text.any() else across
-            text_height = float(np.median(across)) if len(across) else float(min(width, height))
+            text_height = _text_height(inside, box)
             to_verify.append((box, text_height))
             if min(width, height) > _BLOCK_LINES * text_height:
                 within_blocks += _block_lines(inside)
@@ -281,6 +277,18 @@ class TextDetector:
                 redact.append(_padded(line, image.shape))
         return TextFindings(redact=sorted(redact, key=lambda box: (box[1], box[0])),
                             markers=sorted(markers, key=lambda box: (box[1], box[0])))
+
+    def finds_text(self, proposed: ProposedText, box: Box) -> bool:
+        """Whether the detector finds text in `box` of the proposed image (or reaching into it): one run on a crop of
+        the box with a margin, scaled for the lines the line search found there. Where the proposals cover every
+        place a stamp can go (a photo's texture), this looks at a few places instead of verifying everything. It
+        asks no recognizer, so anatomy the detector takes for text counts as text (the stamp goes elsewhere)."""
+        x, y, width, height = box
+        lines = proposed.lines
+        reaching = ((lines[:, 0] < x + width) & (x < lines[:, 0] + lines[:, 2]) & (lines[:, 1] < y + height)
+                    & (y < lines[:, 1] + lines[:, 3]))
+        crops = _crops(proposed.image, [(box, _text_height(lines[reaching], box))])
+        return any(_overlap(line, box) for line in self._verified_lines(proposed.image, crops))
 
     # --- verification --------------------------------------------------------------------------------------
 
@@ -672,6 +680,16 @@ def _padded(line: Box, shape: tuple[int, ...]) -> Box:
     left, top = max(0, x - pad), max(0, y - pad)
     right, bottom = min(shape[1], x + width + pad), min(shape[0], y + height + pad)
     return left, top, right - left, bottom - top
+
+
+def _text_height(lines: np.ndarray, box: Box) -> float:
+    """The height of the text in `box`, for scaling its crop: the typical thickness of the line search's `lines` there
+    (the detector still reads text at half that height); specks too small to be a line of text (noise beside a
+    film's marker) have no say, and without lines the box's shorter side stands for it."""
+    across = np.minimum(lines[:, 2], lines[:, 3])
+    lines_of_text = across >= _MIN_SCALING_LINE_PX
+    across = across[lines_of_text] if lines_of_text.any() else across
+    return float(np.median(across)) if len(across) else float(min(box[2], box[3]))
 
 
 def _glyph_shaped(line: np.ndarray) -> bool:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import cv2
 import numpy as np
@@ -17,7 +17,13 @@ _LINE_SPACING = 1.35
 
 
 def stamp_label(
-    pixels: np.ndarray, text: str, *, avoid: Sequence[Box], white: int | None = None, black: int = 0
+    pixels: np.ndarray,
+    text: str,
+    *,
+    avoid: Sequence[Box],
+    white: int | None = None,
+    black: int = 0,
+    free: Callable[[Box], bool] | None = None,
 ) -> np.ndarray:
     """A copy of `pixels` with `text` in white on a black box, never overlapping any box in `avoid`.
 
@@ -25,11 +31,13 @@ def stamp_label(
     or black through its display curve (MONOCHROME1 is white at its lowest value, a CT at its highest).
 
     The text is sized from the image (about 3% of its shorter side, wrapped onto more lines if the image is
-    narrow). Corners and edge centres are tried in turn; if every one overlaps `avoid`, a black band is added
-    at the bottom and the label goes there, so every existing coordinate (and `avoid` box) stays valid.
+    narrow). Corners and edge centres are tried in turn. `avoid` may hold more than text (a search's proposals,
+    anatomy among them): where every place overlaps it, `free`, if given, looks closer at each place in turn, and
+    the first it accepts is taken. Failing that, a black band is added at the bottom and the label goes there, so
+    every existing coordinate (and `avoid` box) stays valid.
     """
     height, width = pixels.shape[:2]
-    tile, place, margin = _placed_label(pixels.shape, text, avoid)
+    tile, place, margin = _placed_label(pixels.shape, text, avoid, free)
     if place is not None:
         stamped = pixels.copy()
         _paste(stamped, tile, *place, white, black)
@@ -43,25 +51,22 @@ def stamp_label(
     return stamped
 
 
-def label_fits(shape: tuple[int, ...], text: str, *, avoid: Sequence[Box]) -> bool:
-    """Whether `stamp_label` puts `text` on an image of `shape` without a band below it: some place is free of
-    every box in `avoid`."""
-    return _placed_label(shape, text, avoid)[1] is not None
-
-
 def _placed_label(
-    shape: tuple[int, ...], text: str, avoid: Sequence[Box]
+    shape: tuple[int, ...], text: str, avoid: Sequence[Box], free: Callable[[Box], bool] | None
 ) -> tuple[np.ndarray, tuple[int, int] | None, int]:
-    """The label's tile, its first place free of `avoid` on an image of `shape` (None: none is), and the margin."""
+    """The label's tile, its place on an image of `shape` (see stamp_label; None: a band is needed), and the
+    margin."""
     height, width = shape[:2]
     margin = max(2, round(min(height, width) * 0.01))
     tile = _render_label(text, max_width=width - 2 * margin, min_side=min(height, width))
     tile_height, tile_width = tile.shape
-    for x, y in _label_positions(width, height, tile_width, tile_height, margin):
-        inside = x >= 0 and y >= 0 and x + tile_width <= width and y + tile_height <= height
-        if inside and not any(_overlaps((x, y, tile_width, tile_height), box) for box in avoid):
-            return tile, (x, y), margin
-    return tile, None, margin
+    places = [(x, y, tile_width, tile_height)
+              for x, y in _label_positions(width, height, tile_width, tile_height, margin)
+              if x >= 0 and y >= 0 and x + tile_width <= width and y + tile_height <= height]
+    place = next((place for place in places if not any(_overlaps(place, box) for box in avoid)), None)
+    if place is None and free is not None:
+        place = next((place for place in places if free(place)), None)
+    return tile, place[:2] if place is not None else None, margin
 
 
 def _render_label(text: str, *, max_width: int, min_side: int) -> np.ndarray:

@@ -48,9 +48,9 @@ def test_the_web_process_imports_no_pixel_or_model_library() -> None:
     assert {"cv2", "PIL"} <= imported_by("service.engine.worker")
 
 
-def test_spawning_a_worker_imports_none_of_its_libraries_into_the_parent(tiny_spec: Path) -> None:
-    """The worker's entry point is pickled by reference: naming `worker_main` would import the worker's modules,
-    OpenCV and ONNX Runtime with them, into the web process."""
+def run_spawning(tiny_spec: Path, then: str) -> list[str]:
+    """The output lines of a fresh interpreter that spawns a worker of the tiny spec (as `worker`), then runs
+    `then`."""
     probe = (
         "import pathlib, sys\n"
         "from service.engine.messages import ImageLimits, TextOptions\n"
@@ -58,14 +58,21 @@ def test_spawning_a_worker_imports_none_of_its_libraries_into_the_parent(tiny_sp
         "from service.models.spec import ModelSpec\n"
         f"worker = spawn_worker(ModelSpec.load({str(tiny_spec)!r}), 1, ImageLimits(10, 10),\n"
         f"                      TextOptions(pathlib.Path({str(TEXT_OPTIONS.models)!r})))\n"
+    ) + then
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          check=True)
+    return done.stdout.splitlines()
+
+
+def test_spawning_a_worker_imports_none_of_its_libraries_into_the_parent(tiny_spec: Path) -> None:
+    """The worker's entry point is pickled by reference: naming `worker_main` would import the worker's modules,
+    OpenCV and ONNX Runtime with them, into the web process."""
+    packages, worker_imported = run_spawning(tiny_spec, (
         "worker.kill()\n"
         "worker.process.join(30)\n"
         "print(' '.join(sorted({name.split('.')[0] for name in sys.modules})))\n"
         "print('service.engine.worker' in sys.modules)\n"
-    )
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=60,
-                          check=True)
-    packages, worker_imported = done.stdout.splitlines()
+    ))
     assert set(packages.split()) & {"cv2", "PIL", "onnxruntime", "tensorflow", "keras", "pydicom"} == set()
     assert worker_imported == "False"
 
@@ -73,11 +80,7 @@ def test_spawning_a_worker_imports_none_of_its_libraries_into_the_parent(tiny_sp
 def test_a_ready_worker_holds_few_of_its_libraries_pages(tiny_spec: Path) -> None:
     """Loading OpenCV, ONNX Runtime and the model makes tens of MB of library pages resident that the work never
     reads again; the worker drops them before it says Ready (service.models.library_pages)."""
-    probe = (
-        "import pathlib, sys\n"
-        "from service.engine.messages import ImageLimits, TextOptions\n"
-        "from service.engine.spawn import spawn_worker\n"
-        "from service.models.spec import ModelSpec\n"
+    ready_line, imported_line = run_spawning(tiny_spec, (
         "def opencv_kib(pid):\n"
         "    total, inside = 0, False\n"
         "    for line in pathlib.Path(f'/proc/{pid}/smaps').read_text().splitlines():\n"
@@ -86,8 +89,6 @@ def test_a_ready_worker_holds_few_of_its_libraries_pages(tiny_spec: Path) -> Non
         "        elif inside and line.startswith('Rss:'):\n"
         "            total += int(line.split()[1])\n"
         "    return total\n"
-        f"worker = spawn_worker(ModelSpec.load({str(tiny_spec)!r}), 1, ImageLimits(10, 10),\n"
-        f"                      TextOptions(pathlib.Path({str(TEXT_OPTIONS.models)!r})))\n"
         "try:\n"
         "    print(type(worker.connection.recv()).__name__, opencv_kib(worker.pid))\n"
         "finally:\n"
@@ -95,10 +96,7 @@ def test_a_ready_worker_holds_few_of_its_libraries_pages(tiny_spec: Path) -> Non
         "    worker.process.join(30)\n"
         "import os, cv2\n"
         "print(opencv_kib(os.getpid()))\n"
-    )
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=120,
-                          check=True)
-    ready_line, imported_line = done.stdout.splitlines()[-2:]
+    ))[-2:]
     message, in_worker = ready_line.split()
     assert message == "Ready"
     # Importing OpenCV alone makes ~20 MB of it resident; the ready worker has used it more, and holds far less.

@@ -350,16 +350,20 @@ def test_cases_cover_every_kind_of_burn() -> None:
 # ------------------------------------------------------------------------------------------------ the cascade
 
 
+#: A narrow CT scout whose corner texts join its body into one proposal (from the sweep of seed 1504).
+NARROW_SCOUT = Case("ct-scout-narrow-name-beside-body", "ct-scout", (1127, 400), (
+    Burn(("Wei Zhang", "ID 21713"), "bottom", "white", "DejaVuSansCondensed", 18),
+    Burn(("DOB 1990-05-10",), "top-right", "cyan", "DejaVuSerif-Italic", 26),
+    Burn(("Zhang ACC658605",), "top-left", "dark-grey", "DejaVuSansCondensed-BoldOblique", 19),
+), colour=True, seed=1504)  # fmt: skip
+
+
 def test_a_name_beside_a_ct_body_in_one_block_with_it_is_redacted(text_detector: TextDetector) -> None:
     """A narrow CT scout whose corner texts (dark and coloured: too faint for the oracle, so not checked) join the
     body into one proposal: scaled by the body's lines and turned by its outline, the crop showed the name at the
     bottom too small and on its side, and the detector then saw its two lines as one squat region, which the
     recognizer could not read as one line. The name is read before and not after."""
-    case = Case("ct-scout-narrow-name-beside-body", "ct-scout", (1127, 400), (
-        Burn(("Wei Zhang", "ID 21713"), "bottom", "white", "DejaVuSansCondensed", 18),
-        Burn(("DOB 1990-05-10",), "top-right", "cyan", "DejaVuSerif-Italic", 26),
-        Burn(("Zhang ACC658605",), "top-left", "dark-grey", "DejaVuSansCondensed-BoldOblique", 19),
-    ), colour=True, seed=1504)  # fmt: skip
+    case = NARROW_SCOUT
     pixels, boxes = scene(case)
     name, box = case.burns[0], boxes[0]
     assert len(propose_text(pixels)[1]) == 1, "the line search no longer proposes the scout as one block"
@@ -367,6 +371,18 @@ def test_a_name_beside_a_ct_body_in_one_block_with_it_is_redacted(text_detector:
     leaked, before = tokens_read([attacker_views(after, box, name), attacker_views(pixels, box, name)],
                                  list(name.lines))
     assert before & patient_tokens(name.lines) and not leaked, (sorted(before), sorted(leaked))
+
+
+def test_a_look_at_one_place_finds_the_text_there_and_none_on_the_body(text_detector: TextDetector) -> None:
+    """Where the proposals cover every place a stamp can go (the scout is proposed whole, as a photo's texture is),
+    the worker looks at places one by one (`finds_text`): each burned block's box holds text, places on the body
+    do not."""
+    pixels, boxes = scene(NARROW_SCOUT)
+    proposed = text_detector.propose(pixels)
+    assert proposed.boxes == [(0, 0, 392, 1127)], "the line search no longer proposes the scout whole"
+    assert all(text_detector.finds_text(proposed, box) for box in boxes)
+    assert not any(text_detector.finds_text(proposed, place)
+                   for place in ((100, 300, 150, 30), (120, 500, 150, 30), (50, 700, 200, 30)))
 
 
 def test_two_squat_regions_a_height_apart_are_not_read_as_one_word(text_detector: TextDetector) -> None:

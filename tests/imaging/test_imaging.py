@@ -40,7 +40,7 @@ from service.errors import UnprocessableObject
 from service.imaging.codec import decode_image, encode_changed_rows, encode_image, to_model_input
 from service.imaging.patient_text import burn_patient_text
 from service.imaging.redact import blur_text_regions
-from service.imaging.stamp import label_fits, stamp_label
+from service.imaging.stamp import stamp_label
 from service.imaging.text import Box, propose_text
 
 LIMITS = {"max_bytes": 50_000_000, "max_pixels": 40_000_000}
@@ -351,8 +351,6 @@ def test_stamp_never_overlaps_avoided_boxes(height: int, width: int, boxes: list
     ]
     stamped = stamp_label(pixels, STAMP, avoid=avoid)
     assert stamped.shape[1] == width and stamped.shape[0] >= height
-    # label_fits says beforehand whether a band is added (the worker asks it to decide how precise `avoid` must be).
-    assert label_fits(pixels.shape, STAMP, avoid=avoid) == (stamped.shape[0] == height)
     for x, y, w, h in avoid:
         np.testing.assert_array_equal(stamped[:height][y : y + h, x : x + w], pixels[y : y + h, x : x + w])
     assert (stamped[:height] != pixels).any() or stamped.shape[0] > height  # the label is somewhere
@@ -373,6 +371,27 @@ def test_stamp_goes_to_a_bottom_band_when_everything_is_covered() -> None:
     assert stamped.shape[0] > 300 and stamped.shape[1] == 400
     np.testing.assert_array_equal(stamped[:300], pixels)  # existing coordinates keep their pixels
     assert "PNEUMONIA" in _stamp_read(pixels, stamped)
+
+
+def test_where_avoided_boxes_cover_every_place_the_first_place_found_free_is_taken() -> None:
+    """`free` looks closer only where `avoid` leaves no place (the worker's proposals hold anatomy as well as text),
+    place by place in the usual order; where it accepts none, the band is added as before."""
+    pixels = np.full((300, 400), 77, np.uint8)
+    asked: list[Box] = []
+
+    def right_half_free(place: Box) -> bool:
+        asked.append(place)
+        return place[0] >= 200
+
+    stamped = stamp_label(pixels, STAMP, avoid=[(0, 0, 400, 300)], free=right_half_free)
+    assert stamped.shape == pixels.shape
+    x, _, _, _ = _stamp_box(pixels, stamped)
+    assert x >= 200 and asked[-1][0] == x
+    assert all(place[0] < 200 for place in asked[:-1])  # the places before it, in order, were refused
+    asked.clear()
+    assert stamp_label(pixels, STAMP, avoid=[(0, 0, 50, 50)], free=right_half_free).shape == pixels.shape
+    assert asked == []  # a place free of `avoid` needs no closer look
+    assert stamp_label(pixels, STAMP, avoid=[(0, 0, 400, 300)], free=lambda place: False).shape[0] > 300
 
 
 def test_band_of_a_bgra_image_is_opaque() -> None:
