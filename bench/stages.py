@@ -192,8 +192,9 @@ class StageLines:
 _S3_CALLS = {"fetch_object": "s3_get", "recorded_metadata": "s3_head", "current_etag": "s3_head",
              "put_object": "s3_put"}
 _PIPE_THREADS = ("worker-reader", "worker-writer")
-#: The text cascade (service.imaging.detection): whole, or its halves (the second may run in the finisher).
-_DETECTOR_FUNCTIONS = ("TextDetector.find", "TextDetector.propose", "TextDetector.verify")
+#: The text cascade (service.imaging.detection): whole, its halves (the second may run in the finisher), or a look at
+#: one of the stamp's places.
+_DETECTOR_FUNCTIONS = ("TextDetector.find", "TextDetector.propose", "TextDetector.verify", "TextDetector.finds_text")
 _DECODE = {"_decode", "decode_image", "read_dicom", "to_model_tensor", "to_model_input", "_model_pixels"}
 #: Files of the model's runtimes (py-spy runs with --full-filenames) and of the service's call into them.
 _MODEL_RUNTIMES = ("/onnxruntime/", "/tensorflow/", "/keras/", "/tf_keras/")

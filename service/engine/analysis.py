@@ -25,7 +25,14 @@ import numpy as np
 from service.dicom.sniff import is_dicom
 from service.engine.messages import Analysis, AnalysisOutcome, AnalysisRequest, ImageLimits
 from service.errors import UnprocessableObject
-from service.imaging.codec import DecodedImage, decode_image, encode_changed_rows, encode_image, to_model_input
+from service.imaging.codec import (
+    DecodedImage,
+    decode_image,
+    encode_changed_rows,
+    encode_image,
+    to_8bit,
+    to_model_input,
+)
 from service.imaging.detection import ProposedText, TextDetector, TextFindings
 from service.imaging.redact import blur_text_regions
 from service.imaging.stamp import stamp_label
@@ -216,11 +223,11 @@ def _finish(
     text = searched
     if anonymize and isinstance(text, ProposedText):
         started = time.perf_counter()
-        text = detector.verify(text)
+        text = detector.verify(decoded.pixels, text)
         timings["detect"] += time.perf_counter() - started
     # Without an anonymized copy the proposals are all the stamp must avoid (text, and some anatomy with them);
     # where they cover every place (a photo's texture is proposed everywhere), the detector looks at each place.
-    free = _FreePlaces(detector, text) if isinstance(text, ProposedText) else None
+    free = _FreePlaces(detector, decoded.pixels, text) if isinstance(text, ProposedText) else None
     started = time.perf_counter()
     stamped = stamp_label(decoded.pixels, prediction.stamp_text, avoid=text.all_text, free=free)
     stamped_encoded = encode_image(stamped, decoded.format)
@@ -247,17 +254,21 @@ def _finish(
 
 
 class _FreePlaces:
-    """stamp_label's `free`: whether a place holds no text the detector finds; and the seconds spent looking."""
+    """stamp_label's `free`: whether a place of `pixels` holds no text the detector finds; and the seconds spent
+    looking."""
 
-    def __init__(self, detector: TextDetector, proposed: ProposedText) -> None:
+    def __init__(self, detector: TextDetector, pixels: np.ndarray, proposed: ProposedText) -> None:
         self._detector = detector
+        self._pixels = pixels
         self._proposed = proposed
         self.seconds = 0.0
 
     def __call__(self, place: Box) -> bool:
         started = time.perf_counter()
         try:
-            return not self._detector.finds_text(self._proposed, place)
+            if self._pixels.dtype != np.uint8:  # the 8-bit copy every look needs, made once (and only if asked)
+                self._pixels = to_8bit(self._pixels)
+            return not self._detector.finds_text(self._pixels, self._proposed, place)
         finally:
             self.seconds += time.perf_counter() - started
 

@@ -143,10 +143,9 @@ class TextFindings:
 @dataclass(frozen=True)
 class ProposedText:
     """What the line search proposes in one image: where text may be, anatomy included. Enough to keep a stamp off
-    any text (an image that gets no anonymized copy needs no more); `TextDetector.verify` tells text from anatomy."""
+    any text (an image that gets no anonymized copy needs no more); `TextDetector.verify` tells text from anatomy.
+    It holds no pixels: it may wait for the model, and a 16-bit image's 8-bit copy would wait with it."""
 
-    #: The 8-bit pixels searched (what the models read from, if verified).
-    image: np.ndarray
     #: The lines found, as (x, y, w, h) rows.
     lines: np.ndarray
     #: The boxes around them, padded for blurring and merged where they overlap.
@@ -203,19 +202,20 @@ class TextDetector:
 
     def find(self, pixels: np.ndarray) -> TextFindings:
         """The burned-in text of `pixels` (HxW or HxWxC, 8 or 16 bits; what a viewer shows)."""
-        return self.verify(self.propose(pixels))
+        image = to_8bit(pixels)  # once for both halves
+        return self.verify(image, self.propose(image))
 
     @staticmethod
     def propose(pixels: np.ndarray) -> ProposedText:
         """The cascade's first, cheap half: the line search's proposals (see `find`)."""
+        return ProposedText(*propose_text(pixels))
+
+    def verify(self, pixels: np.ndarray, proposed: ProposedText) -> TextFindings:
+        """The cascade's second half: which of the proposals of `pixels` is text, and which of that is an orientation
+        marker."""
         # 8 bits as stored (grey stays one channel): only the pieces read by the models are made BGR.
         image = to_8bit(pixels)
-        lines, boxes = propose_text(image)
-        return ProposedText(image, lines, boxes)
-
-    def verify(self, proposed: ProposedText) -> TextFindings:
-        """The cascade's second half: which of `proposed` is text, and which of that is an orientation marker."""
-        image, proposed_lines, proposals = proposed.image, proposed.lines, proposed.boxes
+        proposed_lines, proposals = proposed.lines, proposed.boxes
         redact: list[Box] = []
         to_verify: list[tuple[Box, float]] = []
         # Lines of text size inside proposals where text touches anatomy (see _block_lines).
@@ -278,17 +278,19 @@ class TextDetector:
         return TextFindings(redact=sorted(redact, key=lambda box: (box[1], box[0])),
                             markers=sorted(markers, key=lambda box: (box[1], box[0])))
 
-    def finds_text(self, proposed: ProposedText, box: Box) -> bool:
-        """Whether the detector finds text in `box` of the proposed image (or reaching into it): one run on a crop of
-        the box with a margin, scaled for the lines the line search found there. Where the proposals cover every
-        place a stamp can go (a photo's texture), this looks at a few places instead of verifying everything. It
-        asks no recognizer, so anatomy the detector takes for text counts as text (the stamp goes elsewhere)."""
+    def finds_text(self, pixels: np.ndarray, proposed: ProposedText, box: Box) -> bool:
+        """Whether the detector finds text in `box` of `pixels` (or reaching into it), given their proposals: one run
+        on a crop of the box with a margin, scaled for the lines the line search found there. Where the proposals
+        cover every place a stamp can go (a photo's texture), this looks at a few places instead of verifying
+        everything. It asks no recognizer, so anatomy the detector takes for text counts as text (the stamp goes
+        elsewhere)."""
         x, y, width, height = box
         lines = proposed.lines
         reaching = ((lines[:, 0] < x + width) & (x < lines[:, 0] + lines[:, 2]) & (lines[:, 1] < y + height)
                     & (y < lines[:, 1] + lines[:, 3]))
-        crops = _crops(proposed.image, [(box, _text_height(lines[reaching], box))])
-        return any(_overlap(line, box) for line in self._verified_lines(proposed.image, crops))
+        image = to_8bit(pixels)
+        crops = _crops(image, [(box, _text_height(lines[reaching], box))])
+        return any(_overlap(line, box) for line in self._verified_lines(image, crops))
 
     # --- verification --------------------------------------------------------------------------------------
 

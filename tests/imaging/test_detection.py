@@ -380,8 +380,8 @@ def test_a_look_at_one_place_finds_the_text_there_and_none_on_the_body(text_dete
     pixels, boxes = scene(NARROW_SCOUT)
     proposed = text_detector.propose(pixels)
     assert proposed.boxes == [(0, 0, 392, 1127)], "the line search no longer proposes the scout whole"
-    assert all(text_detector.finds_text(proposed, box) for box in boxes)
-    assert not any(text_detector.finds_text(proposed, place)
+    assert all(text_detector.finds_text(pixels, proposed, box) for box in boxes)
+    assert not any(text_detector.finds_text(pixels, proposed, place)
                    for place in ((100, 300, 150, 30), (120, 500, 150, 30), (50, 700, 200, 30)))
 
 
