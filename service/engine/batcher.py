@@ -231,8 +231,12 @@ class Batcher:
             self.idle = True
             try:
                 timeout = None if wake_at is None else max(0.0, wake_at - now)
+                # asyncio.timeout, not wait_for: Python 3.11's wait_for returns the result of what it waited for if
+                # that ends in the same turn of the loop as a cancellation, and the cancellation is lost. A wake-up
+                # (a worker's answer) coming with the engine's stop left the dispatcher waiting for ever.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout)
+                    async with asyncio.timeout(timeout):
+                        await self._wake.wait()
             finally:
                 self.idle = False
 

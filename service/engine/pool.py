@@ -173,7 +173,8 @@ class InferenceEngine:
             self._start_threads(worker)
         warming = [asyncio.ensure_future(self._until_warm(worker)) for worker in list(self._workers)]
         try:
-            await asyncio.wait_for(asyncio.gather(*warming), timeout=self._start_timeout_s)
+            async with asyncio.timeout(self._start_timeout_s):  # not wait_for: see Batcher.run
+                await asyncio.gather(*warming)
         except BaseException as error:
             # One failed: the others are stopped too (each discards its worker), not left waiting for ever.
             for task in warming:
@@ -195,7 +196,11 @@ class InferenceEngine:
                                                       self._dicom_output_syntax))
         try:
             # The batcher answers by the deadline; this bound holds even if its dispatcher could not be kept running.
-            outcome = await asyncio.wait_for(future, self._inference_timeout_s + _DEADLINE_GRACE_S)
+            # asyncio.timeout, not wait_for (see Batcher.run): with wait_for, an answer coming in the same turn of
+            # the loop as the caller's cancellation (Ctrl-C in a tool) was returned and the cancellation lost, and
+            # the tool went on to the next image instead of stopping.
+            async with asyncio.timeout(self._inference_timeout_s + _DEADLINE_GRACE_S):
+                outcome = await future
         except TimeoutError:
             raise InferenceTimedOut("no inference worker answered in time; retry") from None
         if isinstance(outcome, Exception):
@@ -356,13 +361,15 @@ class InferenceEngine:
                     self._background(self._warm_replacement(self._launch_worker()))
                 continue
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._pool_changed.wait(), delay if missing > 0 else None)
+                async with asyncio.timeout(delay if missing > 0 else None):  # not wait_for: see Batcher.run
+                    await self._pool_changed.wait()
 
     async def _warm_replacement(self, worker: WorkerProcess) -> None:
         assert self._loop is not None and self._pool_changed is not None
         try:
             # _until_warm discards the worker on any failure, the timeout's cancellation included.
-            await asyncio.wait_for(self._until_warm(worker), self._start_timeout_s)
+            async with asyncio.timeout(self._start_timeout_s):  # not wait_for: see Batcher.run
+                await self._until_warm(worker)
         except Exception as error:
             if isinstance(error, TimeoutError):
                 logger.error("a replacement inference worker did not warm within %.0f s; killed it",

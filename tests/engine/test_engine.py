@@ -165,6 +165,35 @@ def test_two_workers_warm_up_and_analyze(tiny_spec: Path) -> None:
     assert labels == ["Pneumonia", "Normal", "Pneumonia", "Normal"]
 
 
+
+def test_a_caller_cancelled_as_its_answer_arrives_stays_cancelled(
+    tiny_spec: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C in a tool cancels every analysis in flight. An answer arriving in the same turn of the loop must not
+    undo that: with Python 3.11's asyncio.wait_for the answer was returned, the cancellation lost, and the tool went
+    on to its next image instead of stopping."""
+    engine = InferenceEngine(ModelSpec.load(tiny_spec), workers=1, **WORKER_OPTIONS)
+
+    async def scenario() -> asyncio.Task[Any]:
+        await engine.start()
+        try:
+            submit = engine._batcher.submit
+
+            def cancelled_when_answered(request: Any) -> asyncio.Future[Any]:
+                future = submit(request)
+                future.add_done_callback(lambda _: analyzing.cancel())  # in the turn the answer arrives
+                return future
+
+            monkeypatch.setattr(engine._batcher, "submit", cancelled_when_answered)
+            analyzing = asyncio.create_task(engine.analyze(encode(xray_like(230)), anonymize_always=False))
+            await asyncio.wait([analyzing], timeout=120)
+            return analyzing
+        finally:
+            await engine.stop()
+
+    analyzing = asyncio.run(scenario())
+    assert analyzing.cancelled(), f"the cancellation was lost: {analyzing.result() if analyzing.done() else 'running'}"
+
 def test_workers_get_fewer_malloc_arenas_and_the_parent_keeps_its_environment(
     tiny_spec: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
