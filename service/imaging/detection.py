@@ -2,12 +2,13 @@
 
 The line search (service.imaging.text) costs a few milliseconds and finds every burned-in line, but on bright
 textured anatomy (a CT body, a PET heart, ribs) it also proposes regions that are not text. PP-OCR's DB detector
-(service.imaging.ocr_models) tells text from anatomy with tight boxes, but costs about 2 ms per 10,000 pixels: a
-chest X-ray at full resolution would take half a second. So the detector sees only the proposals: each one is
-cropped with a margin, turned upright if it runs vertically, scaled so its text is about as tall as the detector
-reads best, contrast-stretched (faint text becomes plain text), and packed with the others into one mosaic that
-the detector reads in a single run. What it finds there is redacted; a proposal it finds no text in is anatomy
-and stays untouched. Proposals too small to verify usefully are redacted as they are: they cost no anatomy.
+(service.imaging.ocr_models) tells text from anatomy with tight boxes, but costs about 1.4 ms per 10,000 pixels
+(folded, see service.models.onnx_folding): a chest X-ray at full resolution would take a third of a second. So
+the detector sees only the proposals: each one is cropped with a margin, turned upright if it runs vertically,
+scaled so its text is about as tall as the detector reads best, contrast-stretched (faint text becomes plain
+text), and packed with the others into one mosaic that the detector reads in a single run. What it finds there
+is redacted; a proposal it finds no text in is anatomy and stays untouched. Proposals too small to verify usefully
+are redacted as they are: they cost no anatomy.
 
 Orientation markers (an isolated `R` or `L`, `AP`, `PA`, `PORTABLE`, `SUPINE`, `ERECT`) say how the patient lay,
 not who they are: the recognizer reads each isolated short line, and the markers are kept unless
@@ -27,7 +28,7 @@ import numpy as np
 from service.imaging.codec import to_8bit
 from service.imaging.ocr_models import CtcTextRecognizer, DbTextDetector, TextRegion
 from service.imaging.text import Box, propose_text
-from service.models.fetch import TEXT_DETECTOR_NAME, TEXT_RECOGNIZER_NAME
+from service.models.fetch import TEXT_DETECTOR_FILE, TEXT_RECOGNIZER_FILE
 
 #: Proposals of at most this many pixels are redacted without asking the detector: too small to hold more than
 #: a few small characters, so verifying them would cost more (about 1 ms each) than the anatomy they hide.
@@ -188,13 +189,13 @@ class TextDetector:
     _recognizer: CtcTextRecognizer = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        for name in (TEXT_DETECTOR_NAME, TEXT_RECOGNIZER_NAME):
+        for name in (TEXT_DETECTOR_FILE, TEXT_RECOGNIZER_FILE):
             if not (self.model_dir / name).is_file():
                 raise FileNotFoundError(
                     f"text model {name} is not in {self.model_dir}: run `xray-pipeline model fetch` (`make model`)"
                 )
-        object.__setattr__(self, "_detector", DbTextDetector(self.model_dir / TEXT_DETECTOR_NAME))
-        object.__setattr__(self, "_recognizer", CtcTextRecognizer(self.model_dir / TEXT_RECOGNIZER_NAME))
+        object.__setattr__(self, "_detector", DbTextDetector(self.model_dir / TEXT_DETECTOR_FILE))
+        object.__setattr__(self, "_recognizer", CtcTextRecognizer(self.model_dir / TEXT_RECOGNIZER_FILE))
 
     @classmethod
     def load(cls, model_dir: Path, *, keep_markers: bool = True) -> TextDetector:
@@ -259,7 +260,7 @@ class TextDetector:
         lines = [*self._verified_lines(image, crops), *lone_markers]
         # The detector does not see every lone letter as text (an `L` is two strokes; a large serif `R`): a
         # letter-shaped blob of the line search, where the detector found nothing, is read by the recognizer, and
-        # is a line if it reads as a character (the largest few: each reading costs about 2 ms).
+        # is a line if it reads as a character (the largest few: each reading costs about 1.5 ms).
         for _, _, glyph in sorted(glyphs):
             if any(_overlap(glyph, line) for line in lines):
                 continue

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -20,6 +21,7 @@ from service.engine.messages import ImageLimits, TextOptions
 from service.engine.pool import InferenceEngine
 from service.errors import ModelNotReady, UnprocessableObject
 from service.imaging.codec import decode_image
+from service.models.fetch import TEXT_DETECTOR_FILE
 from service.models.spec import ModelSpec
 from service.outputs import Outcome, processed_key
 from service.pipeline import Pipeline
@@ -46,6 +48,10 @@ def test_the_web_process_imports_no_pixel_or_model_library() -> None:
                                                        "numpy"} == set()
     # A check that can fail: the worker's modules do pull them in.
     assert {"cv2", "PIL"} <= imported_by("service.engine.worker")
+    # ONNX's own library folds the text models at fetch time (service.models.onnx_folding); no process serving
+    # loads it.
+    assert "onnx" not in imported_by("service.app, service.cli, service.engine.worker, service.imaging.detection")
+    assert "onnx" in imported_by("service.models.onnx_folding")
 
 
 def run_spawning(tiny_spec: Path, then: str) -> list[str]:
@@ -247,7 +253,7 @@ def test_unloadable_model_fails_start_up_clearly(tiny_spec: Path, tmp_path: Path
 def test_missing_text_models_fail_start_up_naming_the_file_and_the_command(tiny_spec: Path, tmp_path: Path) -> None:
     options = WORKER_OPTIONS | {"text": TextOptions(tmp_path / "no-text-models")}
     engine = InferenceEngine(ModelSpec.load(tiny_spec), workers=1, **options)
-    with pytest.raises(RuntimeError, match=r"ch_PP-OCRv4_det_infer\.onnx is not in .*xray-pipeline model fetch"):
+    with pytest.raises(RuntimeError, match=rf"{re.escape(TEXT_DETECTOR_FILE)} is not in .*xray-pipeline model fetch"):
         asyncio.run(engine.start())
     assert not engine.ready
 

