@@ -539,7 +539,12 @@ def _block_lines(inside: np.ndarray) -> list[tuple[Box, float]]:
     pad = np.ceil(across / 2).astype(np.int64)
     padded = np.stack([lines[:, 0] - pad, lines[:, 1] - pad, lines[:, 0] + lines[:, 2] + pad,
                        lines[:, 1] + lines[:, 3] + pad], 1)
-    groups = _touching_groups(padded)
+    # Lines running down the block are grouped only with each other: a name burned down a CT body, grouped with
+    # the stripes across it, was read as they are, on its side, and only its first word was found.
+    groups = []
+    for subset in (np.flatnonzero(lines[:, 3] > _VERTICAL_ASPECT * lines[:, 2]),
+                   np.flatnonzero(lines[:, 3] <= _VERTICAL_ASPECT * lines[:, 2])):
+        groups += [subset[members].tolist() for members in _touching_groups(padded[subset])]
     found = []
     for members in groups:
         group = lines[members]

@@ -175,6 +175,12 @@ CASES = [
     Case("pet-blob-read-as-a-marker-beside-a-name", "pet", (464, 672), (
         Burn(("Jose Garcia Nunez", "ID 24838"), "top-right", "yellow", "DejaVuSansMono-Bold", 19),
     ), seed=(5045, 1)),
+    # From bench/privacy.py (seed 7044): a date burned down a CT body, across its stripes. The line search found
+    # it as one line inside the body's block, but grouped it with the stripes: read on its side, only "DOB" was.
+    Case("ct-scout-date-down-the-body", "ct-scout", (638, 1231), (
+        Burn(("Brigitte Mueller", "ID 23992"), "top-left", "light-grey", "DejaVuSerifCondensed-Bold", 13),
+        Burn(("DOB 1990-08-20",), "top", "white", "DejaVuSans-Oblique", 27, turn=3),
+    ), seed=(7044, 1)),
     Case("ct-scout-16-bit-bgr-green-date", "ct-scout", (1022, 1087), (
         Burn(("Oystein Aeroe", "ID 69818"), "right", "yellow", "DejaVuSerif-Italic", 11, turn=1),
         Burn(("DOB 1938-03-02",), "bottom", "green", "DejaVuSansCondensed-BoldOblique", 29),
