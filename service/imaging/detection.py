@@ -221,6 +221,7 @@ class TextDetector:
         to_verify: list[tuple[Box, float]] = []
         # Lines of text size inside proposals where text touches anatomy (see _block_lines).
         within_blocks: list[tuple[Box, float]] = []
+        down_blocks: list[tuple[Box, float]] = []
         glyphs: list[tuple[bool, int, Box]] = []
         # Readings of letter-shaped blobs (at most _MAX_GLYPH_READS), and the lone letters that read as markers.
         readings: dict[Box, tuple[str, float]] = {}
@@ -247,6 +248,7 @@ class TextDetector:
             to_verify.append((box, text_height))
             if min(width, height) > _BLOCK_LINES * text_height:
                 within_blocks += _block_lines(inside)
+                down_blocks += _block_lines(inside, down=True)
             # A letter alone in its proposal first (a film's marker), then the largest.
             glyphs += [(len(inside) > 1, -int(line[2] * line[3]), tuple(int(value) for value in line))
                        for line in inside if _glyph_shaped(line)]
@@ -255,8 +257,10 @@ class TextDetector:
         # Privacy first; the anatomy under the proposals is lost.
         affordable = sum(min(box[2] * box[3], _MAX_CROP_PIXELS) for box, _ in to_verify) <= _MAX_VERIFIED_PIXELS
         crops = _verification_crops(image, to_verify, within_blocks) if affordable else []
-        if not affordable or sum(crop.mosaic_width * crop.mosaic_height for crop, _ in crops) > _MAX_VERIFIED_PIXELS:
+        spent = sum(crop.mosaic_width * crop.mosaic_height for crop, _ in crops)
+        if not affordable or spent > _MAX_VERIFIED_PIXELS:
             return TextFindings(redact=sorted(proposals, key=lambda box: (box[1], box[0])), markers=[])
+        crops += _down_crops(image, down_blocks, crops, _MAX_VERIFIED_PIXELS - spent)
         lines = [*self._verified_lines(image, crops), *lone_markers]
         # The detector does not see every lone letter as text (an `L` is two strokes; a large serif `R`): a
         # letter-shaped blob of the line search, where the detector found nothing, is read by the recognizer, and
@@ -520,7 +524,25 @@ def _verification_crops(
     return crops
 
 
-def _block_lines(inside: np.ndarray) -> list[tuple[Box, float]]:
+def _down_crops(
+    image: np.ndarray, down_blocks: list[tuple[Box, float]], crops: list[tuple[_Crop, np.ndarray]], budget: int
+) -> list[tuple[_Crop, np.ndarray]]:
+    """The crops of the groups of lines running down blocks (_block_lines' `down`) that no crop of `crops` shows
+    already, within `budget` pixels: a second look, where the verification budget allows it."""
+    made = {(crop.left, crop.top, crop.width, crop.height) for crop, _ in crops}
+    extra = []
+    for crop, piece in _crops(image, down_blocks):
+        area = crop.mosaic_width * crop.mosaic_height
+        if (crop.left, crop.top, crop.width, crop.height) in made or any(_holds(block, crop) for block, _ in crops):
+            continue
+        if area > budget:
+            continue
+        budget -= area
+        extra.append((crop, piece))
+    return extra
+
+
+def _block_lines(inside: np.ndarray, *, down: bool = False) -> list[tuple[Box, float]]:
     """The groups of lines of text size in a block (a proposal many of its lines' median thickness across: text
     touching textured anatomy, or a CT body the line search proposed whole), each with half its median thickness
     as the height of its text.
@@ -528,23 +550,25 @@ def _block_lines(inside: np.ndarray) -> list[tuple[Box, float]]:
     Such a block's crop is scaled by its lines' median, which is the anatomy's, and turned by its outline, which
     says nothing of its text's direction: a name burned beside the body can come out too small to read, or on
     its side. Its lines no thicker than _BLOCK_LINE_THICKNESS times the thinner ones, grouped where they touch
-    (padded by half their thickness), are read again as proposals of their own."""
+    (padded by half their thickness), are read again as proposals of their own.
+
+    `down`: the groups of those of them running down the block, grouped among themselves. A date burned down a
+    CT body, grouped with the stripes across it, was read as they are, on its side, and only its first word was
+    found. Both groupings are read, since the line search's shapes do not always say which way text runs (a faint
+    name across a body's stripes made blobs taller than wide)."""
     across = np.minimum(inside[:, 2], inside[:, 3])
     thick_enough = across >= _MIN_SCALING_LINE_PX
     if not thick_enough.any():
         return []
     limit = _BLOCK_LINE_THICKNESS * float(np.percentile(across[thick_enough], _BLOCK_THIN_PERCENTILE))
     chosen = thick_enough & (across <= limit)
+    if down:
+        chosen &= inside[:, 3] > _VERTICAL_ASPECT * inside[:, 2]
     lines, across = inside[chosen].astype(np.int64), across[chosen]
     pad = np.ceil(across / 2).astype(np.int64)
     padded = np.stack([lines[:, 0] - pad, lines[:, 1] - pad, lines[:, 0] + lines[:, 2] + pad,
                        lines[:, 1] + lines[:, 3] + pad], 1)
-    # Lines running down the block are grouped only with each other: a name burned down a CT body, grouped with
-    # the stripes across it, was read as they are, on its side, and only its first word was found.
-    groups = []
-    for subset in (np.flatnonzero(lines[:, 3] > _VERTICAL_ASPECT * lines[:, 2]),
-                   np.flatnonzero(lines[:, 3] <= _VERTICAL_ASPECT * lines[:, 2])):
-        groups += [subset[members].tolist() for members in _touching_groups(padded[subset])]
+    groups = _touching_groups(padded)
     found = []
     for members in groups:
         group = lines[members]

@@ -181,6 +181,12 @@ CASES = [
         Burn(("Brigitte Mueller", "ID 23992"), "top-left", "light-grey", "DejaVuSerifCondensed-Bold", 13),
         Burn(("DOB 1990-08-20",), "top", "white", "DejaVuSans-Oblique", 27, turn=3),
     ), seed=(7044, 1)),
+    # From bench/privacy.py (seed 3004): a faint name across the stripes of a CT body, whose pieces the line search
+    # found as blobs taller than wide. Read only as a group of lines running down the body (turned), it was missed.
+    Case("ct-scout-faint-name-across-the-body", "ct-scout", (727, 1251), (
+        Burn(("Mikkel Vestergaard", "ID 30453"), "right", "light-grey", "DejaVuSans-Oblique", 21, contrast=37),
+        Burn(("Vestergaard ACC681149",), "bottom", "light-grey", "DejaVuSansCondensed", 17, contrast=-30),
+    ), seed=(3004, 1)),
     Case("ct-scout-16-bit-bgr-green-date", "ct-scout", (1022, 1087), (
         Burn(("Oystein Aeroe", "ID 69818"), "right", "yellow", "DejaVuSerif-Italic", 11, turn=1),
         Burn(("DOB 1938-03-02",), "bottom", "green", "DejaVuSansCondensed-BoldOblique", 29),
