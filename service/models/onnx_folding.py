@@ -159,8 +159,10 @@ class _Graph:
         return self.constants.get(name, self.added.get(name))
 
     def _scalar(self, name: str) -> float | None:
+        """The value of a one-element constant of at most one dimension (more would broadcast its operand's shape
+        up, which a folded graph could not), or None."""
         value = self._constant(name)
-        return float(value.ravel()[0]) if value is not None and value.size == 1 else None
+        return float(value.ravel()[0]) if value is not None and value.size == 1 and value.ndim <= 1 else None
 
     def _scalar_operand(self, node: onnx.NodeProto, tensor: str) -> float | None:
         """The constant scalar `node` (binary) combines `tensor` with, or None."""
