@@ -469,7 +469,6 @@ def test_shutdown_answers_every_request_wherever_it_is(harness: Harness, stage: 
         harness.submit(1)
 
 
-
 def test_the_dispatcher_stops_when_a_wake_up_comes_with_the_stop(harness: Harness) -> None:
     """A worker's answer can wake the dispatcher in the same turn of the loop as the engine's stop cancels it (Ctrl-C
     in a tool while batches are in flight). Python 3.11's asyncio.wait_for then returned the wake-up and lost the
@@ -484,6 +483,7 @@ def test_the_dispatcher_stops_when_a_wake_up_comes_with_the_stop(harness: Harnes
 
     harness.loop.run_until_complete(woken_as_it_stops())
     assert not harness.dispatcher.running
+
 
 # --- deadlines --------------------------------------------------------------------------------------------------
 

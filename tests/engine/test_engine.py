@@ -171,7 +171,6 @@ def test_two_workers_warm_up_and_analyze(tiny_spec: Path) -> None:
     assert labels == ["Pneumonia", "Normal", "Pneumonia", "Normal"]
 
 
-
 def test_a_caller_cancelled_as_its_answer_arrives_stays_cancelled(
     tiny_spec: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -199,6 +198,7 @@ def test_a_caller_cancelled_as_its_answer_arrives_stays_cancelled(
 
     analyzing = asyncio.run(scenario())
     assert analyzing.cancelled(), f"the cancellation was lost: {analyzing.result() if analyzing.done() else 'running'}"
+
 
 def test_workers_get_fewer_malloc_arenas_and_the_parent_keeps_its_environment(
     tiny_spec: Path, monkeypatch: pytest.MonkeyPatch
