@@ -19,6 +19,7 @@ model made from a wheel: the ImageNet classifier's build (model/imagenet/build.p
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
@@ -152,9 +153,16 @@ def _fold_text_models(folder: Path) -> None:
     for name, folded in FOLDED_TEXT_MODELS.items():
         if (folder / folded).is_file():
             continue
-        partial = folder / f".{folded}.partial"
-        fold_file(folder / name, partial)
-        partial.replace(folder / folded)
+        # A name of its own for each writer: two fetches into one cache (two pods on a shared volume) each write
+        # a whole file, and the last rename wins.
+        descriptor, partial_name = tempfile.mkstemp(dir=folder, prefix=f".{folded}.", suffix=".partial")
+        os.close(descriptor)
+        partial = Path(partial_name)
+        try:
+            fold_file(folder / name, partial)
+            partial.replace(folder / folded)
+        finally:
+            partial.unlink(missing_ok=True)
 
 
 def download_wheel(requirement: str, sha256: str, into: Path, pip_options: Sequence[str] = ()) -> Path:
