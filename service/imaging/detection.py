@@ -28,7 +28,8 @@ import numpy as np
 from service.imaging.codec import to_8bit
 from service.imaging.ocr_models import CtcTextRecognizer, DbTextDetector, TextRegion
 from service.imaging.text import Box, propose_text
-from service.models.fetch import TEXT_DETECTOR_FILE, TEXT_RECOGNIZER_FILE
+from service.models.fetch import FOLDED_TEXT_MODELS, TEXT_DETECTOR_FILE, TEXT_RECOGNIZER_FILE
+from service.settings import TEXT_MODELS_FOLDER
 
 #: Proposals of at most this many pixels are redacted without asking the detector: too small to hold more than
 #: a few small characters, so verifying them would cost more (about 1 ms each) than the anatomy they hide.
@@ -189,11 +190,14 @@ class TextDetector:
     _recognizer: CtcTextRecognizer = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        for name in (TEXT_DETECTOR_FILE, TEXT_RECOGNIZER_FILE):
+        for pinned, name in FOLDED_TEXT_MODELS.items():
             if not (self.model_dir / name).is_file():
-                raise FileNotFoundError(
-                    f"text model {name} is not in {self.model_dir}: run `xray-pipeline model fetch` (`make model`)"
-                )
+                # A folder filled by an older version (a mounted TEXT_MODELS_DIR) has the pinned file only.
+                older = (f"; it holds {pinned} only: the fetch writes the folded copy beside it, in "
+                         f"$MODEL_CACHE_DIR/{TEXT_MODELS_FOLDER}, from where it can be copied here"
+                         if (self.model_dir / pinned).is_file() else "")
+                raise FileNotFoundError(f"text model {name} is not in {self.model_dir}: run `xray-pipeline model "
+                                        f"fetch` (`make model`){older}")
         object.__setattr__(self, "_detector", DbTextDetector(self.model_dir / TEXT_DETECTOR_FILE))
         object.__setattr__(self, "_recognizer", CtcTextRecognizer(self.model_dir / TEXT_RECOGNIZER_FILE))
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import shutil
 import tracemalloc
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import VALIDATION_IMAGES
+from conftest import TEXT_OPTIONS, VALIDATION_IMAGES
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from modalities import GENERATORS, INKS, PLACES, WHITE, Burn, as_bgr, attacker_views, away_from_text, burn_in, marker
@@ -36,7 +37,7 @@ from service.imaging.detection import TextDetector, TextFindings
 from service.imaging.ocr_models import DbTextDetector
 from service.imaging.redact import blur_text_regions
 from service.imaging.text import propose_text
-from service.models.fetch import TEXT_DETECTOR_FILE
+from service.models.fetch import FOLDED_TEXT_MODELS, TEXT_DETECTOR_FILE, TEXT_DETECTOR_NAME
 
 #: Share of the pixels away from the burned text that the redaction must leave bit for bit.
 MIN_KEPT_SHARE = 0.95
@@ -575,8 +576,17 @@ def test_a_lone_marker_is_kept_without_the_detector(
 
 
 def test_a_detector_without_its_models_names_the_file_and_the_command(tmp_path: Path) -> None:
-    expected = rf"{re.escape(TEXT_DETECTOR_FILE)} is not in .*xray-pipeline model fetch"
+    expected = rf"{re.escape(TEXT_DETECTOR_FILE)} is not in .*xray-pipeline model fetch`[^;]*$"
     with pytest.raises(FileNotFoundError, match=expected):
+        TextDetector.load(tmp_path)
+
+
+def test_a_folder_of_an_older_version_is_told_where_the_folded_copies_are(tmp_path: Path) -> None:
+    """A mounted TEXT_MODELS_DIR filled before the models were folded holds the pinned files only."""
+    for pinned in FOLDED_TEXT_MODELS:
+        shutil.copy(TEXT_OPTIONS.models / pinned, tmp_path / pinned)
+    expected = rf"{re.escape(TEXT_DETECTOR_FILE)} is not in .*; it holds {re.escape(TEXT_DETECTOR_NAME)} only: "
+    with pytest.raises(FileNotFoundError, match=expected + r".*MODEL_CACHE_DIR/text/pp-ocrv4"):
         TextDetector.load(tmp_path)
 
 
