@@ -264,7 +264,8 @@ class TextDetector:
         spent = sum(crop.mosaic_width * crop.mosaic_height for crop, _ in crops)
         if not affordable or spent > _MAX_VERIFIED_PIXELS:
             return TextFindings(redact=sorted(proposals, key=lambda box: (box[1], box[0])), markers=[])
-        crops += _down_crops(image, down_blocks, crops, _MAX_VERIFIED_PIXELS - spent)
+        crops += _down_crops(image, [item for item in down_blocks if item not in within_blocks], crops,
+                             _MAX_VERIFIED_PIXELS - spent)
         lines = [*self._verified_lines(image, crops), *lone_markers]
         # The detector does not see every lone letter as text (an `L` is two strokes; a large serif `R`): a
         # letter-shaped blob of the line search, where the detector found nothing, is read by the recognizer, and
@@ -531,15 +532,13 @@ def _verification_crops(
 def _down_crops(
     image: np.ndarray, down_blocks: list[tuple[Box, float]], crops: list[tuple[_Crop, np.ndarray]], budget: int
 ) -> list[tuple[_Crop, np.ndarray]]:
-    """The crops of the groups of lines running down blocks (_block_lines' `down`) that no crop of `crops` shows
-    already, within `budget` pixels: a second look, where the verification budget allows it."""
-    made = {(crop.left, crop.top, crop.width, crop.height) for crop, _ in crops}
+    """The crops of the groups of lines running down blocks (_block_lines' `down`, less those grouped so anyway)
+    that no crop of `crops` shows already, within `budget` pixels: a second look, where the verification budget
+    allows it."""
     extra = []
     for crop, piece in _crops(image, down_blocks):
         area = crop.mosaic_width * crop.mosaic_height
-        if (crop.left, crop.top, crop.width, crop.height) in made or any(_holds(block, crop) for block, _ in crops):
-            continue
-        if area > budget:
+        if area > budget or any(_holds(block, crop) for block, _ in crops):
             continue
         budget -= area
         extra.append((crop, piece))
