@@ -251,8 +251,9 @@ class TextDetector:
             text_height = _text_height(inside, box)
             to_verify.append((box, text_height))
             if min(width, height) > _BLOCK_LINES * text_height:
-                within_blocks += _block_lines(inside)
-                down_blocks += _block_lines(inside, down=True)
+                across_block, down_block = _block_lines(inside)
+                within_blocks += across_block
+                down_blocks += down_block
             # A letter alone in its proposal first (a film's marker), then the largest.
             glyphs += [(len(inside) > 1, -int(line[2] * line[3]), tuple(int(value) for value in line))
                        for line in inside if _glyph_shaped(line)]
@@ -264,8 +265,7 @@ class TextDetector:
         spent = sum(crop.mosaic_width * crop.mosaic_height for crop, _ in crops)
         if not affordable or spent > _MAX_VERIFIED_PIXELS:
             return TextFindings(redact=sorted(proposals, key=lambda box: (box[1], box[0])), markers=[])
-        crops += _down_crops(image, [item for item in down_blocks if item not in within_blocks], crops,
-                             _MAX_VERIFIED_PIXELS - spent)
+        crops += _down_crops(image, down_blocks, crops, _MAX_VERIFIED_PIXELS - spent)
         lines = [*self._verified_lines(image, crops), *lone_markers]
         # The detector does not see every lone letter as text (an `L` is two strokes; a large serif `R`): a
         # letter-shaped blob of the line search, where the detector found nothing, is read by the recognizer, and
@@ -532,9 +532,8 @@ def _verification_crops(
 def _down_crops(
     image: np.ndarray, down_blocks: list[tuple[Box, float]], crops: list[tuple[_Crop, np.ndarray]], budget: int
 ) -> list[tuple[_Crop, np.ndarray]]:
-    """The crops of the groups of lines running down blocks (_block_lines' `down`, less those grouped so anyway)
-    that no crop of `crops` shows already, within `budget` pixels: a second look, where the verification budget
-    allows it."""
+    """The crops of the groups of lines running down blocks (_block_lines' second list) that no crop of `crops`
+    shows already, within `budget` pixels: a second look, where the verification budget allows it."""
     extra = []
     for crop, piece in _crops(image, down_blocks):
         area = crop.mosaic_width * crop.mosaic_height
@@ -545,7 +544,7 @@ def _down_crops(
     return extra
 
 
-def _block_lines(inside: np.ndarray, *, down: bool = False) -> list[tuple[Box, float]]:
+def _block_lines(inside: np.ndarray) -> tuple[list[tuple[Box, float]], list[tuple[Box, float]]]:
     """The groups of lines of text size in a block (a proposal many of its lines' median thickness across: text
     touching textured anatomy, or a CT body the line search proposed whole), each with half its median thickness
     as the height of its text.
@@ -555,32 +554,36 @@ def _block_lines(inside: np.ndarray, *, down: bool = False) -> list[tuple[Box, f
     its side. Its lines no thicker than _BLOCK_LINE_THICKNESS times the thinner ones, grouped where they touch
     (padded by half their thickness), are read again as proposals of their own.
 
-    `down`: the groups of those of them running down the block, grouped among themselves. A date burned down a
-    CT body, grouped with the stripes across it, was read as they are, on its side, and only its first word was
-    found. Both groupings are read, since the line search's shapes do not always say which way text runs (a faint
-    name across a body's stripes made blobs taller than wide)."""
+    The second list: the groups of those of them running down the block, grouped among themselves (those not
+    already groups of the first). A date burned down a CT body, grouped with the stripes across it, was read as
+    they are, on its side, and only its first word was found. Both groupings are read, since the line search's
+    shapes do not always say which way text runs (a faint name across a body's stripes made blobs taller than
+    wide)."""
     across = np.minimum(inside[:, 2], inside[:, 3])
     thick_enough = across >= _MIN_SCALING_LINE_PX
     if not thick_enough.any():
-        return []
+        return [], []
     limit = _BLOCK_LINE_THICKNESS * float(np.percentile(across[thick_enough], _BLOCK_THIN_PERCENTILE))
     chosen = thick_enough & (across <= limit)
-    if down:
-        chosen &= inside[:, 3] > _VERTICAL_ASPECT * inside[:, 2]
     lines, across = inside[chosen].astype(np.int64), across[chosen]
     pad = np.ceil(across / 2).astype(np.int64)
     padded = np.stack([lines[:, 0] - pad, lines[:, 1] - pad, lines[:, 0] + lines[:, 2] + pad,
                        lines[:, 1] + lines[:, 3] + pad], 1)
     groups = _touching_groups(padded)
-    found = []
-    for members in groups:
+    down = np.flatnonzero(lines[:, 3] > _VERTICAL_ASPECT * lines[:, 2])
+    known = {tuple(members) for members in groups}  # both in ascending order (_components)
+    down_groups = [members for group in _touching_groups(padded[down])
+                   if tuple(members := down[group].tolist()) not in known]
+
+    def described(members: list[int]) -> tuple[Box, float]:
         group = lines[members]
         x0, y0 = group[:, 0].min(), group[:, 1].min()
         x1, y1 = (group[:, 0] + group[:, 2]).max(), (group[:, 1] + group[:, 3]).max()
         # Read as if its lines were half as thick: next to anatomy the search often sees two or three lines of a
         # name as one, and a crop scaled by that thickness shows each too small to read.
-        found.append(((int(x0), int(y0), int(x1 - x0), int(y1 - y0)), float(np.median(across[members])) / 2))
-    return found
+        return (int(x0), int(y0), int(x1 - x0), int(y1 - y0)), float(np.median(across[members])) / 2
+
+    return [described(members) for members in groups], [described(members) for members in down_groups]
 
 
 def _touching_groups(boxes: np.ndarray) -> list[list[int]]:

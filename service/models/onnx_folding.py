@@ -60,6 +60,8 @@ class _Graph:
     nodes: list[onnx.NodeProto] = field(init=False)
     constants: dict[str, np.ndarray] = field(init=False)
     added: dict[str, np.ndarray] = field(default_factory=dict)
+    #: The nodes reading each tensor, as of the last fold_one (every rewrite changes them).
+    _readers: dict[str, list[onnx.NodeProto]] = field(default_factory=dict)
     _names: itertools.count[int] = field(default_factory=itertools.count)
 
     def __post_init__(self) -> None:
