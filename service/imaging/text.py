@@ -36,6 +36,13 @@ _TEXTURE_CELL_PX = 8
 _TEXTURE_NEIGHBOURHOOD_CELLS = 5
 _TEXTURE_MULTIPLE = 2.5
 _FAINTEST_CONTRAST = 18
+#: On a dark floor (a PET's or an MR's background: no pixel of a cell, in any channel, nor of the cells around it
+#: as far as the texture's neighbourhood, brighter than this), the clamp is lower: an attacker stretches such a
+#: region's few levels to the full range, and black text 8 levels under a dark red PET floor becomes plain. Only
+#: there: on bright anatomy, or on a narrow dark strip beside it, a clamp this low finds faint edges of the anatomy
+#: and joins them to the text's line, whose crop is then scaled for a taller line than it is.
+_DARK_FLOOR_LEVEL = 48
+_FAINTEST_CONTRAST_ON_DARK_FLOOR = 6
 #: A blob taller than a text line, or one shaped like no line yet crossed by as many strokes per row as one,
 #: is searched again, inside its bounding box, at the next of these levels: text touching anatomy (above,
 #: below or beside it) separates from it once the threshold passes the anatomy's contrast.
@@ -180,6 +187,7 @@ class _LineSearch:
         """Text lines of bright strokes (white top-hat of the `bright` planes) and of dark ones (black-hat of the
         `dark` planes), each pixel's contrast that of its strongest plane."""
         found = []
+        dark_floor = _dark_floor_cells(bright)
         for contrast in (self._contrast(bright, cv2.MORPH_TOPHAT), self._contrast(dark, cv2.MORPH_BLACKHAT)):
             sharp = _sharp_integral(contrast)
             if self.large_text:
@@ -188,7 +196,8 @@ class _LineSearch:
                 found.append(self.run(contrast, strokes, _LARGE_TEXT_LEVEL + 1, sharp)[0])
                 continue
             # cv2.compare gives 0/255; the masks are counted through integral images, so they hold 0/1.
-            strokes = np.bitwise_and(cv2.compare(contrast, _first_thresholds(contrast), cv2.CMP_GE), 1)
+            thresholds = _first_thresholds(contrast, dark_floor)
+            strokes = np.bitwise_and(cv2.compare(contrast, thresholds, cv2.CMP_GE), 1)
             found.append(_extend_along_rows(*self.run(contrast, strokes, 0, sharp)))
             # Text running vertically (burned along a side edge, or in an image shown turned by 90 degrees) is the
             # same search with rows and columns swapped (thresholds are the same either way round). It runs on the
@@ -314,8 +323,19 @@ def _bounding_boxes(contours: Sequence[np.ndarray]) -> np.ndarray:
     return np.concatenate([low, high - low + 1], axis=1).astype(np.int64)
 
 
-def _first_thresholds(contrast: np.ndarray) -> np.ndarray:
-    """Per-pixel threshold of the first search (see _TEXTURE_CELL_PX)."""
+def _dark_floor_cells(bright: list[np.ndarray]) -> np.ndarray:
+    """Which cells of _TEXTURE_CELL_PX (rounded up) lie on a dark floor (see _DARK_FLOOR_LEVEL), from the
+    max-pooled planes."""
+    brightest = bright[0]
+    for plane in bright[1:]:
+        brightest = cv2.max(brightest, plane)
+    cell = _TEXTURE_CELL_PX
+    cells = np.ascontiguousarray(cv2.dilate(brightest, np.ones((cell, cell), np.uint8), anchor=(0, 0))[::cell, ::cell])
+    return cv2.dilate(cells, np.ones((_TEXTURE_NEIGHBOURHOOD_CELLS,) * 2, np.uint8)) <= _DARK_FLOOR_LEVEL
+
+
+def _first_thresholds(contrast: np.ndarray, dark_floor: np.ndarray) -> np.ndarray:
+    """Per-pixel threshold of the first search (see _TEXTURE_CELL_PX); `dark_floor` from _dark_floor_cells."""
     height, width = contrast.shape
     cell = _TEXTURE_CELL_PX
     strongest = np.ascontiguousarray(
@@ -323,9 +343,8 @@ def _first_thresholds(contrast: np.ndarray) -> np.ndarray:
     )
     # The quietest cell around is the background's texture, even right next to (or inside) a block of text.
     texture = cv2.erode(strongest, np.ones((_TEXTURE_NEIGHBOURHOOD_CELLS,) * 2, np.uint8))
-    thresholds = np.clip(texture * _TEXTURE_MULTIPLE, _FAINTEST_CONTRAST, _CONTRAST_LEVELS[0]).astype(
-        np.uint8
-    )
+    faintest = np.where(dark_floor, _FAINTEST_CONTRAST_ON_DARK_FLOOR, _FAINTEST_CONTRAST)
+    thresholds = np.clip(texture * _TEXTURE_MULTIPLE, faintest, _CONTRAST_LEVELS[0]).astype(np.uint8)
     return cv2.resize(thresholds, None, fx=cell, fy=cell, interpolation=cv2.INTER_NEAREST)[:height, :width]
 
 

@@ -188,6 +188,17 @@ CASES = [
         Burn(("Mikkel Vestergaard", "ID 30453"), "right", "light-grey", "DejaVuSans-Oblique", 21, contrast=37),
         Burn(("Vestergaard ACC681149",), "bottom", "light-grey", "DejaVuSansCondensed", 17, contrast=-30),
     ), seed=(3004, 1)),
+    # From bench/privacy.py (seeds 3001 and 6025): black text on a PET's dark red floor, 8 levels under it in red
+    # and fewer in grey. An attacker's contrast stretch makes it plain; the line search's first threshold, clamped
+    # at 18 levels everywhere, never saw it.
+    Case("pet-black-name-on-the-dark-floor", "pet", (730, 1317), (
+        Burn(("Kari Nordmann", "ID 84693"), "bottom-left", "black", "DejaVuSerif-Italic", 29),
+    ), seed=(3001, 1)),
+    Case("pet-black-date-on-the-dark-floor", "pet", (685, 660), (
+        Burn(("Wei Zhang", "ID 98194"), "top-left", "green", "DejaVuSerifCondensed-Bold", 19, turn=3),
+        Burn(("DOB 1954-08-19",), "top-right", "black", "DejaVuSerif-Italic", 21),
+        Burn(("Zhang ACC409098",), "left", "dark-grey", "DejaVuSans-ExtraLight", 13),
+    ), seed=(6025, 1)),
     Case("ct-scout-16-bit-bgr-green-date", "ct-scout", (1022, 1087), (
         Burn(("Oystein Aeroe", "ID 69818"), "right", "yellow", "DejaVuSerif-Italic", 11, turn=1),
         Burn(("DOB 1938-03-02",), "bottom", "green", "DejaVuSansCondensed-BoldOblique", 29),

@@ -34,6 +34,23 @@ def test_coloured_text_as_bright_as_its_background_in_grey_is_proposed() -> None
     assert _covered(propose_text(colour)[1], text_box) > 0.95
 
 
+def _dim_text(floor: int, ink: int) -> np.ndarray:
+    """A smooth grey floor with a line of text `ink` levels on it, and a bright band far from the text (anatomy)."""
+    image = np.full((300, 600), floor, np.uint8)
+    image[:, 520:] = 200
+    cv2.putText(image, "NORDMANN 1962", (40, 160), cv2.FONT_HERSHEY_SIMPLEX, 1.0, ink, 2, cv2.LINE_AA)
+    return image
+
+
+def test_text_a_few_levels_off_a_dark_floor_is_proposed_and_off_a_bright_one_not() -> None:
+    """An attacker stretches a dark floor's few levels to the full range: black text 9 levels under it becomes
+    plain. The same 9 levels on a bright floor are noise to the search (it would join faint anatomy to text)."""
+    text_box = (40, 135, 260, 32)
+    assert _covered(propose_text(_dim_text(9, 0))[1], text_box) > 0.95
+    assert _covered(propose_text(_dim_text(21, 30))[1], text_box) > 0.95
+    assert _covered(propose_text(_dim_text(120, 111))[1], text_box) == 0
+
+
 def test_grey_stored_as_colour_is_proposed_as_grey() -> None:
     grey = np.full((200, 400), 40, np.uint8)
     cv2.putText(grey, "ID 48213", (30, 110), cv2.FONT_HERSHEY_SIMPLEX, 1.0, 230, 2, cv2.LINE_AA)
