@@ -89,9 +89,12 @@ MARKERS = frozenset({"R", "L", "AP", "PA", "PORTABLE", "SUPINE", "ERECT"})
 _MIN_LINE_ASPECT = 2.5
 _MIN_READ_CONFIDENCE = 0.5
 #: A blob of the line search this letter-like (at least this tall and wide, at most this elongated) is read by
-#: the recognizer when the detector finds nothing there.
+#: the recognizer when the detector finds nothing there, and is a line if it reads with this confidence: the
+#: recognizer overrules the detector only when sure (a PET hot spot read as "01" at 0.53 was redacted, a tenth
+#: of the image; a marker letter counts only from _MARKER_MIN_CONFIDENCE, which is as high).
 _MIN_GLYPH_PX = 12
 _MAX_GLYPH_ASPECT = 2.0
+_MIN_GLYPH_CONFIDENCE = 0.6
 #: At most this many per image: letters alone in their proposal first, then the largest (markers are large;
 #: anatomy offers many small ones).
 _MAX_GLYPH_READS = 4
@@ -277,7 +280,7 @@ class TextDetector:
                 if len(readings) == _MAX_GLYPH_READS or any(_overlap(glyph, read) for read in readings):
                     continue
                 readings[glyph] = self._marker_reading(image, glyph)
-            if readings[glyph][0] and readings[glyph][1] >= _MIN_READ_CONFIDENCE:
+            if readings[glyph][0] and readings[glyph][1] >= _MIN_GLYPH_CONFIDENCE:
                 lines.append(glyph)
         markers: list[Box] = []
         for line, kind in zip(lines, self._kinds(image, lines, readings), strict=True):

@@ -199,6 +199,11 @@ CASES = [
         Burn(("DOB 1954-08-19",), "top-right", "black", "DejaVuSerif-Italic", 21),
         Burn(("Zhang ACC409098",), "left", "dark-grey", "DejaVuSans-ExtraLight", 13),
     ), seed=(6025, 1)),
+    # From bench/privacy.py (seed 7005): a PET hot spot the detector saw no text in, letter-shaped to the line
+    # search, read as "01" at 0.53 and redacted as text: a tenth of the image.
+    Case("pet-hot-spot-read-as-digits", "pet", (561, 583), (
+        Burn(("Wei Zhang", "ID 90030"), "left", "light-grey", "DejaVuSerifCondensed-Bold", 22, turn=1),
+    ), seed=(7005, 1)),
     Case("ct-scout-16-bit-bgr-green-date", "ct-scout", (1022, 1087), (
         Burn(("Oystein Aeroe", "ID 69818"), "right", "yellow", "DejaVuSerif-Italic", 11, turn=1),
         Burn(("DOB 1938-03-02",), "bottom", "green", "DejaVuSansCondensed-BoldOblique", 29),
