@@ -43,6 +43,20 @@ _FAINTEST_CONTRAST = 18
 #: and joins them to the text's line, whose crop is then scaled for a taller line than it is.
 _DARK_FLOOR_LEVEL = 48
 _FAINTEST_CONTRAST_ON_DARK_FLOOR = 6
+#: Black ink on a noisy dark floor (an MR's or a PET's background) stands no further from the floor than the
+#: noise's own dips do, pixel by pixel, so no contrast threshold finds it; but burned-in ink is flat and noise is
+#: not: on a dark floor, a pixel whose 2 x 2 neighbourhood is black in every channel (at most this level) is a
+#: stroke too, where the floor is not black itself: in a cell whose brightest pixel reaches the first level (the
+#: floor's noise around the ink: a PET's red floor reaches 15, an MR's 20-40), among cells whose mean reaches the
+#: second (a PET's floor about 8, an MR's 11-14). A film's black edge or border is flat black with speckle
+#: (cells 0-6 at their brightest, means 0-4) from which the search would make lines.
+_BLACK_INK_LEVEL = 1
+_INK_FLOOR_PEAK = 12
+_INK_FLOOR_MEAN = 6
+#: Ink counts only in runs of three pixels (across, down or diagonal), as strokes are: the dark corner of a grainy
+#: film has flat black specks too, which the line search would join into lines.
+_STROKE_RUNS = (np.ones((1, 3), np.uint8), np.ones((3, 1), np.uint8), np.eye(3, dtype=np.uint8),
+                np.fliplr(np.eye(3, dtype=np.uint8)).copy())
 #: A blob taller than a text line, or one shaped like no line yet crossed by as many strokes per row as one,
 #: is searched again, inside its bounding box, at the next of these levels: text touching anatomy (above,
 #: below or beside it) separates from it once the threshold passes the anatomy's contrast.
@@ -178,6 +192,7 @@ class _LineSearch:
             False: cv2.getStructuringElement(cv2.MORPH_RECT, (gap, 1)),
             True: cv2.getStructuringElement(cv2.MORPH_RECT, (1, gap)),
         }
+        self.factor = factor
         self.large_text = large_text
         min_height = _MIN_LARGE_LINE_HEIGHT_PX / _LARGE_TEXT_REDUCTION if large_text else _MIN_LINE_HEIGHT_PX
         self.min_height = min_height / factor
@@ -187,17 +202,26 @@ class _LineSearch:
         """Text lines of bright strokes (white top-hat of the `bright` planes) and of dark ones (black-hat of the
         `dark` planes), each pixel's contrast that of its strongest plane."""
         found = []
-        dark_floor = _dark_floor_cells(bright)
-        for contrast in (self._contrast(bright, cv2.MORPH_TOPHAT), self._contrast(dark, cv2.MORPH_BLACKHAT)):
-            sharp = _sharp_integral(contrast)
-            if self.large_text:
+        if self.large_text:
+            for contrast in (self._contrast(bright, cv2.MORPH_TOPHAT), self._contrast(dark, cv2.MORPH_BLACKHAT)):
                 strokes = cv2.threshold(contrast, _CONTRAST_LEVELS[_LARGE_TEXT_LEVEL] - 1, 1, cv2.THRESH_BINARY)[1]
                 # Large letters are searched only where they stand out clearly: there is no fainter word to add.
-                found.append(self.run(contrast, strokes, _LARGE_TEXT_LEVEL + 1, sharp)[0])
-                continue
+                found.append(self.run(contrast, strokes, _LARGE_TEXT_LEVEL + 1, _sharp_integral(contrast))[0])
+            return np.concatenate(found)
+        brightest = bright[0]
+        for plane in bright[1:]:
+            brightest = cv2.max(brightest, plane)
+        cell_maxima = _cell_maxima(brightest)
+        dark_floor = _dark_floor_cells(cell_maxima)
+        black_ink = _black_ink(brightest, cell_maxima, dark_floor, self.factor)
+        for contrast, ink in ((self._contrast(bright, cv2.MORPH_TOPHAT), None),
+                              (self._contrast(dark, cv2.MORPH_BLACKHAT), black_ink)):
+            sharp = _sharp_integral(contrast)
             # cv2.compare gives 0/255; the masks are counted through integral images, so they hold 0/1.
             thresholds = _first_thresholds(contrast, dark_floor)
             strokes = np.bitwise_and(cv2.compare(contrast, thresholds, cv2.CMP_GE), 1)
+            if ink is not None:
+                strokes |= ink
             found.append(_extend_along_rows(*self.run(contrast, strokes, 0, sharp)))
             # Text running vertically (burned along a side edge, or in an image shown turned by 90 degrees) is the
             # same search with rows and columns swapped (thresholds are the same either way round). It runs on the
@@ -323,15 +347,44 @@ def _bounding_boxes(contours: Sequence[np.ndarray]) -> np.ndarray:
     return np.concatenate([low, high - low + 1], axis=1).astype(np.int64)
 
 
-def _dark_floor_cells(bright: list[np.ndarray]) -> np.ndarray:
-    """Which cells of _TEXTURE_CELL_PX (rounded up) lie on a dark floor (see _DARK_FLOOR_LEVEL), from the
-    max-pooled planes."""
-    brightest = bright[0]
-    for plane in bright[1:]:
-        brightest = cv2.max(brightest, plane)
+def _cell_maxima(brightest: np.ndarray) -> np.ndarray:
+    """The brightest pixel of each cell of _TEXTURE_CELL_PX (rounded up) of the max-pooled strongest channel."""
     cell = _TEXTURE_CELL_PX
-    cells = np.ascontiguousarray(cv2.dilate(brightest, np.ones((cell, cell), np.uint8), anchor=(0, 0))[::cell, ::cell])
-    return cv2.dilate(cells, np.ones((_TEXTURE_NEIGHBOURHOOD_CELLS,) * 2, np.uint8)) <= _DARK_FLOOR_LEVEL
+    return np.ascontiguousarray(cv2.dilate(brightest, np.ones((cell, cell), np.uint8), anchor=(0, 0))[::cell, ::cell])
+
+
+def _dark_floor_cells(cell_maxima: np.ndarray) -> np.ndarray:
+    """Which cells lie on a dark floor (see _DARK_FLOOR_LEVEL), from _cell_maxima."""
+    return cv2.dilate(cell_maxima, np.ones((_TEXTURE_NEIGHBOURHOOD_CELLS,) * 2, np.uint8)) <= _DARK_FLOOR_LEVEL
+
+
+def _black_ink(brightest: np.ndarray, cell_maxima: np.ndarray, dark_floor: np.ndarray, factor: int) -> np.ndarray:
+    """0/1 mask of the flat black ink on a dark floor that is not black itself (see _BLACK_INK_LEVEL), from the
+    max-pooled strongest channel, its _cell_maxima and _dark_floor_cells. Max-pooled 2x or more, a reduced pixel is
+    its full-resolution neighbourhood already."""
+    height, width = brightest.shape
+    cell = _TEXTURE_CELL_PX
+    padded = cv2.copyMakeBorder(brightest, 0, -height % cell, 0, -width % cell, cv2.BORDER_REPLICATE)
+    cell_means = cv2.resize(padded, (padded.shape[1] // cell, padded.shape[0] // cell), interpolation=cv2.INTER_AREA)
+    floor_means = cv2.blur(cell_means.astype(np.float32), (_TEXTURE_NEIGHBOURHOOD_CELLS,) * 2)
+    allowed = dark_floor & (cell_maxima >= _INK_FLOOR_PEAK) & (floor_means >= _INK_FLOOR_MEAN)
+    neighbourhood = brightest if factor > 1 else cv2.dilate(brightest, np.ones((2, 2), np.uint8), anchor=(0, 0))
+    black = cv2.compare(neighbourhood, _BLACK_INK_LEVEL, cv2.CMP_LE)
+    allowed_pixels = cv2.resize(allowed.view(np.uint8), None, fx=cell, fy=cell, interpolation=cv2.INTER_NEAREST)
+    allowed_pixels = allowed_pixels[:height, :width]
+    ink = np.bitwise_and(black, allowed_pixels)
+    # Most images have little or none of it: the runs are looked for around it only (a run of three reaches two
+    # pixels beyond), the same as over the whole image.
+    left, top, box_width, box_height = cv2.boundingRect(ink)
+    if not box_width:
+        return ink
+    around = np.s_[max(0, top - 2) : top + box_height + 2, max(0, left - 2) : left + box_width + 2]
+    runs = [cv2.morphologyEx(black[around], cv2.MORPH_OPEN, kernel) for kernel in _STROKE_RUNS]
+    strokes = runs[0]
+    for run in runs[1:]:
+        strokes = cv2.max(strokes, run)
+    ink[around] = np.bitwise_and(strokes, allowed_pixels[around])
+    return ink
 
 
 def _first_thresholds(contrast: np.ndarray, dark_floor: np.ndarray) -> np.ndarray:

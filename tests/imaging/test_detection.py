@@ -199,6 +199,19 @@ CASES = [
         Burn(("DOB 1954-08-19",), "top-right", "black", "DejaVuSerif-Italic", 21),
         Burn(("Zhang ACC409098",), "left", "dark-grey", "DejaVuSans-ExtraLight", 13),
     ), seed=(6025, 1)),
+    # From bench/privacy.py (seeds 3006, 7010, 3029): black ink on the noisy floor of an MR (8-bit, and 16-bit
+    # running down the side) and dark ink clipped to black on a PET's dark red floor. Pixel by pixel the noise dips
+    # as far from the floor as the ink; only the ink's flatness tells it apart.
+    Case("mr-black-id-on-the-noisy-floor", "mr", (560, 450), (
+        Burn(("Jose Garcia Nunez", "ID 75371"), "bottom", "white", "DejaVuSansCondensed", 28),
+        Burn(("Nunez ACC276818",), "top-right", "black", "DejaVuSansCondensed", 23),
+    ), seed=(3006, 1)),
+    Case("mr-16-bit-black-id-down-the-noisy-floor", "mr", (1305, 589), (
+        Burn(("Nunez ACC789092",), "top", "black", "DejaVuSans", 26, turn=1),
+    ), bits=16, seed=(7010, 1)),
+    Case("pet-dark-name-clipped-to-black-on-the-floor", "pet", (769, 1064), (
+        Burn(("Brigitte Mueller", "ID 19159"), "right", "dark-grey", "DejaVuSerifCondensed-Bold", 17, contrast=-40),
+    ), seed=(3029, 1)),
     # From bench/privacy.py (seed 7005): a PET hot spot the detector saw no text in, letter-shaped to the line
     # search, read as "01" at 0.53 and redacted as text: a tenth of the image.
     Case("pet-hot-spot-read-as-digits", "pet", (561, 583), (

@@ -8,14 +8,19 @@ import tracemalloc
 
 import cv2
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from modalities import chest_grain
 
+from service.imaging import text
 from service.imaging.text import _MAX_SAME_LINE_HEIGHT, _SAME_LINE_GAP, _extend_along_rows, propose_text
 
 
-def _covered(boxes: list[tuple[int, int, int, int]], box: tuple[int, int, int, int]) -> float:
-    mask = np.zeros((1000, 1000), bool)
+def _covered(
+    boxes: list[tuple[int, int, int, int]], box: tuple[int, ...], shape: tuple[int, ...] = (1000, 1000)
+) -> float:
+    mask = np.zeros(shape[:2], bool)
     for x, y, w, h in boxes:
         mask[y : y + h, x : x + w] = True
     x, y, w, h = box
@@ -49,6 +54,40 @@ def test_text_a_few_levels_off_a_dark_floor_is_proposed_and_off_a_bright_one_not
     assert _covered(propose_text(_dim_text(9, 0))[1], text_box) > 0.95
     assert _covered(propose_text(_dim_text(21, 30))[1], text_box) > 0.95
     assert _covered(propose_text(_dim_text(120, 111))[1], text_box) == 0
+
+
+def _noisy_dark_floor(seed: int, scale: int = 1) -> np.ndarray:
+    """An MR's background: noise around 10 grey levels, as far below the mean as black ink is."""
+    return np.clip(np.random.default_rng(seed).normal(10, 6, (300 * scale, 600 * scale)), 0, 255).astype(np.uint8)
+
+
+def test_black_text_on_a_noisy_dark_floor_is_proposed_and_the_noise_alone_is_not() -> None:
+    """Pixel by pixel the noise dips as far as the ink; the ink is flat, the noise is not."""
+    for seed in range(3):
+        # At full resolution, and twice as large (searched on a max-pooled copy).
+        for scale in (1, 2):
+            floor = _noisy_dark_floor(seed, scale)
+            assert propose_text(floor)[1] == []
+            cv2.putText(floor, "NORDMANN 1962", (40 * scale, 160 * scale), cv2.FONT_HERSHEY_SIMPLEX, scale, 0,
+                        2 * scale, cv2.LINE_AA)
+            text_box = tuple(value * scale for value in (40, 135, 260, 32))
+            assert _covered(propose_text(floor)[1], text_box, floor.shape) > 0.95
+        # On a PET's dark red floor.
+        red_floor = cv2.merge([np.zeros_like(floor), np.zeros_like(floor), floor])
+        assert _covered(propose_text(red_floor)[1], text_box, floor.shape) > 0.95
+
+
+def test_the_black_ink_search_adds_nothing_to_grainy_films_or_a_black_border(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Coarse grain clumps into flat black specks in a film's dark corners; a black border is flat black all over.
+    Neither is text: the search finds what it finds without looking for black ink."""
+    images = [chest_grain(np.random.default_rng(seed), 2000, 1700) for seed in range(3)]
+    border = np.zeros((300, 600), np.uint8)
+    border[:, 400:] = np.random.default_rng(0).integers(0, 4, (300, 200), np.uint8)  # a film's edge: black, noisy
+    cv2.putText(border, "NORDMANN 1962", (40, 160), cv2.FONT_HERSHEY_SIMPLEX, 1.0, 255, 2, cv2.LINE_AA)
+    images.append(border)
+    found = [propose_text(image)[1] for image in images]
+    monkeypatch.setattr(text, "_BLACK_INK_LEVEL", -1)
+    assert found == [propose_text(image)[1] for image in images]
 
 
 def test_grey_stored_as_colour_is_proposed_as_grey() -> None:
