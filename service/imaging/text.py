@@ -369,7 +369,8 @@ def _black_ink(brightest: np.ndarray, cell_maxima: np.ndarray, dark_floor: np.nd
     floor_means = cv2.blur(cell_means.astype(np.float32), (_TEXTURE_NEIGHBOURHOOD_CELLS,) * 2)
     allowed = dark_floor & (cell_maxima >= _INK_FLOOR_PEAK) & (floor_means >= _INK_FLOOR_MEAN)
     neighbourhood = brightest if factor > 1 else cv2.dilate(brightest, np.ones((2, 2), np.uint8), anchor=(0, 0))
-    black = cv2.compare(neighbourhood, _BLACK_INK_LEVEL, cv2.CMP_LE)
+    # numpy's comparison, not OpenCV's: OpenCV takes an image of one pixel for a scalar.
+    black = (neighbourhood <= _BLACK_INK_LEVEL).view(np.uint8)
     allowed_pixels = cv2.resize(allowed.view(np.uint8), None, fx=cell, fy=cell, interpolation=cv2.INTER_NEAREST)
     allowed_pixels = allowed_pixels[:height, :width]
     ink = np.bitwise_and(black, allowed_pixels)

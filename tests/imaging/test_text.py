@@ -90,6 +90,14 @@ def test_the_black_ink_search_adds_nothing_to_grainy_films_or_a_black_border(mon
     assert found == [propose_text(image)[1] for image in images]
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (1, 1, 3), (2, 1), (1, 600), (600, 1), (7, 9), (9, 17, 4)])
+@pytest.mark.parametrize("level", [0, 12, 255])
+def test_slivers_and_single_pixels_propose_nothing(shape: tuple[int, ...], level: int) -> None:
+    """Tiny or one-pixel-thin images, flat at any level (a black one is flat black ink on a dark floor)."""
+    lines, proposals = propose_text(np.full(shape, level, np.uint8))
+    assert proposals == [] and len(lines) == 0
+
+
 def test_grey_stored_as_colour_is_proposed_as_grey() -> None:
     grey = np.full((200, 400), 40, np.uint8)
     cv2.putText(grey, "ID 48213", (30, 110), cv2.FONT_HERSHEY_SIMPLEX, 1.0, 230, 2, cv2.LINE_AA)
