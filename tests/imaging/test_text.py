@@ -1,6 +1,7 @@
-"""The line search (service.imaging.text) on its own: what it proposes in colour, and how its row extension
-scales. What it finds on real and synthetic images is tested through the cascade (test_detection.py,
-test_privacy.py, test_imaging.py)."""
+"""The line search (service.imaging.text) on its own: what it proposes in colour, on dark floors (faint text, flat
+black ink on noise) and on slivers, what it leaves alone (grain, black borders), and how its row extension scales.
+What it finds on real and synthetic images is tested through the cascade (test_detection.py, test_privacy.py,
+test_imaging.py)."""
 
 from __future__ import annotations
 
