@@ -7,8 +7,9 @@ textured anatomy (a CT body, a PET heart, ribs) it also proposes regions that ar
 the detector sees only the proposals: each one is cropped with a margin, turned upright if it runs vertically,
 scaled so its text is about as tall as the detector reads best, contrast-stretched (faint text becomes plain
 text), and packed with the others into one mosaic that the detector reads in a single run. What it finds there
-is redacted; a proposal it finds no text in is anatomy and stays untouched. Proposals too small to verify usefully
-are redacted as they are: they cost no anatomy.
+is redacted; a proposal it finds no text in is anatomy and stays untouched. A line of the line search that runs
+on beyond the text found there is looked at again in a crop of its own (one crop's contrast stretch serves one
+kind of text). Proposals too small to verify usefully are redacted as they are: they cost no anatomy.
 
 Orientation markers (an isolated `R` or `L`, `AP`, `PA`, `PORTABLE`, `SUPINE`, `ERECT`) say how the patient lay,
 not who they are: the recognizer reads each isolated short line, and the markers are kept unless
@@ -126,6 +127,14 @@ _ROW_CUT_BAND = (0.3, 0.7)
 #: The ways a vertical squat region's rows are turned upright, in the order tried: text burned along a side edge
 #: reads top to bottom or bottom to top, and the recognizer reads nothing upside down.
 _READING_TURNS = (cv2.ROTATE_90_CLOCKWISE, cv2.ROTATE_90_COUNTERCLOCKWISE)
+#: A line of the line search (line-shaped: at least _MIN_SCALING_LINE_PX thick and _MIN_LINE_ASPECT times longer)
+#: that runs on beyond the text the detector found in its row (or column), the same way, for at least this many of
+#: that text's heights, is looked at again there in a crop of its own, scaled for that text: the detector finds
+#: text where its crop shows it plainly, and one crop's contrast stretch serves one kind of text (a faint name
+#: crossing from a PET's dark floor onto its bright body was found on the floor only). At most this many per image,
+#: the largest first.
+_RUN_ON_HEIGHTS = 4
+_MAX_SECOND_LOOKS = 4
 #: The recognizer reads a line with this fraction of its height around it.
 _READ_MARGIN = 0.25
 #: A piece whose channels differ from its grey by more than this many levels is in colour.
@@ -230,6 +239,7 @@ class TextDetector:
         within_blocks: list[tuple[Box, float]] = []
         down_blocks: list[tuple[Box, float]] = []
         glyphs: list[tuple[bool, int, Box]] = []
+        second_looks: list[Box] = []
         # Readings of letter-shaped blobs (at most _MAX_GLYPH_READS), and the lone letters that read as markers.
         readings: dict[Box, tuple[str, float]] = {}
         lone_markers: list[Box] = []
@@ -253,6 +263,8 @@ class TextDetector:
                     continue
             text_height = _text_height(inside, box)
             to_verify.append((box, text_height))
+            # Its lines that may run on beyond the text the detector will find (see _RUN_ON_HEIGHTS).
+            second_looks += [tuple(int(value) for value in line) for line in inside if _line_shaped(line)]
             if min(width, height) > _BLOCK_LINES * text_height:
                 across_block, down_block = _block_lines(inside)
                 within_blocks += across_block
@@ -270,6 +282,8 @@ class TextDetector:
             return TextFindings(redact=sorted(proposals, key=lambda box: (box[1], box[0])), markers=[])
         crops += _down_crops(image, down_blocks, crops, _MAX_VERIFIED_PIXELS - spent)
         lines = [*self._verified_lines(image, crops), *lone_markers]
+        spent = sum(crop.mosaic_width * crop.mosaic_height for crop, _ in crops)
+        lines += self._second_look(image, second_looks, lines, _MAX_VERIFIED_PIXELS - spent)
         # The detector does not see every lone letter as text (an `L` is two strokes; a large serif `R`): a
         # letter-shaped blob of the line search, where the detector found nothing, is read by the recognizer, and
         # is a line if it reads as a character (the largest few: each reading costs about 1.5 ms).
@@ -317,6 +331,14 @@ class TextDetector:
                 if crop is not None:
                     lines.append(_within(_to_image(region, crop), image.shape))
         return _deduplicated(lines)
+
+    def _second_look(self, image: np.ndarray, candidates: list[Box], found: list[Box], budget: int) -> list[Box]:
+        """The text lines the detector finds in the parts of the line search's line-shaped `candidates` that run on
+        beyond the text found (`found`; see _RUN_ON_HEIGHTS), in crops of their own of at most `budget` pixels."""
+        parts = [part for part in (_run_on(line, found) for line in candidates) if part is not None]
+        parts = sorted(parts, key=lambda part: -part[0][2] * part[0][3])[:_MAX_SECOND_LOOKS]
+        crops = _affordable(_crops(image, parts), budget) if parts else []
+        return self._verified_lines(image, crops) if crops else []
 
     # --- reading --------------------------------------------------------------------------------------------
 
@@ -537,14 +559,20 @@ def _down_crops(
 ) -> list[tuple[_Crop, np.ndarray]]:
     """The crops of the groups of lines running down blocks (_block_lines' second list) that no crop of `crops`
     shows already, within `budget` pixels: a second look, where the verification budget allows it."""
-    extra = []
-    for crop, piece in _crops(image, down_blocks):
+    unseen = [(crop, piece) for crop, piece in _crops(image, down_blocks)
+              if not any(_holds(block, crop) for block, _ in crops)]
+    return _affordable(unseen, budget)
+
+
+def _affordable(crops: list[tuple[_Crop, np.ndarray]], budget: int) -> list[tuple[_Crop, np.ndarray]]:
+    """Of `crops`, in order, those that fit in what is left of `budget` pixels when their turn comes."""
+    kept = []
+    for crop, piece in crops:
         area = crop.mosaic_width * crop.mosaic_height
-        if area > budget or any(_holds(block, crop) for block, _ in crops):
-            continue
-        budget -= area
-        extra.append((crop, piece))
-    return extra
+        if area <= budget:
+            budget -= area
+            kept.append((crop, piece))
+    return kept
 
 
 def _block_lines(inside: np.ndarray) -> tuple[list[tuple[Box, float]], list[tuple[Box, float]]]:
@@ -731,6 +759,44 @@ def _text_height(lines: np.ndarray, box: Box) -> float:
     lines_of_text = across >= _MIN_SCALING_LINE_PX
     across = across[lines_of_text] if lines_of_text.any() else across
     return float(np.median(across)) if len(across) else float(min(box[2], box[3]))
+
+
+def _line_shaped(line: np.ndarray) -> bool:
+    """A line of the line search that may be text running on (see _RUN_ON_HEIGHTS): thick enough, and long."""
+    short, long = sorted((int(line[2]), int(line[3])))
+    return short >= _MIN_SCALING_LINE_PX and long >= _MIN_LINE_ASPECT * short
+
+
+def _run_on(line: Box, found: list[Box]) -> tuple[Box, float] | None:
+    """The longest part of `line` beyond the text found in its row (its column, if it runs vertically) that runs
+    the same way, if at least _RUN_ON_HEIGHTS of that text's heights long; with that height."""
+    vertical = line[3] > line[2]
+    # The axes along the line and across it (0: x, 1: y).
+    along, across = (1, 0) if vertical else (0, 1)
+    start, end = line[along], line[along] + line[along + 2]
+    beside = [text for text in found
+              if (text[3] > text[2]) == vertical
+              and _spans_overlap(line, text, across) and _spans_overlap(line, text, along)]
+    if not beside:
+        return None
+    height = float(min(min(text[2:]) for text in beside))
+    covered = sorted((max(start, text[along]), min(end, text[along] + text[along + 2])) for text in beside)
+    gaps, reached = [], start
+    for low, high in covered:
+        gaps.append((reached, low))
+        reached = max(reached, high)
+    gaps.append((reached, end))
+    low, high = max(gaps, key=lambda gap: gap[1] - gap[0])
+    if high - low < _RUN_ON_HEIGHTS * height:
+        return None
+    if vertical:
+        return (line[0], low, line[2], high - low), height
+    return (low, line[1], high - low, line[3]), height
+
+
+def _spans_overlap(first: Box, second: Box, axis: int) -> bool:
+    """Whether the boxes overlap along x (`axis` 0) or y (1)."""
+    return min(first[axis] + first[axis + 2], second[axis] + second[axis + 2]) > max(first[axis], second[axis])
 
 
 def _glyph_shaped(line: np.ndarray) -> bool:

@@ -217,6 +217,12 @@ CASES = [
     Case("pet-hot-spot-read-as-digits", "pet", (561, 583), (
         Burn(("Wei Zhang", "ID 90030"), "left", "light-grey", "DejaVuSerifCondensed-Bold", 22, turn=1),
     ), seed=(7005, 1)),
+    # From bench/privacy.py (seed 7021): faint text running from a PET's dark floor onto its bright body, lighter
+    # than the floor and darker than the body. Its line's crop was stretched for the part on the floor, which
+    # alone the detector found; the rest of the line is looked at again in a crop of its own.
+    Case("pet-faint-name-from-the-floor-onto-the-body", "pet", (1151, 1360), (
+        Burn(("Kari Nordmann", "ID 14229"), "top", "white", "DejaVuSerifCondensed-Bold", 19, contrast=31),
+    ), seed=(7021, 1)),
     Case("ct-scout-16-bit-bgr-green-date", "ct-scout", (1022, 1087), (
         Burn(("Oystein Aeroe", "ID 69818"), "right", "yellow", "DejaVuSerif-Italic", 11, turn=1),
         Burn(("DOB 1938-03-02",), "bottom", "green", "DejaVuSansCondensed-BoldOblique", 29),
@@ -550,6 +556,21 @@ def _groups_by_matrix(boxes: np.ndarray) -> list[list[int]]:
 def test_touching_groups_are_the_connected_groups_of_overlapping_boxes(rows: list[tuple[int, int, int, int]]) -> None:
     boxes = np.array([(x, y, x + w, y + h) for x, y, w, h in rows], np.int64)
     assert detection._touching_groups(boxes) == _groups_by_matrix(boxes)
+
+
+def test_the_part_of_a_line_running_on_beyond_found_text_is_looked_at_again() -> None:
+    """The longest part of a line of the line search beyond text found in its row (column), in the same direction,
+    at least four of that text's heights long; with that height."""
+    run_on = detection._run_on
+    assert run_on((0, 0, 200, 20), [(150, 2, 50, 16)]) == ((0, 0, 150, 20), 16.0)
+    assert run_on((0, 0, 200, 20), [(60, 2, 30, 16)]) == ((90, 0, 110, 20), 16.0)
+    # Down a column, beyond the text at both ends.
+    assert run_on((10, 0, 20, 300), [(12, 100, 14, 50)]) == ((10, 150, 20, 150), 14.0)
+    # Too short a part; text running the other way; text in another row; nothing found.
+    assert run_on((0, 0, 200, 20), [(40, 2, 160, 16)]) is None
+    assert run_on((0, 0, 200, 20), [(150, 0, 16, 50)]) is None
+    assert run_on((0, 0, 200, 20), [(150, 40, 50, 16)]) is None
+    assert run_on((0, 0, 200, 20), []) is None
 
 
 def test_reading_is_bounded_and_what_is_not_read_is_redacted(
