@@ -13,9 +13,10 @@ The service's text cascade (TextDetector.find) and blur (blur_text_regions) make
 oracle (Tesseract through every attack view: stretched, sharpened, strokes isolated, colour distance) reads each
 block in the original and in the anonymized pixels. A block the oracle cannot read in the original is not counted
 (too faint or small for Tesseract: nobody reads it either); a block with a patient token read after is a leak.
-Reported per modality and in all: images, blocks read before, blocks leaked, images with a leak, and the median
-share of the pixels away from the text (modalities.away_from_text: farther than 0.6 of its height from its ink) that
-the anonymized pixels keep unchanged (issue 15 asks >= 0.95).
+Reported per modality and in all: images, blocks read before, blocks leaked, images with a leak, readable blocks
+partly redacted (less than 95 % of their ink inside redaction boxes: no OCR, so steadier than the leak count), and
+the median share of the pixels away from the text (modalities.away_from_text: farther than 0.6 of its height from
+its ink) that the anonymized pixels keep unchanged (issue 15 asks >= 0.95).
 
 `.venv/bin/python bench/privacy.py [--quick] [--images N] [--seed S] [--json] [--verbose]`. About 4 s per image on
 one core, most of it Tesseract; needs the test dependencies (`make test-deps`: Tesseract, DejaVu fonts).
@@ -60,6 +61,11 @@ FONTS = ("DejaVuSans", "DejaVuSans-Oblique", "DejaVuSansCondensed", "DejaVuSerif
 NAMES = ("Oystein Aeroe", "Brigitte Mueller", "Jose Garcia Nunez", "Kari Nordmann", "Wei Zhang", "Anna-Lena Berg",
          "Siobhan O'Neill", "Mikkel Vestergaard")  # fmt: skip
 BORDER_PLACES = ("top-left", "top", "top-right", "left", "right", "bottom-left", "bottom", "bottom-right")
+#: A block's ink: its pixels at least this much covered by the glyphs (of 255). A readable block less than
+#: FULLY_REDACTED of whose ink lies in redaction boxes is partly redacted: a measure without OCR, steadier than
+#: whether the oracle reads the rest (a name half redacted may read one version and not the next).
+INK_COVERAGE = 64
+FULLY_REDACTED = 0.95
 #: Capital heights of the burned text are drawn from MIN_SIZE_PX up to (not including) MAX_SIZE_PX.
 MIN_SIZE_PX, MAX_SIZE_PX = 9, 30
 GREY_INKS = ("white", "light-grey", "black", "dark-grey")
@@ -119,15 +125,22 @@ def _fitted(burn: Burn, height: int, width: int) -> Burn:
 
 def measure_image(detector: TextDetector, seed: int, modality: str) -> dict[str, Any]:
     image = scene(seed, modality)
-    after = blur_text_regions(image.pixels, detector.find(image.pixels).redact)
+    redact = detector.find(image.pixels).redact
+    after = blur_text_regions(image.pixels, redact)
     groups = [attacker_views(pixels, box, burn) for burn, box in zip(image.burns, image.boxes, strict=True)
               for pixels in (after, image.pixels)]
     read = tokens_read(groups, [line for burn in image.burns for line in burn.lines])
+    redacted = np.zeros(image.pixels.shape[:2], bool)
+    for x, y, width, height in redact:
+        redacted[y : y + height, x : x + width] = True
     blocks = []
-    for burn, leaked, before in zip(image.burns, read[::2], read[1::2], strict=True):
+    for burn, box, leaked, before in zip(image.burns, image.boxes, read[::2], read[1::2], strict=True):
         readable = bool(before & patient_tokens(burn.lines))
+        x, y, width, height = box
+        ink = burn.coverage() >= INK_COVERAGE
         blocks.append({"readable": readable, "leaked": readable and bool(leaked), "ink": burn.ink,
-                       "faint": burn.contrast is not None, "turn": burn.turn, "size": burn.size, "font": burn.font})
+                       "faint": burn.contrast is not None, "turn": burn.turn, "size": burn.size, "font": burn.font,
+                       "ink_redacted": float(redacted[y : y + height, x : x + width][ink].mean())})
     away = away_from_text(image.pixels.shape, image.burns, image.boxes)
     same = image.pixels == after
     kept = float((same.all(axis=2) if same.ndim == 3 else same)[away].mean())
@@ -140,6 +153,7 @@ def summary(images: list[dict[str, Any]]) -> dict[str, Any]:
         "images": len(images),
         "blocks_readable": sum(block["readable"] for block in blocks),
         "blocks_leaked": sum(block["leaked"] for block in blocks),
+        "blocks_partly_redacted": sum(block["readable"] and block["ink_redacted"] < FULLY_REDACTED for block in blocks),
         "images_leaking": sum(any(block["leaked"] for block in image["blocks"]) for image in images),
         "kept_median": statistics.median(image["kept"] for image in images),
         "kept_min": min(image["kept"] for image in images),
@@ -169,10 +183,11 @@ def measure(count: int = IMAGES, base_seed: int = BASE_SEED, *, verbose: bool = 
 def print_row(row: dict[str, Any]) -> None:
     print(f"Privacy on unseen images (seeds {row['base_seed']}+; OCR oracle before and after redaction):")
     print(f"  {'modality':<12}{'images':>7}{'blocks read':>13}{'leaked':>8}{'images leaking':>16}"
-          f"{'kept (median, min)':>21}")  # fmt: skip
+          f"{'partly redacted':>17}{'kept (median, min)':>21}")  # fmt: skip
     for name, figures in [*row["modalities"].items(), ("all", row["all"])]:
         print(f"  {name:<12}{figures['images']:>7}{figures['blocks_readable']:>13}{figures['blocks_leaked']:>8}"
-              f"{figures['images_leaking']:>16}{figures['kept_median']:>13.3f}, {figures['kept_min']:.3f}")
+              f"{figures['images_leaking']:>16}{figures['blocks_partly_redacted']:>17}"
+              f"{figures['kept_median']:>13.3f}, {figures['kept_min']:.3f}")
 
 
 def main(argv: list[str] | None = None) -> int:
