@@ -771,12 +771,10 @@ def _run_on(line: Box, found: list[Box]) -> tuple[Box, float] | None:
     """The longest part of `line` beyond the text found in its row (its column, if it runs vertically) that runs
     the same way, if at least _RUN_ON_HEIGHTS of that text's heights long; with that height."""
     vertical = line[3] > line[2]
-    # The axes along the line and across it (0: x, 1: y).
-    along, across = (1, 0) if vertical else (0, 1)
+    # The axis along the line (0: x, 1: y).
+    along = 1 if vertical else 0
     start, end = line[along], line[along] + line[along + 2]
-    beside = [text for text in found
-              if (text[3] > text[2]) == vertical
-              and _spans_overlap(line, text, across) and _spans_overlap(line, text, along)]
+    beside = [text for text in found if (text[3] > text[2]) == vertical and _overlap(line, text)]
     if not beside:
         return None
     height = float(min(min(text[2:]) for text in beside))
@@ -792,11 +790,6 @@ def _run_on(line: Box, found: list[Box]) -> tuple[Box, float] | None:
     if vertical:
         return (line[0], low, line[2], high - low), height
     return (low, line[1], high - low, line[3]), height
-
-
-def _spans_overlap(first: Box, second: Box, axis: int) -> bool:
-    """Whether the boxes overlap along x (`axis` 0) or y (1)."""
-    return min(first[axis] + first[axis + 2], second[axis] + second[axis + 2]) > max(first[axis], second[axis])
 
 
 def _glyph_shaped(line: np.ndarray) -> bool:
