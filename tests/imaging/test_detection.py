@@ -230,6 +230,11 @@ CASES = [
         Burn(("DOB 1950-06-04",), "bottom", "cyan", "DejaVuSans-Oblique", 26),
         Burn(("Vestergaard ACC124863",), "top-right", "yellow", "DejaVuSans-Oblique", 26, contrast=-40),
     ), seed=(7037, 1)),
+    # From bench/privacy.py (seed 13034): black oblique text on an MR's noisy floor. Its slanted stems make no
+    # straight run of flat black; its letters are components of black far larger than the floor's specks.
+    Case("mr-black-oblique-name-on-the-noisy-floor", "mr", (1209, 1176), (
+        Burn(("Kari Nordmann", "ID 11325"), "top-left", "black", "DejaVuSans-Oblique", 24),
+    ), seed=(13034, 1)),
     Case("ct-scout-16-bit-bgr-green-date", "ct-scout", (1022, 1087), (
         Burn(("Oystein Aeroe", "ID 69818"), "right", "yellow", "DejaVuSerif-Italic", 11, turn=1),
         Burn(("DOB 1938-03-02",), "bottom", "green", "DejaVuSansCondensed-BoldOblique", 29),
