@@ -319,6 +319,11 @@ def test_many_small_batches_in_flight_keep_every_answer_with_its_request(tiny_sp
     assert len(engine.batch_sizes) > 1 and max(engine.batch_sizes) <= 3
 
 
+def _worker_with_a_batch_outstanding(engine: InferenceEngine) -> int | None:
+    """The pid of a worker the batcher has sent a batch it has not yet had back, if any."""
+    return next((worker.pid for worker, slot in engine._batcher._slots.items() if slot.batches), None)
+
+
 @pytest.mark.rgw
 def test_worker_killed_during_a_burst_fails_only_its_batch_and_nothing_is_written_twice(
     tiny_spec: Path, make_settings: Any, s3: Any, input_bucket: str
@@ -345,9 +350,11 @@ def test_worker_killed_during_a_burst_fails_only_its_batch_and_nothing_is_writte
         await engine.start()
         try:
             deliveries = [asyncio.ensure_future(deliver(key)) for key in keys]
-            while not engine.batch_sizes:  # kill while work is in flight
-                await asyncio.sleep(0.001)
-            victim = engine.worker_pids()[0]
+            # Kill a worker while it has a batch outstanding: on a busy machine the fetches trickle in, and the
+            # first worker may still be idle when the other's first batch is sent.
+            async with asyncio.timeout(60):
+                while (victim := _worker_with_a_batch_outstanding(engine)) is None:
+                    await asyncio.sleep(0.001)
             os.kill(victim, signal.SIGKILL)
             results = await asyncio.gather(*deliveries)
             assert victim not in engine.worker_pids()
