@@ -203,6 +203,11 @@ class _Crop:
     mosaic_width: int
     mosaic_height: int
 
+    @property
+    def mosaic_pixels(self) -> int:
+        """What the crop costs the detector: its pixels in the mosaic."""
+        return self.mosaic_width * self.mosaic_height
+
 
 @dataclass(frozen=True)
 class TextDetector:
@@ -289,12 +294,12 @@ class TextDetector:
         # Privacy first; the anatomy under the proposals is lost.
         affordable = sum(min(box[2] * box[3], _MAX_CROP_PIXELS) for box, _ in to_verify) <= _MAX_VERIFIED_PIXELS
         crops = _verification_crops(image, to_verify, within_blocks) if affordable else []
-        spent = sum(crop.mosaic_width * crop.mosaic_height for crop, _ in crops)
+        spent = sum(crop.mosaic_pixels for crop, _ in crops)
         if not affordable or spent > _MAX_VERIFIED_PIXELS:
             return TextFindings(redact=sorted(proposals, key=lambda box: (box[1], box[0])), markers=[])
         crops += _down_crops(image, down_blocks, crops, _MAX_VERIFIED_PIXELS - spent)
         lines = [*self._verified_lines(image, crops), *lone_markers]
-        spent = sum(crop.mosaic_width * crop.mosaic_height for crop, _ in crops)
+        spent = sum(crop.mosaic_pixels for crop, _ in crops)
         lines += self._second_look(image, second_looks, lines, _MAX_VERIFIED_PIXELS - spent)
         # The detector does not see every lone letter as text (an `L` is two strokes; a large serif `R`): a
         # letter-shaped blob of the line search, where the detector found nothing, is read by the recognizer, and
@@ -602,9 +607,8 @@ def _affordable(crops: list[tuple[_Crop, np.ndarray]], budget: int) -> list[tupl
     """Of `crops`, in order, those that fit in what is left of `budget` pixels when their turn comes."""
     kept = []
     for crop, piece in crops:
-        area = crop.mosaic_width * crop.mosaic_height
-        if area <= budget:
-            budget -= area
+        if crop.mosaic_pixels <= budget:
+            budget -= crop.mosaic_pixels
             kept.append((crop, piece))
     return kept
 
@@ -705,7 +709,7 @@ def _mosaic_groups(crops: list[tuple[_Crop, np.ndarray]]) -> list[list[tuple[_Cr
     groups: list[list[tuple[_Crop, np.ndarray]]] = []
     pixels = 0
     for item in sorted(crops, key=lambda item: -item[0].mosaic_height):
-        area = item[0].mosaic_width * item[0].mosaic_height
+        area = item[0].mosaic_pixels
         if not groups or pixels + area > _MAX_MOSAIC_PIXELS:
             groups.append([])
             pixels = 0

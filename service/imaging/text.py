@@ -400,7 +400,9 @@ def _black_ink(
             strokes = cv2.max(strokes, run)
         ink[around] = np.bitwise_and(strokes, allowed_pixels[around])
     # Slanted letters: components of black on a floor whose black is specks (see _MIN_INK_COMPONENT_PX), looked for
-    # around the black only (a grainy film's border is most of the film).
+    # around the black only (a grainy film's border is most of the film). Most chest X-rays have no such floor.
+    if not allowed.any():
+        return ink
     touched = np.bitwise_and((darkest <= _BLACK_INK_LEVEL).view(np.uint8), allowed_pixels)
     if cv2.countNonZero(touched) < _MIN_INK_COMPONENT_PX:
         return ink
