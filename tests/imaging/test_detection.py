@@ -235,6 +235,11 @@ CASES = [
     Case("mr-black-oblique-name-on-the-noisy-floor", "mr", (1209, 1176), (
         Burn(("Kari Nordmann", "ID 11325"), "top-left", "black", "DejaVuSans-Oblique", 24),
     ), seed=(13034, 1)),
+    # From bench/privacy.py (seed 9013): black letters on a PET's red floor, dense with black specks. Reduced for the
+    # search, the specks clump as large as letters; at full resolution they stand apart, and the letters do not.
+    Case("pet-black-name-on-the-dense-red-floor", "pet", (683, 1129), (
+        Burn(("Anna-Lena Berg", "ID 88386"), "right", "black", "DejaVuSansCondensed", 26),
+    ), seed=(9013, 1)),
     Case("ct-scout-16-bit-bgr-green-date", "ct-scout", (1022, 1087), (
         Burn(("Oystein Aeroe", "ID 69818"), "right", "yellow", "DejaVuSerif-Italic", 11, turn=1),
         Burn(("DOB 1938-03-02",), "bottom", "green", "DejaVuSansCondensed-BoldOblique", 29),

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from modalities import chest_grain
+from modalities import Burn, burn_in, chest_grain
 
 from service.imaging import text
 from service.imaging.text import _MAX_SAME_LINE_HEIGHT, _SAME_LINE_GAP, _extend_along_rows, propose_text
@@ -76,6 +76,20 @@ def test_black_text_on_a_noisy_dark_floor_is_proposed_and_the_noise_alone_is_not
         # On a PET's dark red floor.
         red_floor = cv2.merge([np.zeros_like(floor), np.zeros_like(floor), floor])
         assert _covered(propose_text(red_floor)[1], text_box, floor.shape) > 0.95
+
+
+def test_black_letters_on_a_floor_dense_with_black_specks_are_proposed() -> None:
+    """A PET's red floor, black in about one pixel of 25: reduced for the search (min-pooled, black where any pixel
+    is), its specks clump as large as letters, and the floor's black looks like grain; at full resolution the specks
+    stand apart and the letters, upright or slanted, do not."""
+    for seed in range(2):
+        floor = np.clip(np.random.default_rng(seed).normal(12, 6, (600, 1200)), 0, 255).astype(np.uint8)
+        red_floor = cv2.merge([np.zeros_like(floor), np.zeros_like(floor), floor])
+        assert propose_text(red_floor)[1] == []
+        for font in ("DejaVuSansCondensed", "DejaVuSerif-Italic"):
+            image = red_floor.copy()
+            text_box = burn_in(image, Burn(("Anna-Lena Berg", "ID 88386"), "top-left", "black", font, 22))
+            assert _covered(propose_text(image)[1], text_box, image.shape) > 0.95
 
 
 def test_the_black_ink_search_adds_nothing_to_grainy_films_or_a_black_border(monkeypatch: pytest.MonkeyPatch) -> None:
