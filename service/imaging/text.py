@@ -422,7 +422,9 @@ def _black_ink(
     components = _black_components(touched)
     if not components.clumped:
         return ink | components.letter_sized
-    if factor == 1 or components.letter_sized_share > _MAX_LETTER_SIZED_SHARE:
+    # Only on images searched at half their size (at most _HALF_RESOLUTION_MAX_PIXELS): the full-resolution labels
+    # take four bytes a pixel, too much memory on the largest (a hostile image of 100 megapixels or more).
+    if factor != 2 or components.letter_sized_share > _MAX_LETTER_SIZED_SHARE:
         return ink
     # The reduced copy joined a dense floor's specks (see _MAX_LETTER_SIZED_SHARE): the floor is tested again at full
     # resolution, where they stand apart. Min-pooled, each black pixel there lies under a black reduced pixel, so

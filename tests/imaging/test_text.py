@@ -79,7 +79,7 @@ def test_black_text_on_a_noisy_dark_floor_is_proposed_and_the_noise_alone_is_not
 
 
 def test_black_letters_on_a_floor_dense_with_black_specks_are_proposed() -> None:
-    """A PET's red floor, black in about one pixel of 25: reduced for the search (min-pooled, black where any pixel
+    """A PET's red floor, black in about one pixel of 30: reduced for the search (min-pooled, black where any pixel
     is), its specks clump as large as letters, and the floor's black looks like grain; at full resolution the specks
     stand apart and the letters, upright or slanted, do not."""
     for seed in range(2):
