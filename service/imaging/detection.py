@@ -298,9 +298,13 @@ class TextDetector:
         if not affordable or spent > _MAX_VERIFIED_PIXELS:
             return TextFindings(redact=sorted(proposals, key=lambda box: (box[1], box[0])), markers=[])
         crops += _down_crops(image, down_blocks, crops, _MAX_VERIFIED_PIXELS - spent)
-        lines = [*self._verified_lines(image, crops), *lone_markers]
+        # Each line the detector found, with the pieces of it to redact.
+        pieces = self._verified(image, crops)
+        lines = [*pieces, *lone_markers]
         spent = sum(crop.mosaic_pixels for crop, _ in crops)
-        lines += self._second_look(image, second_looks, lines, _MAX_VERIFIED_PIXELS - spent)
+        looked_again = self._second_look(image, second_looks, lines, _MAX_VERIFIED_PIXELS - spent)
+        lines += looked_again
+        pieces |= {line: shape for line, shape in looked_again.items() if line not in pieces}
         # The detector does not see every lone letter as text (an `L` is two strokes; a large serif `R`): a
         # letter-shaped blob of the line search, where the detector found nothing, is read by the recognizer, and
         # is a line if it reads as a character (the largest few: each reading costs about 1.5 ms).
@@ -318,7 +322,7 @@ class TextDetector:
             if kind == "marker":
                 markers.append(line)
             elif kind == "text":
-                redact.append(_padded(line, image.shape))
+                redact += _padded_pieces(line, pieces.get(line, (line,)), image.shape)
         return TextFindings(redact=sorted(redact, key=lambda box: (box[1], box[0])),
                             markers=sorted(markers, key=lambda box: (box[1], box[0])))
 
@@ -340,22 +344,33 @@ class TextDetector:
 
     def _verified_lines(self, image: np.ndarray, crops: list[tuple[_Crop, np.ndarray]]) -> list[Box]:
         """The text lines the detector finds in `crops` (image coordinates, unpadded)."""
-        lines = []
+        return list(self._verified(image, crops))
+
+    def _verified(self, image: np.ndarray, crops: list[tuple[_Crop, np.ndarray]]) -> dict[Box, tuple[Box, ...]]:
+        """The text lines the detector finds in `crops` (image coordinates, unpadded), each with the pieces that
+        cover its text (its box alone, unless the detector's region is no straight band: see
+        service.imaging.ocr_models._BAND_RATIO)."""
+        found: dict[Box, tuple[Box, ...]] = {}
         for group in _mosaic_groups(crops):
             mosaic, placed = _mosaic(group)
             for region in DbTextDetector.regions(self._detector.probability(mosaic)):
                 crop = _crop_holding(placed, region)
                 if crop is not None:
-                    lines.append(_within(_to_image(region, crop), image.shape))
-        return _deduplicated(lines)
+                    line = _within(_to_image(_box(region), crop), image.shape)
+                    pieces = [_within(_to_image(piece, crop), image.shape) for piece in region.pieces]
+                    found[line] = tuple(piece for piece in pieces if piece[2] and piece[3]) or (line,)
+        return {line: found[line] for line in _deduplicated(list(found))}
 
-    def _second_look(self, image: np.ndarray, candidates: list[Box], found: list[Box], budget: int) -> list[Box]:
+    def _second_look(
+        self, image: np.ndarray, candidates: list[Box], found: list[Box], budget: int
+    ) -> dict[Box, tuple[Box, ...]]:
         """The text lines the detector finds in the parts of the line search's line-shaped `candidates` that run on
-        beyond the text found (`found`; see _RUN_ON_HEIGHTS), in crops of their own of at most `budget` pixels."""
+        beyond the text found (`found`; see _RUN_ON_HEIGHTS), in crops of their own of at most `budget` pixels;
+        with their pieces (see `_verified`)."""
         parts = [part for part in (_run_on(line, found) for line in candidates) if part is not None]
         parts = sorted(parts, key=lambda part: -part[0][2] * part[0][3])[:_MAX_SECOND_LOOKS]
         crops = _affordable(_crops(image, parts), budget) if parts else []
-        return self._verified_lines(image, crops) if crops else []
+        return self._verified(image, crops) if crops else {}
 
     # --- reading --------------------------------------------------------------------------------------------
 
@@ -757,12 +772,17 @@ def _crop_holding(crops: list[_Crop], region: TextRegion) -> _Crop | None:
     return None
 
 
-def _to_image(region: TextRegion, crop: _Crop) -> Box:
-    """A region of the mosaic, clipped to its crop, in image coordinates."""
-    left = max(region.x, crop.x) - crop.x
-    top = max(region.y, crop.y) - crop.y
-    right = min(region.x + region.width, crop.x + crop.mosaic_width) - crop.x
-    bottom = min(region.y + region.height, crop.y + crop.mosaic_height) - crop.y
+def _box(region: TextRegion) -> Box:
+    return region.x, region.y, region.width, region.height
+
+
+def _to_image(box: Box, crop: _Crop) -> Box:
+    """A box of the mosaic, clipped to its crop, in image coordinates."""
+    x, y, width, height = box
+    left = max(x, crop.x) - crop.x
+    top = max(y, crop.y) - crop.y
+    right = min(x + width, crop.x + crop.mosaic_width) - crop.x
+    bottom = min(y + height, crop.y + crop.mosaic_height) - crop.y
     # Undo the scaling, then the turn (clockwise: a turned crop's x runs down the original, its y right to left).
     left, top, right, bottom = (int(np.floor(left / crop.scale)), int(np.floor(top / crop.scale)),
                                 int(np.ceil(right / crop.scale)), int(np.ceil(bottom / crop.scale)))
@@ -782,10 +802,29 @@ def _within(box: Box, shape: tuple[int, ...]) -> Box:
 
 
 def _padded(line: Box, shape: tuple[int, ...]) -> Box:
-    x, y, width, height = line
-    pad = max(_MIN_PAD_PX, round(_PAD_FRACTION * min(width, height)))
-    left, top = max(0, x - pad), max(0, y - pad)
-    right, bottom = min(shape[1], x + width + pad), min(shape[0], y + height + pad)
+    return _padded_by(line, shape, _pad(min(line[2], line[3])), _pad(min(line[2], line[3])))
+
+
+def _padded_pieces(line: Box, pieces: tuple[Box, ...], shape: tuple[int, ...]) -> list[Box]:
+    """The boxes that redact `line`: its pieces (see TextDetector._verified), each padded across the line for its own
+    thickness and along it as the line is (its ends reach as far as the line's box padded would)."""
+    if pieces == (line,):
+        return [_padded(line, shape)]
+    along = _pad(min(line[2], line[3]))
+    if line[2] >= line[3]:
+        return [_padded_by(piece, shape, along, _pad(piece[3])) for piece in pieces]
+    return [_padded_by(piece, shape, _pad(piece[2]), along) for piece in pieces]
+
+
+def _pad(thickness: int) -> int:
+    """Redaction padding around text this thick (see _PAD_FRACTION)."""
+    return max(_MIN_PAD_PX, round(_PAD_FRACTION * thickness))
+
+
+def _padded_by(box: Box, shape: tuple[int, ...], pad_x: int, pad_y: int) -> Box:
+    x, y, width, height = box
+    left, top = max(0, x - pad_x), max(0, y - pad_y)
+    right, bottom = min(shape[1], x + width + pad_x), min(shape[0], y + height + pad_y)
     return left, top, right - left, bottom - top
 
 
