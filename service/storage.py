@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import quote
 
 import boto3
+import botocore.session
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -35,7 +36,15 @@ class FetchedObject:
 
 
 def make_s3_client(settings: S3Settings) -> Any:
-    """A path-style S3 client with bounded retries and timeouts (a stuck S3 must not hold an event forever)."""
+    """A path-style S3 client with bounded retries and timeouts (a stuck S3 must not hold an event forever).
+
+    Each event makes five calls, and botocore's work around each costs about a millisecond of the web process's
+    CPU. Two parts of it buy this service nothing: checking every call's parameters against the API model (the
+    calls are few and fixed, their keys checked when the event is parsed: service.events) and parsing the
+    responses' timestamps with dateutil (no timestamp of a response is read). Without them, measured against the
+    test RGW (medians of 12 runs of 300 calls, each paired with one of the client with both): a HEAD 1.04 -> 0.93 ms
+    CPU, a GET of 300 KB 1.19 -> 0.95, a PUT of 300 KB 1.86 -> 1.77; about 0.6 ms of a record's five calls. The body
+    of a PUT stays signed (its SHA-256 in the signature: RGW checks it)."""
     config = Config(
         s3={"addressing_style": "path"},
         retries={"max_attempts": settings.s3_max_attempts, "mode": "standard"},
@@ -46,8 +55,11 @@ def make_s3_client(settings: S3Settings) -> Any:
         # Ceph RGW 16 answers the newer default checksum headers inconsistently; only send them when required.
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
+        parameter_validation=False,
     )
-    return boto3.session.Session().client(
+    session = botocore.session.get_session()
+    session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=_unparsed_timestamp)
+    return boto3.session.Session(botocore_session=session).client(
         "s3",
         endpoint_url=settings.s3_endpoint_url,
         aws_access_key_id=settings.aws_access_key_id,
@@ -55,6 +67,11 @@ def make_s3_client(settings: S3Settings) -> Any:
         region_name=settings.aws_default_region,
         config=config,
     )
+
+
+def _unparsed_timestamp(value: str) -> str:
+    """Response timestamps as sent (see make_s3_client)."""
+    return value
 
 
 class ObjectStore:

@@ -104,3 +104,21 @@ def test_a_version_superseded_during_its_analysis_writes_nothing(harness: Harnes
         ("HEAD", input_bucket, 200),  # v1's check finds v2: no write follows
     ]
     assert objects(s3, f"{input_bucket}-processed") == objects(s3, f"{input_bucket}-anonymized") == {}
+
+
+def test_the_clients_calls_carry_hostile_keys_without_validation_or_parsed_timestamps(harness: Harness, s3: Any,
+                                                                                     input_bucket: str) -> None:
+    """make_s3_client leaves out botocore's parameter validation and its timestamp parsing (CPU this service does not
+    need): every call the pipeline makes still carries keys full of spaces, `+`, `%` and non-ASCII, with their
+    bodies and metadata, and a response's timestamp comes back as the gateway sent it."""
+    client = make_s3_client(harness.settings)
+    store = ObjectStore(client)
+    for index, key in enumerate(HOSTILE_KEYS):
+        body = encode(xray_like(200 + index))
+        store.put_object(input_bucket, key, body, content_type="image/jpeg", metadata={"note": f"Ærø {index} 100%"})
+        fetched = store.fetch_object(input_bucket, key, None, max_bytes=len(body))
+        assert fetched.body == body and fetched.etag == store.current_etag(input_bucket, key)
+        assert store.recorded_metadata(input_bucket, key) == {"note": "%C3%86r%C3%B8 " + f"{index} 100%25"}
+        assert s3.get_object(Bucket=input_bucket, Key=key)["Body"].read() == body
+    last_modified = client.head_object(Bucket=input_bucket, Key=HOSTILE_KEYS[0])["LastModified"]
+    assert isinstance(last_modified, str) and last_modified.endswith("GMT")

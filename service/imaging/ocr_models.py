@@ -144,6 +144,7 @@ def _pieces(region: np.ndarray, left: int, top: int, end_grow: int) -> tuple[Box
                 continue
         pieces.append(piece)
         joined.append(area)
+    # The box's growth is at least the band's (its box is at least as thick as the band's median).
     pieces[0][0] -= end_grow - grow
     pieces[-1][2] += end_grow - grow
     boxes = []
