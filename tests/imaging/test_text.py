@@ -176,3 +176,26 @@ def test_row_extension_of_a_texture_fits_in_memory() -> None:
     finally:
         tracemalloc.stop()
     assert grown.shape == lines.shape and peak < 100 * 2**20, f"{peak / 2**20:.0f} MiB"
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.data())
+def test_box_counts_are_the_integral_images_sums_whichever_way_they_are_counted(data: st.DataObject) -> None:
+    """A scan counts the fill and the crossings of the blobs that need them box by box where there are few, through
+    an integral image where there are many (text._box_counts): the same counts either way."""
+    height, width = data.draw(st.integers(1, 120)), data.draw(st.integers(1, 120))
+    seed, density = data.draw(st.integers(0, 2**32 - 1)), data.draw(st.floats(0, 1))
+    mask = (np.random.default_rng(seed).random((height, width)) < density).astype(np.uint8)
+    boxes = np.array(data.draw(st.lists(st.builds(
+        lambda x, y, w, h: (x, y, min(w, width - x), min(h, height - y)),
+        st.integers(0, width - 1), st.integers(0, height - 1), st.integers(1, width), st.integers(1, height),
+    ), min_size=1, max_size=30)), np.int64)  # fmt: skip
+    expected = text._box_sums(cv2.integral(mask), boxes)
+    for slice_cost in (-(10**9), 10**9):  # every box counted alone, or all through the integral image
+        original = text._SLICE_COST_PX
+        text._SLICE_COST_PX = slice_cost
+        try:
+            counted = text._box_counts(mask, boxes)
+        finally:
+            text._SLICE_COST_PX = original
+        np.testing.assert_array_equal(counted, expected)
