@@ -356,7 +356,7 @@ class TextDetector:
             for region in DbTextDetector.regions(self._detector.probability(mosaic)):
                 crop = _crop_holding(placed, region)
                 if crop is not None:
-                    line = _within(_to_image(_box(region), crop), image.shape)
+                    line = _within(_to_image(region.box, crop), image.shape)
                     pieces = [_within(_to_image(piece, crop), image.shape) for piece in region.pieces]
                     found[line] = tuple(piece for piece in pieces if piece[2] and piece[3]) or (line,)
         return {line: found[line] for line in _deduplicated(list(found))}
@@ -772,10 +772,6 @@ def _crop_holding(crops: list[_Crop], region: TextRegion) -> _Crop | None:
     return None
 
 
-def _box(region: TextRegion) -> Box:
-    return region.x, region.y, region.width, region.height
-
-
 def _to_image(box: Box, crop: _Crop) -> Box:
     """A box of the mosaic, clipped to its crop, in image coordinates."""
     x, y, width, height = box
@@ -801,15 +797,10 @@ def _within(box: Box, shape: tuple[int, ...]) -> Box:
     return left, top, max(0, right - left), max(0, bottom - top)
 
 
-def _padded(line: Box, shape: tuple[int, ...]) -> Box:
-    return _padded_by(line, shape, _pad(min(line[2], line[3])), _pad(min(line[2], line[3])))
-
-
 def _padded_pieces(line: Box, pieces: tuple[Box, ...], shape: tuple[int, ...]) -> list[Box]:
-    """The boxes that redact `line`: its pieces (see TextDetector._verified), each padded across the line for its own
-    thickness and along it as the line is (its ends reach as far as the line's box padded would)."""
-    if pieces == (line,):
-        return [_padded(line, shape)]
+    """The boxes that redact `line`: its pieces (see TextDetector._verified; `line` alone for most), each padded
+    across the line for its own thickness and along it as the line is (its ends reach as far as the line's box
+    padded would)."""
     along = _pad(min(line[2], line[3]))
     if line[2] >= line[3]:
         return [_padded_by(piece, shape, along, _pad(piece[3])) for piece in pieces]

@@ -16,6 +16,8 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 
+from service.imaging.text import Box
+
 #: DB's binarisation threshold and the mean probability a region needs to count as text (PP-OCR's defaults).
 _PIXEL_THRESHOLD = 0.3
 _REGION_THRESHOLD = 0.5
@@ -60,9 +62,6 @@ def _normalised(image: np.ndarray) -> np.ndarray:
     return (image.astype(np.float32).transpose(2, 0, 1)[None] - 127.5) / 127.5
 
 
-Box = tuple[int, int, int, int]  # x, y, w, h
-
-
 @dataclass(frozen=True)
 class TextRegion:
     """One text line the detector found: its box in the input's coordinates (grown back to the line's extent),
@@ -75,6 +74,10 @@ class TextRegion:
     height: int
     score: float
     pieces: tuple[Box, ...]
+
+    @property
+    def box(self) -> Box:
+        return self.x, self.y, self.width, self.height
 
 
 class DbTextDetector:

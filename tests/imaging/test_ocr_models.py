@@ -53,7 +53,7 @@ def test_a_straight_band_or_a_squat_region_is_covered_by_its_box(shape: Callable
     """A squat region has no length to follow (a blob over a 12 px name, cut in pieces, left more of it
     readable: bench/privacy.py's seed 7010)."""
     (region,) = _regions_of(shape())
-    assert region.pieces == ((region.x, region.y, region.width, region.height),)
+    assert region.pieces == (region.box,)
 
 
 @pytest.mark.parametrize("turned", [False, True], ids=["across", "down"])
@@ -67,7 +67,7 @@ def test_a_band_bulging_at_one_end_is_covered_piece_by_piece(turned: bool) -> No
     if turned:
         probability = probability.T
     (region,) = _regions_of(probability)
-    box = (region.x, region.y, region.width, region.height)
+    box = region.box
     assert len(region.pieces) > 1
     covered = _covered(region.pieces, probability.shape)
     assert covered[probability > 0.3].all(), "every pixel of the region is in a piece"
@@ -99,7 +99,7 @@ def test_pieces_cover_the_region_within_its_box(data: st.DataObject) -> None:
     regions = _regions_of(probability)
     assert regions, "the band is a region"
     for region in regions:
-        box = (region.x, region.y, region.width, region.height)
+        box = region.box
         # Its component: the one whose box, grown as far on every side, is the region's.
         (label,) = [label for label in range(1, count) if stats[label][0] - region.x == stats[label][1] - region.y
                     == region.x + region.width - stats[label][0] - stats[label][2]
