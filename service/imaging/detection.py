@@ -82,6 +82,12 @@ _MIN_CROP_RANGE = 8
 #: detector's box fits the glyphs; the padding takes their antialiased edges and what JPEG rang around them.
 _PAD_FRACTION = 0.3
 _MIN_PAD_PX = 3
+#: At each end of a line (one at least this many times longer than thick), the padding reaches on to where a line
+#: of the line search that runs on beyond that end stops, up to this fraction of the line's thickness: the
+#: detector's region often stops short of a first or last character it saw faintly (a third of the ink the partly
+#: redacted lines of the ten unseen sets kept lay just beyond a box's end), and the line search saw it there.
+_MAX_END_PAD_FRACTION = 0.8
+_MIN_END_PADDED_ASPECT = 2
 #: Orientation markers (normalised: capitals and digits only).
 MARKERS = frozenset({"R", "L", "AP", "PA", "PORTABLE", "SUPINE", "ERECT"})
 #: A region the detector finds that is less than this many times wider than tall is text only if the recognizer
@@ -322,7 +328,7 @@ class TextDetector:
             if kind == "marker":
                 markers.append(line)
             elif kind == "text":
-                redact += _padded_pieces(line, pieces.get(line, (line,)), image.shape)
+                redact += _padded_pieces(line, pieces.get(line, (line,)), proposed_lines, image.shape)
         return TextFindings(redact=sorted(redact, key=lambda box: (box[1], box[0])),
                             markers=sorted(markers, key=lambda box: (box[1], box[0])))
 
@@ -797,14 +803,47 @@ def _within(box: Box, shape: tuple[int, ...]) -> Box:
     return left, top, max(0, right - left), max(0, bottom - top)
 
 
-def _padded_pieces(line: Box, pieces: tuple[Box, ...], shape: tuple[int, ...]) -> list[Box]:
+def _padded_pieces(line: Box, pieces: tuple[Box, ...], proposed_lines: np.ndarray, shape: tuple[int, ...]) -> list[Box]:
     """The boxes that redact `line`: its pieces (see TextDetector._verified; `line` alone for most), each padded
-    across the line for its own thickness and along it as the line is (its ends reach as far as the line's box
-    padded would)."""
-    along = _pad(min(line[2], line[3]))
-    if line[2] >= line[3]:
-        return [_padded_by(piece, shape, along, _pad(piece[3])) for piece in pieces]
-    return [_padded_by(piece, shape, _pad(piece[2]), along) for piece in pieces]
+    across the line for its own thickness and along it as the line is; the first and the last piece reach as far
+    as the line's ends do (see _end_pads)."""
+    start_pad, end_pad = _end_pads(line, proposed_lines)
+    inner_pad = _pad(min(line[2], line[3]))
+    boxes = []
+    for index, piece in enumerate(pieces):
+        start = start_pad if index == 0 else inner_pad
+        end = end_pad if index == len(pieces) - 1 else inner_pad
+        if line[2] >= line[3]:
+            across = _pad(piece[3])
+            boxes.append(_padded_by(piece, shape, start, across, end, across))
+        else:
+            across = _pad(piece[2])
+            boxes.append(_padded_by(piece, shape, across, start, across, end))
+    return boxes
+
+
+def _end_pads(line: Box, proposed_lines: np.ndarray) -> tuple[int, int]:
+    """The redaction padding before and after `line` along it (left and right, or above and below): _pad, or as far
+    as a line the line search found across the same band runs on beyond that end (see _MAX_END_PAD_FRACTION)."""
+    width, height = line[2:]
+    thickness = min(width, height)
+    pad = _pad(thickness)
+    if max(width, height) < _MIN_END_PADDED_ASPECT * thickness or not len(proposed_lines):
+        return pad, pad
+    reach = max(pad, round(_MAX_END_PAD_FRACTION * thickness))
+    lines = proposed_lines.astype(np.int64)
+    # Along and across the line, for it and for the line search's lines.
+    along, across = (0, 1) if width >= height else (1, 0)
+    start, end = line[along], line[along] + line[along + 2]
+    low, high = line[across], line[across] + line[across + 2]
+    starts, ends = lines[:, along], lines[:, along] + lines[:, along + 2]
+    lows, highs = lines[:, across], lines[:, across] + lines[:, across + 2]
+    same_band = np.minimum(high, highs) - np.maximum(low, lows) >= np.maximum(high - low, highs - lows) / 2
+    before = same_band & (starts < start - pad) & (ends > start - reach)
+    after = same_band & (ends > end + pad) & (starts < end + reach)
+    start_pad = min(reach, start - int(starts[before].min()) + _MIN_PAD_PX) if before.any() else pad
+    end_pad = min(reach, int(ends[after].max()) - end + _MIN_PAD_PX) if after.any() else pad
+    return start_pad, end_pad
 
 
 def _pad(thickness: int) -> int:
@@ -812,10 +851,10 @@ def _pad(thickness: int) -> int:
     return max(_MIN_PAD_PX, round(_PAD_FRACTION * thickness))
 
 
-def _padded_by(box: Box, shape: tuple[int, ...], pad_x: int, pad_y: int) -> Box:
+def _padded_by(box: Box, shape: tuple[int, ...], pad_left: int, pad_top: int, pad_right: int, pad_bottom: int) -> Box:
     x, y, width, height = box
-    left, top = max(0, x - pad_x), max(0, y - pad_y)
-    right, bottom = min(shape[1], x + width + pad_x), min(shape[0], y + height + pad_y)
+    left, top = max(0, x - pad_left), max(0, y - pad_top)
+    right, bottom = min(shape[1], x + width + pad_right), min(shape[0], y + height + pad_bottom)
     return left, top, right - left, bottom - top
 
 

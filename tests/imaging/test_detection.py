@@ -500,6 +500,50 @@ def test_a_line_whose_region_bulges_onto_anatomy_costs_only_the_bulge(text_detec
     assert before & patient_tokens(case.burns[0].lines) and not leaked, (sorted(before), sorted(leaked))
 
 
+def test_a_faint_line_whose_region_stops_short_of_its_last_characters_is_redacted_to_its_end(
+    text_detector: TextDetector,
+) -> None:
+    """From bench/privacy.py (seed 13032): a faint dark accession line over a CT scout's floor. The detector's region
+    of it stops short of its last characters, which the line search found running on; the redaction reaches on to
+    where the line search's line ends (84 % of its ink was redacted with the box's own padding)."""
+    case = Case("ct-scout-faint-line-running-on", "ct-scout", (724, 640), (
+        Burn(("Jose Garcia Nunez", "ID 39457"), "bottom-right", "white", "DejaVuSans-ExtraLight", 9),
+        Burn(("DOB 2008-12-20",), "top", "light-grey", "DejaVuSans", 14),
+        Burn(("Nunez ACC713314",), "bottom", "light-grey", "DejaVuSansCondensed", 20, contrast=-26),
+    ), seed=(13032, 1))  # fmt: skip
+    pixels, boxes = scene(case)
+    redact = text_detector.find(pixels).redact
+    after = blur_text_regions(pixels, redact)
+    kept = float(_unchanged(pixels, after)[_away_from_text(case)].mean())
+    assert kept >= MIN_KEPT_SHARE, f"only {kept:.2%} of the pixels away from the text are unchanged; boxes {redact}"
+    redacted = np.zeros(pixels.shape[:2], bool)
+    for x, y, width, height in redact:
+        redacted[y : y + height, x : x + width] = True
+    ink = case.burns[2].coverage() > 0
+    x, y, width, height = boxes[2]
+    assert redacted[y : y + height, x : x + width][ink].mean() >= 0.98, "all of the line's ink is redacted"
+
+
+def test_a_line_ends_padding_reaches_as_far_as_the_line_search_saw_it_run_on() -> None:
+    """Along a line, each end is padded as the line is (0.3 of its thickness, at least 3 px), or on to where a line of
+    the line search in the same band runs on beyond it, at most 0.8 of its thickness."""
+    end_pads = detection._end_pads
+    line = (100, 50, 200, 20)  # thickness 20: padded 6, at most 16 along
+    none = np.zeros((0, 4), np.int64)
+    assert end_pads(line, none) == (6, 6)
+    assert end_pads(line, np.array([[100, 52, 200, 16]])) == (6, 6)  # no further than the line
+    assert end_pads(line, np.array([[90, 52, 50, 16]])) == (13, 6)  # on to 90, and 3 px
+    # On to 308 after it; before it, a line that ends at 80 does not reach the 84 that the padding could.
+    assert end_pads(line, np.array([[250, 48, 58, 22], [40, 52, 40, 16]])) == (6, 11)
+    assert end_pads(line, np.array([[40, 52, 300, 16]])) == (16, 16)  # at most 0.8 of 20
+    # Not in its band: a longer line below it, and a block the line search took two lines for (half of it is the
+    # line's band, its own end is the other line's); a squat line has no ends to speak of.
+    assert end_pads(line, np.array([[80, 72, 240, 20], [80, 50, 240, 44]])) == (6, 6)
+    assert end_pads((100, 50, 30, 20), np.array([[90, 52, 50, 16]])) == (6, 6)
+    # Down a column: before is above, after below.
+    assert end_pads((50, 100, 20, 200), np.array([[52, 300, 16, 10]])) == (6, 13)
+
+
 def test_the_cascade_finds_nothing_on_an_image_without_text(text_detector: TextDetector) -> None:
     for pixels in (np.zeros((300, 400), np.uint8), np.full((300, 400, 3), 200, np.uint8),
                    np.full((64, 64), 4095, np.uint16)):  # fmt: skip
