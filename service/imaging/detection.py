@@ -95,6 +95,11 @@ MARKERS = frozenset({"R", "L", "AP", "PA", "PORTABLE", "SUPINE", "ERECT"})
 #: character at 0.3, but a round PET heart reads as "0" at 0.9; a lone character identifies nobody.
 _MIN_LINE_ASPECT = 2.5
 _MIN_READ_CONFIDENCE = 0.5
+#: A region at least this many times thicker than the text its crop was scaled for (the typical thickness of the
+#: line search's lines there) is judged as a squat one is, whatever its shape: the detector took an MR's contour-like
+#: gyri for a line 88 px thick in a crop of 9.5 px text (12014 of bench/privacy.py's sets: 9.3 times), while no
+#: line-shaped region on text in 576 unseen images was more than 5.7 times thicker than its crop's text.
+_MAX_TEXT_HEIGHTS_THICK = 6
 #: A blob of the line search this letter-like (at least this tall and wide, at most this elongated) is read by
 #: the recognizer when the detector finds nothing there, and is a line if it reads with this confidence: the
 #: recognizer overrules the detector only when sure (a PET hot spot read as "01" at 0.53 was redacted, a tenth
@@ -216,6 +221,16 @@ class _Crop:
 
 
 @dataclass(frozen=True)
+class _Found:
+    """A text line the detector found: the pieces of it to redact (its box alone, unless the detector's region is no
+    straight band: see service.imaging.ocr_models._BAND_RATIO), and whether it is far thicker than the text its crop
+    was scaled for (see _MAX_TEXT_HEIGHTS_THICK)."""
+
+    pieces: tuple[Box, ...]
+    too_thick: bool
+
+
+@dataclass(frozen=True)
 class TextDetector:
     """The cascade, with its two models loaded once (in a worker, at start)."""
 
@@ -304,13 +319,12 @@ class TextDetector:
         if not affordable or spent > _MAX_VERIFIED_PIXELS:
             return TextFindings(redact=sorted(proposals, key=lambda box: (box[1], box[0])), markers=[])
         crops += _down_crops(image, down_blocks, crops, _MAX_VERIFIED_PIXELS - spent)
-        # Each line the detector found, with the pieces of it to redact.
-        pieces = self._verified(image, crops)
-        lines = [*pieces, *lone_markers]
+        found = self._verified(image, crops)
+        lines = [*found, *lone_markers]
         spent = sum(crop.mosaic_pixels for crop, _ in crops)
         looked_again = self._second_look(image, second_looks, lines, _MAX_VERIFIED_PIXELS - spent)
         lines += looked_again
-        pieces |= {line: shape for line, shape in looked_again.items() if line not in pieces}
+        found |= {line: seen for line, seen in looked_again.items() if line not in found}
         # The detector does not see every lone letter as text (an `L` is two strokes; a large serif `R`): a
         # letter-shaped blob of the line search, where the detector found nothing, is read by the recognizer, and
         # is a line if it reads as a character (the largest few: each reading costs about 1.5 ms).
@@ -324,11 +338,13 @@ class TextDetector:
             if readings[glyph][0] and readings[glyph][1] >= _MIN_GLYPH_CONFIDENCE:
                 lines.append(glyph)
         markers: list[Box] = []
-        for line, kind in zip(lines, self._kinds(image, lines, readings), strict=True):
+        too_thick = {line for line, seen in found.items() if seen.too_thick}
+        for line, kind in zip(lines, self._kinds(image, lines, readings, too_thick), strict=True):
             if kind == "marker":
                 markers.append(line)
             elif kind == "text":
-                redact += _padded_pieces(line, pieces.get(line, (line,)), proposed_lines, image.shape)
+                pieces = found[line].pieces if line in found else (line,)
+                redact += _padded_pieces(line, pieces, proposed_lines, image.shape)
         return TextFindings(redact=sorted(redact, key=lambda box: (box[1], box[0])),
                             markers=sorted(markers, key=lambda box: (box[1], box[0])))
 
@@ -352,11 +368,10 @@ class TextDetector:
         """The text lines the detector finds in `crops` (image coordinates, unpadded)."""
         return list(self._verified(image, crops))
 
-    def _verified(self, image: np.ndarray, crops: list[tuple[_Crop, np.ndarray]]) -> dict[Box, tuple[Box, ...]]:
-        """The text lines the detector finds in `crops` (image coordinates, unpadded), each with the pieces that
-        cover its text (its box alone, unless the detector's region is no straight band: see
-        service.imaging.ocr_models._BAND_RATIO)."""
-        found: dict[Box, tuple[Box, ...]] = {}
+    def _verified(self, image: np.ndarray, crops: list[tuple[_Crop, np.ndarray]]) -> dict[Box, _Found]:
+        """The text lines the detector finds in `crops` (image coordinates, unpadded), each with what else is known
+        of it (_Found)."""
+        found: dict[Box, _Found] = {}
         for group in _mosaic_groups(crops):
             mosaic, placed = _mosaic(group)
             for region in DbTextDetector.regions(self._detector.probability(mosaic)):
@@ -364,15 +379,17 @@ class TextDetector:
                 if crop is not None:
                     line = _within(_to_image(region.box, crop), image.shape)
                     pieces = [_within(_to_image(piece, crop), image.shape) for piece in region.pieces]
-                    found[line] = tuple(piece for piece in pieces if piece[2] and piece[3]) or (line,)
+                    pieces = [piece for piece in pieces if piece[2] and piece[3]] or [line]
+                    too_thick = min(line[2], line[3]) >= _MAX_TEXT_HEIGHTS_THICK * crop.text_height
+                    found[line] = _Found(tuple(pieces), too_thick)
         return {line: found[line] for line in _deduplicated(list(found))}
 
     def _second_look(
         self, image: np.ndarray, candidates: list[Box], found: list[Box], budget: int
-    ) -> dict[Box, tuple[Box, ...]]:
+    ) -> dict[Box, _Found]:
         """The text lines the detector finds in the parts of the line search's line-shaped `candidates` that run on
-        beyond the text found (`found`; see _RUN_ON_HEIGHTS), in crops of their own of at most `budget` pixels;
-        with their pieces (see `_verified`)."""
+        beyond the text found (`found`; see _RUN_ON_HEIGHTS), in crops of their own of at most `budget` pixels (see
+        `_verified`)."""
         parts = [part for part in (_run_on(line, found) for line in candidates) if part is not None]
         parts = sorted(parts, key=lambda part: -part[0][2] * part[0][3])[:_MAX_SECOND_LOOKS]
         crops = _affordable(_crops(image, parts), budget) if parts else []
@@ -380,17 +397,21 @@ class TextDetector:
 
     # --- reading --------------------------------------------------------------------------------------------
 
-    def _kinds(self, image: np.ndarray, lines: list[Box], known: dict[Box, tuple[str, float]]) -> list[str]:
+    def _kinds(
+        self, image: np.ndarray, lines: list[Box], known: dict[Box, tuple[str, float]], too_thick: set[Box]
+    ) -> list[str]:
         """"text", "marker" (an orientation marker, kept) or "anatomy" for each line found.
 
         A line the detector finds is text, but for two kinds the recognizer decides: squat regions (a block of
         regular stripes such as ribs, or a round organ, can look like text to the detector; a real line is wide,
         a short word the recognizer reads, or one of the letters of a word; never a region with no edge as steep as
-        ink's, see _soft), and small groups of short lines standing apart from any other text, which are orientation
-        markers if each of their rows reads as one (`A-P` above an `R`, even when `A` and `P` were found apart)."""
+        ink's, see _soft; lines `too_thick` for the text around them are judged as squat ones), and small groups of
+        short lines standing apart from any other text, which are orientation markers if each of their rows reads as
+        one (`A-P` above an `R`, even when `A` and `P` were found apart)."""
         kinds = ["text"] * len(lines)
         shapes = [sorted(line[2:]) for line in lines]
-        squat = [long < _MIN_LINE_ASPECT * short for short, long in shapes]
+        squat = [long < _MIN_LINE_ASPECT * short or line in too_thick
+                 for (short, long), line in zip(shapes, lines, strict=True)]
         soft = [is_squat and _soft(image, line) for is_squat, line in zip(squat, lines, strict=True)]
         groups = [
             (group, len(group) <= _MAX_MARKER_GROUP and all(
