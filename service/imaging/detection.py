@@ -852,13 +852,12 @@ def _end_pads(line: Box, proposed_lines: np.ndarray) -> tuple[int, int]:
     if max(width, height) < _MIN_END_PADDED_ASPECT * thickness or not len(proposed_lines):
         return pad, pad
     reach = max(pad, round(_MAX_END_PAD_FRACTION * thickness))
-    lines = proposed_lines.astype(np.int64)
     # Along and across the line, for it and for the line search's lines.
     along, across = (0, 1) if width >= height else (1, 0)
     start, end = line[along], line[along] + line[along + 2]
     low, high = line[across], line[across] + line[across + 2]
-    starts, ends = lines[:, along], lines[:, along] + lines[:, along + 2]
-    lows, highs = lines[:, across], lines[:, across] + lines[:, across + 2]
+    starts, ends = proposed_lines[:, along], proposed_lines[:, along] + proposed_lines[:, along + 2]
+    lows, highs = proposed_lines[:, across], proposed_lines[:, across] + proposed_lines[:, across + 2]
     same_band = np.minimum(high, highs) - np.maximum(low, lows) >= np.maximum(high - low, highs - lows) / 2
     before = same_band & (starts < start - pad) & (ends > start - reach)
     after = same_band & (ends > end + pad) & (starts < end + reach)
