@@ -310,6 +310,33 @@ def _region(pixels: np.ndarray, box: Box) -> np.ndarray:
     return pixels[y : y + h, x : x + w]
 
 
+@dataclass(frozen=True)
+class _Redaction:
+    """One case's image as the detector's boxes redact it."""
+
+    case: Case
+    boxes: list[Box]
+    after: np.ndarray
+
+    @property
+    def kept(self) -> float:
+        """The share of the pixels away from the text left as they were."""
+        return float(_unchanged(scene(self.case)[0], self.after)[_away_from_text(self.case)].mean())
+
+    def ink_redacted(self, burn: int) -> float:
+        """The share of the ink of the case's `burn`-th block inside the boxes."""
+        inside = np.zeros(self.after.shape[:2], bool)
+        for x, y, width, height in self.boxes:
+            inside[y : y + height, x : x + width] = True
+        return float(_region(inside, scene(self.case)[1][burn])[self.case.burns[burn].coverage() > 0].mean())
+
+
+def _redaction(case: Case, detector: TextDetector) -> _Redaction:
+    pixels, _ = scene(case)
+    boxes = detector.find(pixels).redact
+    return _Redaction(case, boxes, blur_text_regions(pixels, boxes))
+
+
 # ------------------------------------------------------------------------------------------------------ tests
 
 
@@ -485,16 +512,11 @@ def test_a_line_whose_region_bulges_onto_anatomy_costs_only_the_bulge(text_detec
         Burn(("DOB 1991-07-11",), "top", "black", "DejaVuSans", 28, turn=1),
     ), seed=(5042, 1))  # fmt: skip
     pixels, boxes = scene(case)
-    redact = text_detector.find(pixels).redact
-    after = blur_text_regions(pixels, redact)
-    kept = float(_unchanged(pixels, after)[_away_from_text(case)].mean())
-    assert kept >= MIN_KEPT_SHARE, f"only {kept:.2%} of the pixels away from the text are unchanged; boxes {redact}"
-    redacted = np.zeros(pixels.shape[:2], bool)
-    for x, y, width, height in redact:
-        redacted[y : y + height, x : x + width] = True
-    ink = case.burns[1].coverage() > 0
-    x, y, width, height = boxes[1]
-    assert redacted[y : y + height, x : x + width][ink].mean() >= 0.9, "the date's ink is redacted (93 % measured)"
+    redaction = _redaction(case, text_detector)
+    kept = redaction.kept
+    assert kept >= MIN_KEPT_SHARE, f"only {kept:.2%} of the pixels away from the text are unchanged: {redaction.boxes}"
+    assert redaction.ink_redacted(1) >= 0.9, "the date's ink is redacted (93 % measured)"
+    after = redaction.after
     leaked, before = tokens_read([attacker_views(after, boxes[0], case.burns[0]),
                                   attacker_views(pixels, boxes[0], case.burns[0])], list(case.burns[0].lines))
     assert before & patient_tokens(case.burns[0].lines) and not leaked, (sorted(before), sorted(leaked))
@@ -510,16 +532,10 @@ def test_a_region_far_thicker_than_the_text_around_it_must_be_read_as_text(text_
         Burn(("Siobhan O'Neill", "ID 93338"), "bottom-right", "dark-grey", "DejaVuSans-ExtraLight", 10),
         Burn(("DOB 2001-07-26",), "right", "black", "DejaVuSans-Oblique", 14, contrast=36),
     ), bits=16, seed=(12014, 1))  # fmt: skip
-    pixels, boxes = scene(case)
-    redact = text_detector.find(pixels).redact
-    after = blur_text_regions(pixels, redact)
-    kept = float(_unchanged(pixels, after)[_away_from_text(case)].mean())
-    assert kept >= 0.98, f"only {kept:.2%} of the pixels away from the text are unchanged; boxes {redact}"
-    redacted = np.zeros(pixels.shape[:2], bool)
-    for x, y, width, height in redact:
-        redacted[y : y + height, x : x + width] = True
-    x, y, width, height = boxes[0]
-    assert redacted[y : y + height, x : x + width][case.burns[0].coverage() > 0].all()
+    redaction = _redaction(case, text_detector)
+    kept = redaction.kept
+    assert kept >= 0.98, f"only {kept:.2%} of the pixels away from the text are unchanged: {redaction.boxes}"
+    assert redaction.ink_redacted(0) == 1.0
 
 
 def test_a_faint_line_whose_region_stops_short_of_its_last_characters_is_redacted_to_its_end(
@@ -533,17 +549,10 @@ def test_a_faint_line_whose_region_stops_short_of_its_last_characters_is_redacte
         Burn(("DOB 2008-12-20",), "top", "light-grey", "DejaVuSans", 14),
         Burn(("Nunez ACC713314",), "bottom", "light-grey", "DejaVuSansCondensed", 20, contrast=-26),
     ), seed=(13032, 1))  # fmt: skip
-    pixels, boxes = scene(case)
-    redact = text_detector.find(pixels).redact
-    after = blur_text_regions(pixels, redact)
-    kept = float(_unchanged(pixels, after)[_away_from_text(case)].mean())
-    assert kept >= MIN_KEPT_SHARE, f"only {kept:.2%} of the pixels away from the text are unchanged; boxes {redact}"
-    redacted = np.zeros(pixels.shape[:2], bool)
-    for x, y, width, height in redact:
-        redacted[y : y + height, x : x + width] = True
-    ink = case.burns[2].coverage() > 0
-    x, y, width, height = boxes[2]
-    assert redacted[y : y + height, x : x + width][ink].mean() >= 0.98, "all of the line's ink is redacted"
+    redaction = _redaction(case, text_detector)
+    kept = redaction.kept
+    assert kept >= MIN_KEPT_SHARE, f"only {kept:.2%} of the pixels away from the text are unchanged: {redaction.boxes}"
+    assert redaction.ink_redacted(2) >= 0.98, "all of the line's ink is redacted"
 
 
 def test_a_line_ends_padding_reaches_as_far_as_the_line_search_saw_it_run_on() -> None:
