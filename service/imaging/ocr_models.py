@@ -105,7 +105,7 @@ class DbTextDetector:
             score = float(sums[label] / area)
             if score < _REGION_THRESHOLD or min(width, height) < 2:
                 continue
-            grow = int(np.ceil(width * height * _UNCLIP_RATIO / (2 * (width + height))))
+            grow = _unclip_growth(width, height)
             box = (x - grow, y - grow, width + 2 * grow, height + 2 * grow)
             pieces: tuple[Box, ...] = (box,)
             length, thickness = max(width, height), area / max(width, height)
@@ -113,6 +113,11 @@ class DbTextDetector:
                 pieces = _pieces(labels[y : y + height, x : x + width] == label, x, y, grow)
             found.append(TextRegion(*box, score, pieces))
         return found
+
+
+def _unclip_growth(length: float, thickness: float) -> int:
+    """How far to grow a region this long and thick on every side to undo DB's shrinking (see _UNCLIP_RATIO)."""
+    return int(np.ceil(length * thickness * _UNCLIP_RATIO / (2 * (length + thickness))))
 
 
 def _pieces(region: np.ndarray, left: int, top: int, end_grow: int) -> tuple[Box, ...]:
@@ -128,7 +133,7 @@ def _pieces(region: np.ndarray, left: int, top: int, end_grow: int) -> tuple[Box
     bottoms = rows - np.argmax(band[::-1], axis=0)
     thickness = float(np.median((bottoms - tops)[filled]))
     step = max(2, round(_PIECE_LENGTH * thickness))
-    grow = int(np.ceil(length * thickness * _UNCLIP_RATIO / (2 * (length + thickness))))
+    grow = _unclip_growth(length, thickness)
     # [start, top, end, bottom] along the band, and the area of the columns' own extents joined in each.
     pieces: list[list[int]] = []
     joined: list[int] = []
