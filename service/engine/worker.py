@@ -40,6 +40,19 @@ from service.models.backends import load_predict
 from service.models.library_pages import release_installed_library_pages
 from service.models.spec import ModelSpec
 
+#: Modules Keras imports whenever they are installed, which a worker never uses: matplotlib for Keras' plotting
+#: utilities (about 0.7 s and 30 MB of a Keras worker's start, measured in a venv with the notebooks' extras) and
+#: IPython to tell whether it runs in a notebook. The service image installs neither; elsewhere they are hidden.
+_UNUSED_BY_WORKERS = ("matplotlib", "IPython")
+
+
+def hide_unused_modules() -> None:
+    """Make the modules of _UNUSED_BY_WORKERS look absent to this process: a name bound to None in sys.modules
+    makes its import raise ImportError, which Keras takes for "not installed". Only in a worker (a process of its
+    own): anything else in the process that wants them would fail too. A module already imported stays."""
+    for name in _UNUSED_BY_WORKERS:
+        sys.modules.setdefault(name, None)
+
 
 class _HeldOutput:
     """What native code wrote to file descriptor 2 while it was redirected to a temporary file."""
@@ -82,6 +95,7 @@ def worker_main(
     """Load and warm the model and the text models, say so, then analyze batches until told to stop or the parent
     goes away."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    hide_unused_modules()
     # The model's threads already use the cores this worker is given; OpenCV's own pool on top of them would
     # spend CPU on hand-offs and spinning (about 20 % more CPU for the imaging, measured).
     cv2.setNumThreads(1)
