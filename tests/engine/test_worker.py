@@ -51,8 +51,8 @@ def _loaded_after(setup: str) -> tuple[list[str], set[str]]:
 
 
 def test_a_worker_runs_keras_without_the_plotting_and_notebook_modules_keras_would_import() -> None:
-    shape, loaded = _loaded_after("from service.engine.worker import hide_unused_modules; hide_unused_modules()")
-    assert shape[0] == "(1, 2)"
+    output, loaded = _loaded_after("from service.engine.worker import hide_unused_modules; hide_unused_modules()")
+    assert output[0] == "(1, 2)"
     assert loaded == set()
     # The check that can fail: where they are installed (the test environment has the notebooks' extras), Keras
     # imports them unless hidden.
