@@ -72,6 +72,9 @@ BENCH_PSEUDONYM_KEY = "bench-pseudonym-key-0123456789abcdef"
 WORKER_COUNTS = (1, 2)
 CLIENTS = 12  # concurrent clients at saturation: enough to keep 2 workers' batches of 8 full
 LOAD_FRACTIONS = (0.25, 0.5, 0.9)
+#: Starts of the service per configuration and worker count whose times to ready are reported (their median): one
+#: start varies by a second or more here (4.5-6.6 s for one Keras worker in six starts in a row).
+COLD_STARTS = 5
 MODEL_IMAGES = 16  # the model alone runs on this many images (a configuration's own, repeated if fewer)
 
 
@@ -344,6 +347,20 @@ def measure_service(rgw: LocalRGW, s3: Any, configuration: Configuration, worker
         pool.remove()
 
 
+def measure_cold_starts(rgw: LocalRGW, configuration: Configuration, workers: int, workdir: Path, count: int,
+                        anonymize_when: str) -> list[float]:
+    """Seconds from process start to /readyz 200 of `count` more starts of the service, each stopped once ready."""
+    ready = []
+    for start in range(count):
+        log_path = workdir / f"start-{configuration.name}-{workers}-{start}.log"
+        service = Service(rgw, configuration, workers, log_path, anonymize_when)
+        try:
+            ready.append(service.wait_ready())
+        finally:
+            service.stop()
+    return ready
+
+
 def profile_stages(service: Service, pool: ObjectPool, py_spy: Path, workdir: Path, events: int) -> dict[str, float]:
     """CPU ms per image by stage: a second saturation phase with py-spy sampling every thread of the service (a
     phase of its own, so that the sampler's CPU does not weigh on the throughput and CPU figures above)."""
@@ -502,6 +519,13 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"[{time.monotonic() - started:5.0f} s] {configuration.name} x{workers} run "
                               f"{run + 1}/{repeats}: {runs[-1]['e2e_images_per_s']:.2f} img/s", flush=True)
                     row = median_row(runs)
+                    # Each service run starts the service once; more starts, for a time to ready that one slow or
+                    # quick start does not decide.
+                    ready = [run["cold_start_ready_s"] for run in runs]
+                    ready += measure_cold_starts(rgw, configuration, workers, Path(workdir),
+                                                 max(0, COLD_STARTS - len(runs)), args.anonymize_when)
+                    row |= {"cold_start_ready_s": statistics.median(ready), "cold_start_ready_min_s": min(ready),
+                            "cold_start_ready_max_s": max(ready), "cold_starts": len(ready)}
                     row |= {
                         "model": model["model"],
                         "model_images_per_s": model["batch8_images_per_s"],

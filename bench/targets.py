@@ -74,9 +74,11 @@ def print_targets(evaluated: list[dict[str, Any]], rows: list[Row]) -> None:
         measured = "-" if line["measured"] is None else _shown(line["measured"], line["unit"])
         verdict = {True: "met", False: "NOT met", None: "not measured"}[line["met"]]
         extra = ""
-        if line["field"] == "p99_at25_over_model_b1":
-            row = next(row for row in rows
-                       if (row["configuration"], row["workers"]) == (line["configuration"], line["workers"]))
-            if row.get("model_b1_ms") and row.get("p99_ms_at25"):
-                extra = f"  ({row['p99_ms_at25']:.0f} ms / {row['model_b1_ms']:.0f} ms)"
+        row = next(row for row in rows
+                   if (row["configuration"], row["workers"]) == (line["configuration"], line["workers"]))
+        if line["field"] == "p99_at25_over_model_b1" and row.get("model_b1_ms") and row.get("p99_ms_at25"):
+            extra = f"  ({row['p99_ms_at25']:.0f} ms / {row['model_b1_ms']:.0f} ms)"
+        if line["field"] == "cold_start_ready_s" and row.get("cold_starts"):
+            extra = (f"  (median of {row['cold_starts']} starts, {row['cold_start_ready_min_s']:.2f}-"
+                     f"{row['cold_start_ready_max_s']:.2f} s)")
         print(f"  {text:<{width}}  {line['configuration']:>8} x{line['workers']}  {measured:>9}  {verdict}{extra}")
