@@ -5,7 +5,10 @@ For each modality, process CPU ms per image (time.process_time; OpenCV on one th
 baseline) and (b) the whole cascade (`TextDetector.find`: the line search proposes, the learned detector verifies
 the proposals' crops in one mosaic, the recognizer reads squat and isolated lines). Each image gets one warm-up
 call of each, then N timed repeats (N = 5, 2 with --quick); an image's figure is the median of its repeats and a
-modality's the median of its images. Also the median number of boxes redacted and of orientation markers kept.
+modality's the median of its images. Also the median number of boxes redacted and of orientation markers kept, and
+where the cascade's time goes: the CPU of the detector's runs and of the recognizer's readings within it (each an
+image's median over its repeats, then the modality's median: the parts' medians need not add up to the cascade's),
+with how many of each an image takes.
 
 Modalities: `chest`, the default model's 16 validation X-rays (JPEG, decoded as the service decodes them); and
 synthetic images from tests/imaging/modalities.py, 4 seeded images each at the sizes such images come in, each
@@ -96,23 +99,65 @@ def cpu_ms(call: Callable[[], Any], repeats: int) -> tuple[float, Any]:
     return statistics.median(times), result
 
 
-def measure_modality(detector: TextDetector, images: list[np.ndarray], repeats: int) -> dict[str, Any]:
+#: The cascade's two models as TextDetector holds them, and the call that runs each.
+MODEL_CALLS = {"detector": ("_detector", "probability"), "recognizer": ("_recognizer", "read")}
+
+
+class ModelClock:
+    """The process CPU and the number of calls of the cascade's two models (MODEL_CALLS), counted by wrapping the
+    loaded detector's models in place: the bench's instrument only."""
+
+    def __init__(self, detector: TextDetector) -> None:
+        self.reset()
+        for part, (attribute, method) in MODEL_CALLS.items():
+            model = getattr(detector, attribute)
+            setattr(model, method, self._timed(part, getattr(model, method)))
+
+    def _timed(self, part: str, call: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any) -> Any:
+            started = time.process_time()
+            try:
+                return call(*args)
+            finally:
+                self.seconds[part] += time.process_time() - started
+                self.calls[part] += 1
+
+        return timed
+
+    def reset(self) -> None:
+        self.seconds = dict.fromkeys(MODEL_CALLS, 0.0)
+        self.calls = dict.fromkeys(MODEL_CALLS, 0)
+
+
+def cascade_cpu_ms(detector: TextDetector, clock: ModelClock, pixels: np.ndarray, repeats: int) -> dict[str, Any]:
+    """The cascade on `pixels`: medians over `repeats` runs after a warm-up of its process CPU ms, of its models'
+    (see ModelClock) and of their calls; and the warm-up's findings."""
+    findings = detector.find(pixels)
+    runs = []
+    for _ in range(repeats):
+        clock.reset()
+        started = time.process_time()
+        detector.find(pixels)
+        runs.append({"cascade_cpu_ms": (time.process_time() - started) * 1000,
+                     **{f"{part}_cpu_ms": seconds * 1000 for part, seconds in clock.seconds.items()},
+                     **{f"{part}_calls": calls for part, calls in clock.calls.items()}})
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]} | {
+        "redact": len(findings.redact), "markers": len(findings.markers)}
+
+
+def measure_modality(detector: TextDetector, clock: ModelClock, images: list[np.ndarray], repeats: int
+                     ) -> dict[str, Any]:
     per_image = []
     for pixels in images:
         line_ms, _ = cpu_ms(lambda pixels=pixels: propose_text(pixels), repeats)
-        cascade_ms, findings = cpu_ms(lambda pixels=pixels: detector.find(pixels), repeats)
-        per_image.append({"shape": list(pixels.shape), "line_search_cpu_ms": line_ms, "cascade_cpu_ms": cascade_ms,
-                          "redact": len(findings.redact), "markers": len(findings.markers)})  # fmt: skip
-    line = statistics.median(image["line_search_cpu_ms"] for image in per_image)
-    cascade = statistics.median(image["cascade_cpu_ms"] for image in per_image)
+        per_image.append({"shape": list(pixels.shape), "line_search_cpu_ms": line_ms,
+                          **cascade_cpu_ms(detector, clock, pixels, repeats)})
+    medians = {key: statistics.median(image[key] for image in per_image) for key in per_image[0] if key != "shape"}
     return {
         "images": len(images),
         "megapixels": statistics.median(pixels.shape[0] * pixels.shape[1] / 1e6 for pixels in images),
-        "line_search_cpu_ms": line,
-        "cascade_cpu_ms": cascade,
-        "cascade_over_line_search": cascade / line,
-        "redact": statistics.median(image["redact"] for image in per_image),
-        "markers": statistics.median(image["markers"] for image in per_image),
+        **medians,
+        "cascade_over_line_search": medians["cascade_cpu_ms"] / medians["line_search_cpu_ms"],
         "per_image": per_image,
     }
 
@@ -120,9 +165,10 @@ def measure_modality(detector: TextDetector, images: list[np.ndarray], repeats: 
 def measure(repeats: int = REPEATS) -> dict[str, Any]:
     cv2.setNumThreads(1)  # as a worker runs it
     detector = TextDetector.load(text_models_dir(CACHE_DIR))
-    modalities = {"chest": measure_modality(detector, chest_images(), repeats)}
+    clock = ModelClock(detector)
+    modalities = {"chest": measure_modality(detector, clock, chest_images(), repeats)}
     for modality in SYNTHETIC:
-        modalities[modality] = measure_modality(detector, synthetic_images(modality), repeats)
+        modalities[modality] = measure_modality(detector, clock, synthetic_images(modality), repeats)
     return {"repeats": repeats, "font": FONT, "modalities": modalities}
 
 
@@ -130,11 +176,16 @@ def print_row(row: dict[str, Any]) -> None:
     font = "" if row.get("font", "DejaVuSans") == "DejaVuSans" else f"; synthetic text in {row['font']}"
     print(f"Text detection, CPU ms per image (medians; {row['repeats']} repeats per image after a warm-up{font}):")
     print(f"  {'modality':<13}{'images':>7}{'MP':>6}{'line search':>13}{'cascade':>9}{'ratio':>7}"
-          f"{'redact':>8}{'markers':>9}")  # fmt: skip
+          f"{'detector (runs)':>17}{'recognizer (reads)':>20}{'redact':>8}{'markers':>9}")  # fmt: skip
     for name, figures in row["modalities"].items():
+        # Rows written before the models were timed have no parts.
+        detector = (f"{figures['detector_cpu_ms']:.1f} ({figures['detector_calls']:g})"
+                    if "detector_cpu_ms" in figures else "-")
+        recognizer = (f"{figures['recognizer_cpu_ms']:.1f} ({figures['recognizer_calls']:g})"
+                      if "recognizer_cpu_ms" in figures else "-")
         print(f"  {name:<13}{figures['images']:>7}{figures['megapixels']:6.2f}{figures['line_search_cpu_ms']:13.1f}"
               f"{figures['cascade_cpu_ms']:9.1f}{figures['cascade_over_line_search']:6.1f}x"
-              f"{figures['redact']:8g}{figures['markers']:9g}")  # fmt: skip
+              f"{detector:>17}{recognizer:>20}{figures['redact']:8g}{figures['markers']:9g}")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
