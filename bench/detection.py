@@ -178,11 +178,8 @@ def print_row(row: dict[str, Any]) -> None:
     print(f"  {'modality':<13}{'images':>7}{'MP':>6}{'line search':>13}{'cascade':>9}{'ratio':>7}"
           f"{'detector (runs)':>17}{'recognizer (reads)':>20}{'redact':>8}{'markers':>9}")  # fmt: skip
     for name, figures in row["modalities"].items():
-        # Rows written before the models were timed have no parts.
-        detector = (f"{figures['detector_cpu_ms']:.1f} ({figures['detector_calls']:g})"
-                    if "detector_cpu_ms" in figures else "-")
-        recognizer = (f"{figures['recognizer_cpu_ms']:.1f} ({figures['recognizer_calls']:g})"
-                      if "recognizer_cpu_ms" in figures else "-")
+        detector = f"{figures['detector_cpu_ms']:.1f} ({figures['detector_calls']:g})"
+        recognizer = f"{figures['recognizer_cpu_ms']:.1f} ({figures['recognizer_calls']:g})"
         print(f"  {name:<13}{figures['images']:>7}{figures['megapixels']:6.2f}{figures['line_search_cpu_ms']:13.1f}"
               f"{figures['cascade_cpu_ms']:9.1f}{figures['cascade_over_line_search']:6.1f}x"
               f"{detector:>17}{recognizer:>20}{figures['redact']:8g}{figures['markers']:9g}")  # fmt: skip
