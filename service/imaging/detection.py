@@ -9,7 +9,9 @@ scaled so its text is about as tall as the detector reads best, contrast-stretch
 text), and packed with the others into one mosaic that the detector reads in a single run. What it finds there
 is redacted; a proposal it finds no text in is anatomy and stays untouched. A line of the line search that runs
 on beyond the text found there is looked at again in a crop of its own (one crop's contrast stretch serves one
-kind of text). Proposals too small to verify usefully are redacted as they are: they cost no anatomy.
+kind of text). Proposals too small to verify usefully are redacted as they are: they cost no anatomy. A line of the
+line search the detector saw nothing in (thin, faint or light text can get nothing from it) that looks like a row of
+letters is read by the recognizer, and redacted where it reads as text.
 
 Orientation markers (an isolated `R` or `L`, `AP`, `PA`, `PORTABLE`, `SUPINE`, `ERECT`) say how the patient lay,
 not who they are: the recognizer reads each isolated short line, and the markers are kept unless
@@ -27,7 +29,7 @@ import cv2
 import numpy as np
 
 from service.imaging.codec import to_8bit
-from service.imaging.ocr_models import CtcTextRecognizer, DbTextDetector, TextRegion
+from service.imaging.ocr_models import CtcTextRecognizer, DbTextDetector, Reading, TextRegion
 from service.imaging.text import Box, propose_text
 from service.models.fetch import FOLDED_TEXT_MODELS, TEXT_DETECTOR_FILE, TEXT_RECOGNIZER_FILE
 from service.settings import TEXT_MODELS_FOLDER
@@ -158,6 +160,37 @@ _READING_TURNS = (cv2.ROTATE_90_CLOCKWISE, cv2.ROTATE_90_COUNTERCLOCKWISE)
 #: the largest first.
 _RUN_ON_HEIGHTS = 4
 _MAX_SECOND_LOOKS = 4
+#: A line-shaped line of the line search that lies mostly outside what is redacted or kept (less than
+#: _MAX_SEEN_SHARE of it in those boxes) is one in which the detector saw nothing. Thin, faint or light text (an
+#: extra-light or serif italic name under ~30 px, faint over an MR's floor) makes such lines, as the edges of ribs and
+#: organs do: the detector's text probability on it is nil, but the recognizer, reading the line's piece stretched on
+#: its own, reads it. In bench/privacy.py's twelve sets (3861 such lines), 85 of the 175 on text read as at least
+#: _MIN_UNSEEN_CHARACTERS characters with confidence _MIN_UNSEEN_CONFIDENCE, 3 of the 3463 on anatomy. A reading
+#: costs about 5 ms (a line is 100-300 columns at 32 px), so only a line whose piece looks like a row of letters is
+#: read. Scaled to _STROKE_TEST_HEIGHT_PX tall and split into ink and background (Otsu): its middle rows change from
+#: one to the other at least _MIN_STROKE_CHANGES times per height of length (text 4.3 at the median, anatomy 1.1);
+#: its columns, at least _MIN_COLUMN_CHANGES times on average (letters' bowls, bars and serifs: text 3.1, anatomy
+#: 1.6, a spine's vertebrae, bars across the line, 1.8); and its edges run every way, as letters' do: those across
+#: the line _MIN_ACROSS_EDGES to _MAX_ACROSS_EDGES times those along it (text 1.1; a rib's or an organ's edge runs
+#: along the line, anatomy 0.76, a chest film 0.6). That passes 52 of the 85 lines that read as text, none of the 3
+#: on anatomy, and 7 % of the lines on anatomy (a reading per image of the twelve sets; a third of one per chest
+#: film). At most _MAX_UNSEEN_READS lines are read per image, those with the most changes along them first, of the
+#: _MAX_STROKE_TESTS most elongated. Where one reads as text (and not as a marker kept) is redacted: the part of the
+#: line its characters were read in, not all of it (the line search's line may run on over anatomy).
+_MAX_SEEN_SHARE = 0.5
+_STROKE_TEST_HEIGHT_PX = 32
+_MIN_STROKE_CHANGES = 2.5
+_MIN_ACROSS_EDGES = 0.8
+_MAX_ACROSS_EDGES = 1.5
+_MIN_COLUMN_CHANGES = 2.0
+_MIN_UNSEEN_CHARACTERS = 4
+_MIN_UNSEEN_CONFIDENCE = 0.7
+_MAX_UNSEEN_READS = 4
+_MAX_STROKE_TESTS = 64
+#: Of a line longer than this many of its thicknesses, only its first part so long is tested and read: a reading
+#: costs about 40 us per column, and a line can run across a whole image. The unseen lines on text of
+#: bench/privacy.py's sets are at most 16 times longer than thick.
+_MAX_READ_THICKNESSES = 16
 #: The recognizer reads a line with this fraction of its height around it.
 _READ_MARGIN = 0.25
 #: A piece whose channels differ from its grey by more than this many levels is in colour.
@@ -345,6 +378,8 @@ class TextDetector:
             elif kind == "text":
                 pieces = found[line].pieces if line in found else (line,)
                 redact += _padded_pieces(line, pieces, proposed_lines, image.shape)
+        for line in self._unseen_text(image, proposed_lines, [*redact, *markers]):
+            redact += _padded_pieces(line, (line,), proposed_lines, image.shape)
         return TextFindings(redact=sorted(redact, key=lambda box: (box[1], box[0])),
                             markers=sorted(markers, key=lambda box: (box[1], box[0])))
 
@@ -396,6 +431,31 @@ class TextDetector:
         return self._verified(image, crops) if crops else {}
 
     # --- reading --------------------------------------------------------------------------------------------
+
+    def _unseen_text(self, image: np.ndarray, proposed_lines: np.ndarray, seen: list[Box]) -> list[Box]:
+        """Where the line-shaped lines of the line search (`proposed_lines`) mostly outside the boxes `seen` (redacted
+        or kept) read as text: see _MAX_UNSEEN_READS."""
+        shaped = np.array([_line_shaped(line) for line in proposed_lines], bool)
+        lines = np.unique(proposed_lines[shaped], axis=0) if shaped.any() else proposed_lines[:0]
+        lines = lines[_covered_shares(lines, seen) < _MAX_SEEN_SHARE]
+        # The most elongated first: a texture's lines can be many, and each test costs about 0.1 ms.
+        lines = lines[np.argsort(-lines[:, 2:].max(axis=1) / lines[:, 2:].min(axis=1), kind="stable")]
+        boxes = [tuple(int(value) for value in line) for line in lines[:_MAX_STROKE_TESTS]]
+        windows = [_first_part(box, _MAX_READ_THICKNESSES) for box in boxes]
+        changes = [_stroke_changes(_reading_piece(image, window, _READ_MARGIN)) for window in windows]
+        stroked = sorted((-count, index) for index, count in enumerate(changes) if count is not None)
+        text = []
+        for _, index in stroked[:_MAX_UNSEEN_READS]:
+            # Text running down an edge reads either way up; upside down it reads as nothing.
+            turns = _READING_TURNS if _runs_vertically(windows[index]) else _READING_TURNS[:1]
+            readings = [(self._reading(image, windows[index], _READ_MARGIN, turn), turn) for turn in turns]
+            reading, turn = max(readings, key=lambda item: item[0].confidence)
+            if len(reading.text) < _MIN_UNSEEN_CHARACTERS or reading.confidence < _MIN_UNSEEN_CONFIDENCE:
+                continue
+            if not (self.keep_markers and _is_marker(reading.text, reading.confidence)):
+                # Only where the characters were read: the line search's line may run on over anatomy.
+                text.append(_read_part(image.shape, windows[index], turn, reading))
+        return text
 
     def _kinds(
         self, image: np.ndarray, lines: list[Box], known: dict[Box, tuple[str, float]], too_thick: set[Box]
@@ -494,20 +554,113 @@ class TextDetector:
     ) -> tuple[str, float]:
         """What the recognizer reads in `line` (capitals and digits only), with a margin of this fraction of its
         height around it, turned by `upright` (a cv2.rotate code) if it runs vertically; and its confidence."""
-        x, y, width, height = line
-        margin = max(2, round(margin_fraction * min(width, height)))
-        piece = _bgr(image[max(0, y - margin) : y + height + margin, max(0, x - margin) : x + width + margin])
-        if _runs_vertically(line):
-            piece = cv2.rotate(piece, upright)
+        reading = self._reading(image, line, margin_fraction, upright)
+        return reading.text, reading.confidence
+
+    def _reading(
+        self, image: np.ndarray, line: Box, margin_fraction: float, upright: int = _READING_TURNS[0]
+    ) -> Reading:
+        """`_read`'s reading, with where along the piece read (see _reading_piece) its characters lie."""
+        piece = _reading_piece(image, line, margin_fraction, upright)
         grey = cv2.cvtColor(cv2.cvtColor(piece, cv2.COLOR_BGR2GRAY), cv2.COLOR_GRAY2BGR)
         readings = [self._recognizer.read(_stretched(grey))]
-        if readings[0][1] < _MARKER_MIN_CONFIDENCE and int(cv2.absdiff(piece, grey).max()) > _COLOUR_LEVELS:
+        if readings[0].confidence < _MARKER_MIN_CONFIDENCE and int(cv2.absdiff(piece, grey).max()) > _COLOUR_LEVELS:
             # In colour the recognizer is less sure of white text on a colour map (an `R` on a PET read at 0.55
             # in colour, 0.86 in grey), but only colour shows text as bright as its background: what grey does
             # not read with conviction is read in colour too.
             readings.append(self._recognizer.read(_stretched(piece)))
-        text, confidence = max(readings, key=lambda reading: reading[1])
-        return re.sub(r"[^A-Z0-9]", "", text.upper()), confidence
+        best = max(readings, key=lambda reading: reading.confidence)
+        return best._replace(text=re.sub(r"[^A-Z0-9]", "", best.text.upper()))
+
+
+def _reading_piece(
+    image: np.ndarray, line: Box, margin_fraction: float, upright: int = _READING_TURNS[0]
+) -> np.ndarray:
+    """The BGR piece of `image` the recognizer reads for `line`: with a margin of `margin_fraction` of its height,
+    turned by `upright` (a cv2.rotate code) if it runs vertically."""
+    left, top, right, bottom = _piece_bounds(image.shape, line, margin_fraction)
+    piece = _bgr(image[top:bottom, left:right])
+    return cv2.rotate(piece, upright) if _runs_vertically(line) else piece
+
+
+def _piece_bounds(shape: tuple[int, ...], line: Box, margin_fraction: float) -> tuple[int, int, int, int]:
+    """Left, top, right and bottom (exclusive) of the piece read for `line` in an image of `shape`."""
+    x, y, width, height = line
+    margin = max(2, round(margin_fraction * min(width, height)))
+    return max(0, x - margin), max(0, y - margin), min(shape[1], x + width + margin), min(shape[0], y + height + margin)
+
+
+def _read_part(shape: tuple[int, ...], line: Box, upright: int, reading: Reading) -> Box:
+    """The part of `line` (in an image of `shape`) where `reading` of its piece (_READ_MARGIN, turned by `upright`
+    if it runs vertically) read its characters, reaching half the line's thickness beyond the first and the last
+    (a reading's steps mark the characters' middles more surely than their ends)."""
+    x, y, width, height = line
+    left, top, right, bottom = _piece_bounds(shape, line, _READ_MARGIN)
+    reach = min(width, height) / 2
+    if not _runs_vertically(line):
+        start, end = left + reading.start * (right - left) - reach, left + reading.end * (right - left) + reach
+        start, end = max(x, int(start)), min(x + width, int(np.ceil(end)))
+        return (start, y, max(1, end - start), height)
+    # Turned clockwise, the piece's first column is the line's bottom row; turned counter-clockwise, its top row.
+    if upright == cv2.ROTATE_90_CLOCKWISE:
+        start, end = bottom - reading.end * (bottom - top) - reach, bottom - reading.start * (bottom - top) + reach
+    else:
+        start, end = top + reading.start * (bottom - top) - reach, top + reading.end * (bottom - top) + reach
+    start, end = max(y, int(start)), min(y + height, int(np.ceil(end)))
+    return (x, start, width, max(1, end - start))
+
+
+def _first_part(line: Box, thicknesses: float) -> Box:
+    """`line`, if longer than this many `thicknesses`, cut to its first part so long (its left end, or its top)."""
+    x, y, width, height = line
+    length = round(thicknesses * min(width, height))
+    return (x, y, min(width, length), height) if width >= height else (x, y, width, min(height, length))
+
+
+def _stroke_changes(piece: np.ndarray) -> float | None:
+    """How much `piece` (BGR, one line of text upright, or not text at all) looks like a row of strokes: the changes
+    between ink and background per height of length along its middle rows; None when they are fewer than
+    _MIN_STROKE_CHANGES, or when its edges across the line are not _MIN_ACROSS_EDGES to _MAX_ACROSS_EDGES times those
+    along it."""
+    grey = cv2.cvtColor(piece, cv2.COLOR_BGR2GRAY)
+    scale = _STROKE_TEST_HEIGHT_PX / grey.shape[0]
+    width = max(1, round(grey.shape[1] * scale))
+    grey = cv2.resize(grey, (width, _STROKE_TEST_HEIGHT_PX),
+                      interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+    ink = cv2.threshold(grey, 0, 1, cv2.THRESH_BINARY + cv2.THRESH_OTSU)[1]
+    middle = ink[_STROKE_TEST_HEIGHT_PX // 4 : 3 * _STROKE_TEST_HEIGHT_PX // 4]
+    # Whichever side Otsu made ink, each change is one edge of a stroke.
+    changes = np.count_nonzero(middle[:, 1:] != middle[:, :-1]) / len(middle) / width * _STROKE_TEST_HEIGHT_PX
+    if changes < _MIN_STROKE_CHANGES or np.count_nonzero(ink[1:] != ink[:-1]) < _MIN_COLUMN_CHANGES * width:
+        return None
+    across = float(np.abs(cv2.Sobel(grey, cv2.CV_32F, 1, 0)).sum())
+    along = float(np.abs(cv2.Sobel(grey, cv2.CV_32F, 0, 1)).sum())
+    if not _MIN_ACROSS_EDGES * along <= across <= _MAX_ACROSS_EDGES * along:
+        return None
+    return float(changes)
+
+
+def _covered_shares(lines: np.ndarray, boxes: list[Box]) -> np.ndarray:
+    """The share of each of `lines` (x, y, w, h rows) that lies inside any of `boxes`."""
+    shares = np.zeros(len(lines))
+    if not boxes or not len(lines):
+        return shares
+    other = np.array(boxes, np.int64)
+    left, top, right, bottom = other[:, 0], other[:, 1], other[:, 0] + other[:, 2], other[:, 1] + other[:, 3]
+    # In chunks: a texture can make thousands of lines and hundreds of boxes.
+    for start in range(0, len(lines), 1024):
+        chunk = lines[start : start + 1024]
+        x, y, width, height = (chunk[:, column, None] for column in range(4))
+        across = np.minimum(x + width, right) > np.maximum(x, left)
+        touching = across & (np.minimum(y + height, bottom) > np.maximum(y, top))
+        for row in np.flatnonzero(touching.any(axis=1)):
+            line_x, line_y, line_width, line_height = (int(value) for value in chunk[row])
+            inside = np.zeros((line_height, line_width), bool)
+            for box_x, box_y, box_right, box_bottom in zip(left[touching[row]], top[touching[row]],
+                                                           right[touching[row]], bottom[touching[row]], strict=True):
+                inside[max(0, box_y - line_y) : box_bottom - line_y, max(0, box_x - line_x) : box_right - line_x] = True
+            shares[start + row] = inside.mean()
+    return shares
 
 
 def _row_parts(image: np.ndarray, line: Box) -> list[Box]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -162,6 +163,17 @@ def _pieces(region: np.ndarray, left: int, top: int, end_grow: int) -> tuple[Box
     return tuple(boxes)
 
 
+class Reading(NamedTuple):
+    """What the recognizer read in a line: the text, the mean confidence of its characters, and where along the line
+    they lie: from the start of the first character's step to the end of the last's, as fractions of the line's
+    width (each step is 8 columns of the line resized to 32 px tall: a quarter of its height)."""
+
+    text: str
+    confidence: float
+    start: float = 0.0
+    end: float = 0.0
+
+
 class CtcTextRecognizer:
     """PP-OCRv4's recognizer: the text of one line image, with the mean confidence of its characters."""
 
@@ -172,7 +184,7 @@ class CtcTextRecognizer:
         characters = self._session.get_modelmeta().custom_metadata_map["character"].splitlines()
         self._characters = ["", *characters, " "]
 
-    def read(self, line: np.ndarray) -> tuple[str, float]:
+    def read(self, line: np.ndarray) -> Reading:
         """The text of `line` (HxWx3 uint8 BGR, one line of text, a little margin around it)."""
         height, width = line.shape[:2]
         resized_width = max(_LINE_HEIGHT // 2, int(np.ceil(_LINE_HEIGHT * width / max(1, height))))
@@ -183,6 +195,7 @@ class CtcTextRecognizer:
         keep[1:] = indices[1:] != indices[:-1]  # CTC: a repeated index is one character...
         keep &= indices != 0  # ...and the blank separates characters
         if not keep.any():
-            return "", 0.0
+            return Reading("", 0.0)
         text = "".join(self._characters[index] for index in indices[keep] if index < len(self._characters))
-        return text, float(confidences[keep].mean())
+        steps = np.flatnonzero(indices != 0)  # a character's steps, its repeats included
+        return Reading(text, float(confidences[keep].mean()), steps[0] / len(indices), (steps[-1] + 1) / len(indices))
