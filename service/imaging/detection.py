@@ -335,7 +335,7 @@ class TextDetector:
             text_height = _text_height(inside, box)
             to_verify.append((box, text_height))
             # Its lines that may run on beyond the text the detector will find (see _RUN_ON_HEIGHTS).
-            second_looks += [tuple(int(value) for value in line) for line in inside if _line_shaped(line)]
+            second_looks += [tuple(int(value) for value in line) for line in inside[_line_shaped(inside)]]
             if min(width, height) > _BLOCK_LINES * text_height:
                 across_block, down_block = _block_lines(inside)
                 within_blocks += across_block
@@ -435,7 +435,7 @@ class TextDetector:
     def _unseen_text(self, image: np.ndarray, proposed_lines: np.ndarray, seen: list[Box]) -> list[Box]:
         """Where the line-shaped lines of the line search (`proposed_lines`) mostly outside the boxes `seen` (redacted
         or kept) read as text: see _MAX_UNSEEN_READS."""
-        shaped = np.array([_line_shaped(line) for line in proposed_lines], bool)
+        shaped = _line_shaped(proposed_lines)
         lines = np.unique(proposed_lines[shaped], axis=0) if shaped.any() else proposed_lines[:0]
         lines = lines[_covered_shares(lines, seen) < _MAX_SEEN_SHARE]
         # The most elongated first: a texture's lines can be many, and each test costs about 0.1 ms.
@@ -1041,10 +1041,11 @@ def _text_height(lines: np.ndarray, box: Box) -> float:
     return float(np.median(across)) if len(across) else float(min(box[2], box[3]))
 
 
-def _line_shaped(line: np.ndarray) -> bool:
-    """A line of the line search that may be text running on (see _RUN_ON_HEIGHTS): thick enough, and long."""
-    short, long = sorted((int(line[2]), int(line[3])))
-    return short >= _MIN_SCALING_LINE_PX and long >= _MIN_LINE_ASPECT * short
+def _line_shaped(lines: np.ndarray) -> np.ndarray:
+    """Which of `lines` (x, y, w, h rows) of the line search may be text running on (see _RUN_ON_HEIGHTS, and
+    _MAX_UNSEEN_READS): thick enough, and long."""
+    short, long = lines[:, 2:4].min(axis=1), lines[:, 2:4].max(axis=1)
+    return (short >= _MIN_SCALING_LINE_PX) & (long >= _MIN_LINE_ASPECT * short)
 
 
 def _run_on(line: Box, found: list[Box]) -> tuple[Box, float] | None:
