@@ -439,7 +439,7 @@ class TextDetector:
         lines = np.unique(proposed_lines[shaped], axis=0) if shaped.any() else proposed_lines[:0]
         lines = lines[_covered_shares(lines, seen) < _MAX_SEEN_SHARE]
         # The most elongated first: a texture's lines can be many, and each test costs about 0.1 ms.
-        lines = lines[np.argsort(-lines[:, 2:].max(axis=1) / lines[:, 2:].min(axis=1), kind="stable")]
+        lines = lines[np.argsort(-lines[:, 2:4].max(axis=1) / lines[:, 2:4].min(axis=1), kind="stable")]
         boxes = [tuple(int(value) for value in line) for line in lines[:_MAX_STROKE_TESTS]]
         windows = [_first_part(box, _MAX_READ_THICKNESSES) for box in boxes]
         changes = [_stroke_changes(_reading_piece(image, window, _READ_MARGIN)) for window in windows]
@@ -619,9 +619,9 @@ def _first_part(line: Box, thicknesses: float) -> Box:
 
 def _stroke_changes(piece: np.ndarray) -> float | None:
     """How much `piece` (BGR, one line of text upright, or not text at all) looks like a row of strokes: the changes
-    between ink and background per height of length along its middle rows; None when they are fewer than
-    _MIN_STROKE_CHANGES, or when its edges across the line are not _MIN_ACROSS_EDGES to _MAX_ACROSS_EDGES times those
-    along it."""
+    between ink and background per height of length along its middle rows. None when they are fewer than
+    _MIN_STROKE_CHANGES, when its columns change fewer than _MIN_COLUMN_CHANGES times on average, or when its edges
+    across the line are not _MIN_ACROSS_EDGES to _MAX_ACROSS_EDGES times those along it (see _MAX_SEEN_SHARE)."""
     grey = cv2.cvtColor(piece, cv2.COLOR_BGR2GRAY)
     scale = _STROKE_TEST_HEIGHT_PX / grey.shape[0]
     width = max(1, round(grey.shape[1] * scale))

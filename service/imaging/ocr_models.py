@@ -198,4 +198,5 @@ class CtcTextRecognizer:
             return Reading("", 0.0)
         text = "".join(self._characters[index] for index in indices[keep] if index < len(self._characters))
         steps = np.flatnonzero(indices != 0)  # a character's steps, its repeats included
-        return Reading(text, float(confidences[keep].mean()), steps[0] / len(indices), (steps[-1] + 1) / len(indices))
+        start, end = float(steps[0] / len(indices)), float((steps[-1] + 1) / len(indices))
+        return Reading(text, float(confidences[keep].mean()), start, end)

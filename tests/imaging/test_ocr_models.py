@@ -107,3 +107,17 @@ def test_pieces_cover_the_region_within_its_box(data: st.DataObject) -> None:
         covered = _covered(region.pieces, probability.shape)
         assert covered[labels == label].all(), (box, region.pieces)
         assert not (covered & ~_covered((box,), probability.shape)).any(), (box, region.pieces)
+
+
+def test_the_recognizer_says_where_along_the_line_it_read_its_characters() -> None:
+    """A word in the middle third of a wide line: the reading's span covers it and little of the blank around it."""
+    recognizer = CtcTextRecognizer(TEXT_OPTIONS.models / TEXT_RECOGNIZER_FILE)
+    canvas = np.full((60, 900), 255, np.uint8)
+    cv2.putText(canvas, "PORTABLE 42", (300, 45), cv2.FONT_HERSHEY_SIMPLEX, 1.3, 0, 3, cv2.LINE_AA)
+    columns = np.flatnonzero((canvas < 128).any(axis=0))
+    reading = recognizer.read(cv2.cvtColor(canvas, cv2.COLOR_GRAY2BGR))
+    assert reading.text.replace(" ", "") == "PORTABLE42"
+    # A step is a quarter of the line's height: the span is the ink's, give or take a step or two.
+    step = 60 / 4
+    assert abs(reading.start * 900 - columns[0]) <= 2 * step and abs(reading.end * 900 - columns[-1]) <= 2 * step
+    assert recognizer.read(np.full((48, 300, 3), 255, np.uint8))[:2] == ("", 0.0)
