@@ -772,6 +772,32 @@ def test_the_first_part_of_a_long_line_is_its_start_along_it() -> None:
     assert detection._first_part((5, 7, 100, 10), 16) == (5, 7, 100, 10)
 
 
+def test_a_line_running_on_beyond_its_text_is_redacted_only_where_the_text_reads(
+    text_detector: TextDetector,
+) -> None:
+    """The line search's line may run on over anatomy beside the text: what the recognizer read it in is redacted,
+    reaching half the line's thickness beyond the first and the last character, not the whole line."""
+    pixels = np.full((200, 900), 90, np.uint8)
+    x, y, width, height = burn_in(pixels, Burn(("DOB 1989-12-15",), (0.3, 0.5), size=18))
+    line = (x, y, width * 5 // 4, height)
+    [part] = text_detector._unseen_text(pixels, np.array([line], np.int64), [])
+    assert x - height <= part[0] <= x + height and part[1:4:2] == (y, height)
+    assert x + width - height <= part[0] + part[2] <= x + width + height
+
+
+def test_the_part_read_is_mapped_back_along_the_line_whichever_way_it_was_turned() -> None:
+    # Pieces are read with a quarter of the line's thickness around it (5 px here), and reach half of it (10 px)
+    # beyond the characters.
+    middle = Reading("TEXT", 0.9, 0.25, 0.75)
+    assert detection._read_part((400, 400), (100, 50, 200, 20), cv2.ROTATE_90_CLOCKWISE, middle) == (137, 50, 126, 20)
+    # Down a column: turned clockwise, the piece starts at the line's bottom; counter-clockwise, at its top.
+    down = (50, 100, 20, 200)
+    assert detection._read_part((400, 400), down, cv2.ROTATE_90_CLOCKWISE, middle) == (50, 137, 20, 126)
+    first_half = Reading("TEXT", 0.9, 0.0, 0.5)
+    assert detection._read_part((400, 400), down, cv2.ROTATE_90_COUNTERCLOCKWISE, first_half) == (50, 100, 20, 110)
+    assert detection._read_part((400, 400), down, cv2.ROTATE_90_CLOCKWISE, first_half) == (50, 190, 20, 110)
+
+
 def test_a_smooth_organ_is_soft_and_faint_text_on_it_is_not() -> None:
     """Soft: no edge steeper than about an even ramp across five pixels, as a PET's hot organ; burned-in ink steps
     through its contrast in a pixel or two, faint or small, grey or in a channel of its own."""
@@ -901,29 +927,3 @@ def _overlap(first: Box, second: Box) -> int:
     across = min(first[0] + first[2], second[0] + second[2]) - max(first[0], second[0])
     down = min(first[1] + first[3], second[1] + second[3]) - max(first[1], second[1])
     return max(0, across) * max(0, down)
-
-
-def test_a_line_running_on_beyond_its_text_is_redacted_only_where_the_text_reads(
-    text_detector: TextDetector,
-) -> None:
-    """The line search's line may run on over anatomy beside the text: what the recognizer read it in is redacted,
-    reaching half the line's thickness beyond the first and the last character, not the whole line."""
-    pixels = np.full((200, 900), 90, np.uint8)
-    x, y, width, height = burn_in(pixels, Burn(("DOB 1989-12-15",), (0.3, 0.5), size=18))
-    line = (x, y, width * 5 // 4, height)
-    [part] = text_detector._unseen_text(pixels, np.array([line], np.int64), [])
-    assert x - height <= part[0] <= x + height and part[1:4:2] == (y, height)
-    assert x + width - height <= part[0] + part[2] <= x + width + height
-
-
-def test_the_part_read_is_mapped_back_along_the_line_whichever_way_it_was_turned() -> None:
-    # Pieces are read with a quarter of the line's thickness around it (5 px here), and reach half of it (10 px)
-    # beyond the characters.
-    middle = Reading("TEXT", 0.9, 0.25, 0.75)
-    assert detection._read_part((400, 400), (100, 50, 200, 20), cv2.ROTATE_90_CLOCKWISE, middle) == (137, 50, 126, 20)
-    # Down a column: turned clockwise, the piece starts at the line's bottom; counter-clockwise, at its top.
-    down = (50, 100, 20, 200)
-    assert detection._read_part((400, 400), down, cv2.ROTATE_90_CLOCKWISE, middle) == (50, 137, 20, 126)
-    first_half = Reading("TEXT", 0.9, 0.0, 0.5)
-    assert detection._read_part((400, 400), down, cv2.ROTATE_90_COUNTERCLOCKWISE, first_half) == (50, 100, 20, 110)
-    assert detection._read_part((400, 400), down, cv2.ROTATE_90_CLOCKWISE, first_half) == (50, 190, 20, 110)
