@@ -160,23 +160,23 @@ _READING_TURNS = (cv2.ROTATE_90_CLOCKWISE, cv2.ROTATE_90_COUNTERCLOCKWISE)
 #: the largest first.
 _RUN_ON_HEIGHTS = 4
 _MAX_SECOND_LOOKS = 4
-#: A line-shaped line of the line search that lies mostly outside what is redacted or kept (less than
-#: _MAX_SEEN_SHARE of it in those boxes) is one in which the detector saw nothing. Thin, faint or light text (an
-#: extra-light or serif italic name under ~30 px, faint over an MR's floor) makes such lines, as the edges of ribs and
-#: organs do: the detector's text probability on it is nil, but the recognizer, reading the line's piece stretched on
-#: its own, reads it. In bench/privacy.py's twelve sets (3861 such lines), 85 of the 175 on text read as at least
-#: _MIN_UNSEEN_CHARACTERS characters with confidence _MIN_UNSEEN_CONFIDENCE, 3 of the 3463 on anatomy. A reading
-#: costs about 5 ms (a line is 100-300 columns at 32 px), so only a line whose piece looks like a row of letters is
-#: read. Scaled to _STROKE_TEST_HEIGHT_PX tall and split into ink and background (Otsu): its middle rows change from
-#: one to the other at least _MIN_STROKE_CHANGES times per height of length (text 4.3 at the median, anatomy 1.1);
-#: its columns, at least _MIN_COLUMN_CHANGES times on average (letters' bowls, bars and serifs: text 3.1, anatomy
-#: 1.6, a spine's vertebrae, bars across the line, 1.8); and its edges run every way, as letters' do: those across
-#: the line _MIN_ACROSS_EDGES to _MAX_ACROSS_EDGES times those along it (text 1.1; a rib's or an organ's edge runs
-#: along the line, anatomy 0.76, a chest film 0.6). That passes 52 of the 85 lines that read as text, none of the 3
-#: on anatomy, and 7 % of the lines on anatomy (a reading per image of the twelve sets; a third of one per chest
-#: film). At most _MAX_UNSEEN_READS lines are read per image, those with the most changes along them first, of the
-#: _MAX_STROKE_TESTS most elongated. Where one reads as text (and not as a marker kept) is redacted: the part of the
-#: line its characters were read in, not all of it (the line search's line may run on over anatomy).
+#: A line-shaped line of the line search that lies mostly outside what is redacted or kept (less than _MAX_SEEN_SHARE of
+#: it in those boxes) is one in which the detector saw nothing. Thin, faint or light text (an extra-light or serif
+#: italic name under ~30 px, faint over an MR's floor) makes such lines, as the edges of ribs and organs do: the
+#: detector's text probability on it is nil, but the recognizer, reading the line's piece stretched on its own, reads
+#: it. In bench/privacy.py's twelve sets (3861 such lines), 85 of the 175 on text read as at least
+#: _MIN_UNSEEN_CHARACTERS characters with confidence _MIN_UNSEEN_CONFIDENCE, 3 of the 3463 on anatomy. A reading costs
+#: about 5 ms (a line is 100-300 columns at 32 px), so only a line whose piece looks like a row of letters is read.
+#: Scaled to _STROKE_TEST_HEIGHT_PX tall and split into ink and background (Otsu): its middle rows change from one to
+#: the other at least _MIN_STROKE_CHANGES times per height of length (text 4.3 at the median, anatomy 1.1); its columns,
+#: at least _MIN_COLUMN_CHANGES times on average (letters' bowls, bars and serifs: text 3.1, anatomy 1.6, a spine's
+#: vertebrae, bars across the line, 1.8); and its edges run every way, as letters' do: those across the line
+#: _MIN_ACROSS_EDGES to _MAX_ACROSS_EDGES times those along it (text 1.1; a rib's or an organ's edge runs along the
+#: line, anatomy 0.76, a chest film 0.6). That passes 52 of the 85 lines that read as text, none of the 3 on anatomy,
+#: and 7 % of the lines on anatomy (a reading per image of the twelve sets; a third of one per chest film). At most
+#: _MAX_UNSEEN_READS readings per image (a line down an edge takes two), those with the most changes along them first,
+#: of the _MAX_STROKE_TESTS most elongated lines. Where one reads as text (and not as a marker kept) is redacted: the
+#: part of the line its characters were read in, not all of it (the line search's line may run on over anatomy).
 _MAX_SEEN_SHARE = 0.5
 _STROKE_TEST_HEIGHT_PX = 32
 _MIN_STROKE_CHANGES = 2.5
@@ -445,9 +445,13 @@ class TextDetector:
         changes = [_stroke_changes(_reading_piece(image, window, _READ_MARGIN)) for window in windows]
         stroked = sorted((-count, index) for index, count in enumerate(changes) if count is not None)
         text = []
-        for _, index in stroked[:_MAX_UNSEEN_READS]:
-            # Text running down an edge reads either way up; upside down it reads as nothing.
+        readings_left = _MAX_UNSEEN_READS
+        for _, index in stroked:
+            # Text running down an edge reads either way up (two readings); upside down it reads as nothing.
             turns = _READING_TURNS if _runs_vertically(windows[index]) else _READING_TURNS[:1]
+            if len(turns) > readings_left:
+                continue
+            readings_left -= len(turns)
             readings = [(self._reading(image, windows[index], _READ_MARGIN, turn), turn) for turn in turns]
             reading, turn = max(readings, key=lambda item: item[0].confidence)
             if len(reading.text) < _MIN_UNSEEN_CHARACTERS or reading.confidence < _MIN_UNSEEN_CONFIDENCE:

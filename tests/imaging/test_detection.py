@@ -735,7 +735,8 @@ def test_reading_lines_the_detector_saw_nothing_in_is_bounded(
     text_detector: TextDetector, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Lines of the line search mostly outside the boxes redacted or kept are read only if they look like rows of
-    strokes, at most _MAX_UNSEEN_READS of them, the most stroke-like first; those that read as text are redacted."""
+    strokes, in at most _MAX_UNSEEN_READS readings (a line down an edge takes two), the most stroke-like first; those
+    that read as text are redacted."""
     read: list[Box] = []
     reading = TextDetector._reading
 
@@ -759,6 +760,13 @@ def test_reading_lines_the_detector_saw_nothing_in_is_bounded(
     assert text_detector._unseen_text(pixels, np.array(lines[:1], np.int64), [(0, 0, x + (width + 1) // 2, 600)]) == []
     assert text_detector._unseen_text(np.full_like(pixels, 90), np.array(lines[:1], np.int64), []) == []
     assert read == []
+    # Lines running down: each is read both ways up, so two of them use up the readings.
+    turned = np.full((800, 600), 90, np.uint8)
+    down = [burn_in(turned, Burn((f"DOB 19{index}8-0{index}-21",), ((index + 0.5) / 3, 0.5), size=18, turn=1))
+            for index in range(3)]
+    assert len(text_detector._unseen_text(turned, np.array(down, np.int64), [])) == 2
+    assert len(read) == detection._MAX_UNSEEN_READS
+    read.clear()
     # Of a line across the whole image, only its first 16 thicknesses are read.
     long_line = np.full((100, 1000), 90, np.uint8)
     x, y, width, height = burn_in(long_line, Burn(("DOB 1989-12-15 ID 81789 " * 3,), (0.5, 0.5), size=12))
