@@ -600,18 +600,19 @@ def _read_part(shape: tuple[int, ...], line: Box, upright: int, reading: Reading
     (a reading's steps mark the characters' middles more surely than their ends)."""
     x, y, width, height = line
     left, top, right, bottom = _piece_bounds(shape, line, _READ_MARGIN)
-    reach = min(width, height) / 2
-    if not _runs_vertically(line):
-        start, end = left + reading.start * (right - left) - reach, left + reading.end * (right - left) + reach
-        start, end = max(x, int(start)), min(x + width, int(np.ceil(end)))
-        return (start, y, max(1, end - start), height)
-    # Turned clockwise, the piece's first column is the line's bottom row; turned counter-clockwise, its top row.
-    if upright == cv2.ROTATE_90_CLOCKWISE:
-        start, end = bottom - reading.end * (bottom - top) - reach, bottom - reading.start * (bottom - top) + reach
+    vertical = _runs_vertically(line)
+    # Along the line: where it starts and how long it is, and where its piece starts and ends.
+    origin, length = (y, height) if vertical else (x, width)
+    piece_start, piece_end = (top, bottom) if vertical else (left, right)
+    span = piece_end - piece_start
+    if vertical and upright == cv2.ROTATE_90_CLOCKWISE:
+        # Turned clockwise, the piece's first column is the line's bottom row (counter-clockwise, its top row).
+        first, last = piece_end - reading.end * span, piece_end - reading.start * span
     else:
-        start, end = top + reading.start * (bottom - top) - reach, top + reading.end * (bottom - top) + reach
-    start, end = max(y, int(start)), min(y + height, int(np.ceil(end)))
-    return (x, start, width, max(1, end - start))
+        first, last = piece_start + reading.start * span, piece_start + reading.end * span
+    reach = min(width, height) / 2
+    start, end = max(origin, int(first - reach)), min(origin + length, int(np.ceil(last + reach)))
+    return (x, start, width, max(1, end - start)) if vertical else (start, y, max(1, end - start), height)
 
 
 def _first_part(line: Box, thicknesses: float) -> Box:
@@ -660,9 +661,9 @@ def _covered_shares(lines: np.ndarray, boxes: list[Box]) -> np.ndarray:
         for row in np.flatnonzero(touching.any(axis=1)):
             line_x, line_y, line_width, line_height = (int(value) for value in chunk[row])
             inside = np.zeros((line_height, line_width), bool)
-            for box_x, box_y, box_right, box_bottom in zip(left[touching[row]], top[touching[row]],
-                                                           right[touching[row]], bottom[touching[row]], strict=True):
-                inside[max(0, box_y - line_y) : box_bottom - line_y, max(0, box_x - line_x) : box_right - line_x] = True
+            # The boxes in the line's own coordinates: each touches it, so each ends inside or beyond it.
+            for box_x, box_y, box_width, box_height in other[touching[row]] - [line_x, line_y, 0, 0]:
+                inside[max(0, box_y) : box_y + box_height, max(0, box_x) : box_x + box_width] = True
             shares[start + row] = inside.mean()
     return shares
 
