@@ -123,6 +123,11 @@ _MAX_LINE_READS = 6
 #: detector finds a word's letters apart a fraction of their height from each other, not two ventricles of a brain
 #: a height apart (read as `X` and `2`).
 _LETTER_GAP = 0.5
+#: A squat region that reads as text only with its word, all of whose other lines it is more than this many times
+#: as tall as, is not one of the word's letters (a word's letters are of one size: a capital beside small ones, an
+#: `l` beside an `a`) but anatomy the text runs up to: a brain's ventricles, 2.6 times as tall as the name burned in
+#: next to them, read as `X`. Only the rows of that text are redacted through it (see _bands_through).
+_MAX_LETTER_HEIGHTS = 2.0
 #: Lines are orientation markers if they stand apart from other text (nothing within this many of their heights),
 #: are short, are at most this many together, and each reads as a marker.
 _MARKER_ISOLATION = 1.5
@@ -187,6 +192,10 @@ _MIN_UNSEEN_CHARACTERS = 4
 _MIN_UNSEEN_CONFIDENCE = 0.7
 _MAX_UNSEEN_READS = 4
 _MAX_STROKE_TESTS = 64
+#: Lines whose windows overlap by more than this share of the smaller are one place: each place is read (its most
+#: stroke-like line) before any is read again, or a vertical name's two lines take all four readings and a date
+#: beside them goes unread (seed 17005).
+_SAME_PLACE_SHARE = 0.5
 #: Of a line longer than this many of its thicknesses, only its first part so long is tested and read: a reading
 #: costs about 40 us per column, and a line can run across a whole image. The unseen lines on text of
 #: bench/privacy.py's sets are at most 16 times longer than thick.
@@ -372,12 +381,17 @@ class TextDetector:
                 lines.append(glyph)
         markers: list[Box] = []
         too_thick = {line for line, seen in found.items() if seen.too_thick}
-        for line, kind in zip(lines, self._kinds(image, lines, readings, too_thick), strict=True):
+        kinds = self._kinds(image, lines, readings, too_thick)
+        text_lines = [line for line, kind in zip(lines, kinds, strict=True) if kind == "text"]
+        for line, kind in zip(lines, kinds, strict=True):
             if kind == "marker":
                 markers.append(line)
             elif kind == "text":
                 pieces = found[line].pieces if line in found else (line,)
                 redact += _padded_pieces(line, pieces, proposed_lines, image.shape)
+            elif kind == "beside":
+                for band in _bands_through(line, text_lines):
+                    redact += _padded_pieces(band, (band,), proposed_lines, image.shape)
         for line in self._unseen_text(image, proposed_lines, [*redact, *markers]):
             redact += _padded_pieces(line, (line,), proposed_lines, image.shape)
         return TextFindings(redact=sorted(redact, key=lambda box: (box[1], box[0])),
@@ -443,28 +457,36 @@ class TextDetector:
         boxes = [tuple(int(value) for value in line) for line in lines[:_MAX_STROKE_TESTS]]
         windows = [_first_part(box, _MAX_READ_THICKNESSES) for box in boxes]
         changes = [_stroke_changes(_reading_piece(image, window, _READ_MARGIN)) for window in windows]
-        stroked = sorted((-count, index) for index, count in enumerate(changes) if count is not None)
+        stroked = [index for _, index in sorted((-count, index) for index, count in enumerate(changes)
+                                                if count is not None)]
+        # Each place before any place again: the line search finds one line of text at several thresholds.
+        places: list[int] = []
+        again: list[int] = []
+        for index in stroked:
+            (again if any(_same_place(windows[index], windows[other]) for other in places) else places).append(index)
         text = []
         readings_left = _MAX_UNSEEN_READS
-        for _, index in stroked:
+        for index in places + again:
+            window = windows[index]
             # Text running down an edge reads either way up (two readings); upside down it reads as nothing.
-            turns = _READING_TURNS if _runs_vertically(windows[index]) else _READING_TURNS[:1]
+            turns = _READING_TURNS if _runs_vertically(window) else _READING_TURNS[:1]
             if len(turns) > readings_left:
                 continue
             readings_left -= len(turns)
-            readings = [(self._reading(image, windows[index], _READ_MARGIN, turn), turn) for turn in turns]
+            readings = [(self._reading(image, window, _READ_MARGIN, turn), turn) for turn in turns]
             reading, turn = max(readings, key=lambda item: item[0].confidence)
             if len(reading.text) < _MIN_UNSEEN_CHARACTERS or reading.confidence < _MIN_UNSEEN_CONFIDENCE:
                 continue
             if not (self.keep_markers and _is_marker(reading.text, reading.confidence)):
                 # Only where the characters were read: the line search's line may run on over anatomy.
-                text.append(_read_part(image.shape, windows[index], turn, reading))
+                text.append(_read_part(image.shape, window, turn, reading))
         return text
 
     def _kinds(
         self, image: np.ndarray, lines: list[Box], known: dict[Box, tuple[str, float]], too_thick: set[Box]
     ) -> list[str]:
-        """"text", "marker" (an orientation marker, kept) or "anatomy" for each line found.
+        """"text", "marker" (an orientation marker, kept), "beside" (anatomy that text beside it runs up to: redacted
+        in that text's rows, see _MAX_LETTER_HEIGHTS) or "anatomy" for each line found.
 
         A line the detector finds is text, but for two kinds the recognizer decides: squat regions (a block of
         regular stripes such as ribs, or a round organ, can look like text to the detector; a real line is wide,
@@ -498,8 +520,8 @@ class TextDetector:
                     readings[index] = self._marker_reading(image, lines[index])
             rows = _rows(lines, group)
             # A squat region is a letter of a word only with the word's other letters next to it.
-            word_text = {index: _row_reading(word, lines, readings) for row in rows for word in _words(row, lines)
-                         for index in word}
+            words = {index: word for row in rows for word in _words(row, lines) for index in word}
+            word_text = {index: _row_reading(word, lines, readings) for index, word in words.items()}
             markers = maybe_markers and all(
                 all(index in readings for index in row) and _is_marker(*_row_reading(row, lines, readings))
                 for row in rows
@@ -515,7 +537,8 @@ class TextDetector:
                     and index in readings
                     # A marker letter is kept like one, unless markers are redacted: then it is text.
                     and (self.keep_markers or not _is_marker(*readings[index]))
-                    and (len(joined) < 2 or confidence < _MIN_READ_CONFIDENCE)
+                    and (not _reads_as_text(joined, confidence)
+                         or (not _reads_as_text(*readings[index]) and _towers_over(index, words[index], lines)))
                 ):
                     # Two or three lines of text set close together are one squat region to the detector, and
                     # the recognizer reads one line at a time: a region tall enough is read again as two rows.
@@ -525,7 +548,8 @@ class TextDetector:
                         reads_left -= spent
                         if read_as_text:
                             continue
-                    kinds[index] = "anatomy"  # a marker letter not kept is redacted like any text
+                    # A marker letter not kept is redacted like any text.
+                    kinds[index] = "beside" if _reads_as_text(joined, confidence) else "anatomy"
         return kinds
 
     def _rows_read_as_text(self, image: np.ndarray, line: Box, reads_left: int) -> tuple[bool, int]:
@@ -539,7 +563,7 @@ class TextDetector:
             if reads_left - spent < len(parts):
                 break
             spent += len(parts)
-            if any(len(read) >= 2 and sure >= _MIN_READ_CONFIDENCE
+            if any(_reads_as_text(read, sure)
                    for read, sure in (self._read(image, part, _READ_MARGIN, turn) for part in parts)):
                 return True, spent
         return False, spent
@@ -643,6 +667,11 @@ def _stroke_changes(piece: np.ndarray) -> float | None:
     if not _MIN_ACROSS_EDGES * along <= across <= _MAX_ACROSS_EDGES * along:
         return None
     return float(changes)
+
+
+def _same_place(first: Box, second: Box) -> bool:
+    """Whether two lines overlap by more than _SAME_PLACE_SHARE of the smaller."""
+    return _overlap(first, second) > _SAME_PLACE_SHARE * min(first[2] * first[3], second[2] * second[3])
 
 
 def _covered_shares(lines: np.ndarray, boxes: list[Box]) -> np.ndarray:
@@ -1146,6 +1175,32 @@ def _words(row: list[int], lines: list[Box]) -> list[list[int]]:
                 continue
         words.append([index])
     return words
+
+
+def _reads_as_text(read: str, confidence: float) -> bool:
+    """Whether a reading of a squat region (or of its word) is text: two characters or more, with conviction."""
+    return len(read) >= 2 and confidence >= _MIN_READ_CONFIDENCE
+
+
+def _towers_over(index: int, word: list[int], lines: list[Box]) -> bool:
+    """Whether line `index` is more than _MAX_LETTER_HEIGHTS times as tall as each other line of its `word`."""
+    return len(word) > 1 and all(lines[index][3] > _MAX_LETTER_HEIGHTS * lines[other][3]
+                                 for other in word if other != index)
+
+
+def _bands_through(region: Box, text_lines: list[Box]) -> list[Box]:
+    """The parts of `region` that the rows of `text_lines` beside it run through, as close as one letter to the next
+    (_LETTER_GAP) and much shorter (_MAX_LETTER_HEIGHTS): text running up to anatomy may run on into it (a faint name
+    crossing a brain's ventricles is found as part of them)."""
+    x, y, width, height = region
+    bands = []
+    for tx, ty, twidth, theight in text_lines:
+        gap = max(tx - (x + width), x - (tx + twidth))
+        beside = min(y + height, ty + theight) - max(y, ty) >= 0.5 * theight
+        if beside and gap <= _LETTER_GAP * theight and height > _MAX_LETTER_HEIGHTS * theight:
+            top, bottom = max(y, ty), min(y + height, ty + theight)
+            bands.append((x, top, width, bottom - top))
+    return bands
 
 
 def _row_reading(row: list[int], lines: list[Box], readings: dict[int, tuple[str, float]]) -> tuple[str, float]:

@@ -506,6 +506,34 @@ def test_two_squat_regions_a_height_apart_are_not_read_as_one_word(text_detector
         assert before & patient_tokens(burn.lines) and not leaked, (burn.lines, sorted(before), sorted(leaked))
 
 
+def test_a_region_far_taller_than_the_word_it_reads_with_is_redacted_only_in_the_words_rows(
+    text_detector: TextDetector,
+) -> None:
+    """From bench/privacy.py (seed 16030): an MR's ventricles, a squat region 2.6 times as tall as the name burned in
+    up to them, read as `X`; as close to the name as one letter to the next, they read as one word with it, and were
+    redacted whole: 7.7 % of the image. A word's letters are of one size: only the name's rows through the region
+    are redacted (text running up to anatomy may run on into it)."""
+    case = Case("mr-ventricles-beside-a-name", "mr", (757, 611), (
+        Burn(("Wei Zhang", "ID 76549"), "left", "white", "DejaVuSans-Oblique", 26),
+    ), bits=12, seed=(16030, 1))  # fmt: skip
+    pixels, (box,) = scene(case)
+    after = blur_text_regions(pixels, text_detector.find(pixels).redact)
+    kept = float(_unchanged(pixels, after)[_away_from_text(case)].mean())
+    assert kept >= MIN_KEPT_SHARE, f"only {kept:.2%} of the pixels away from the text are unchanged"
+    burn = case.burns[0]
+    leaked, before = tokens_read([attacker_views(after, box, burn), attacker_views(pixels, box, burn)],
+                                 list(burn.lines))
+    assert before & patient_tokens(burn.lines) and not leaked, (sorted(before), sorted(leaked))
+
+
+def test_the_rows_of_text_beside_a_far_taller_region_are_its_bands() -> None:
+    region = (100, 40, 60, 120)
+    beside = [(20, 60, 75, 30), (165, 130, 50, 20)]  # 5 px to its left; 5 px to its right, its lower rows
+    assert detection._bands_through(region, beside) == [(100, 60, 60, 30), (100, 130, 60, 20)]
+    # Too far (more than half the text's height away), not beside it, or not much shorter than it: no band.
+    assert detection._bands_through(region, [(20, 60, 60, 30), (20, 0, 75, 30), (20, 60, 75, 70)]) == []
+
+
 def test_a_line_whose_region_bulges_onto_anatomy_costs_only_the_bulge(text_detector: TextDetector) -> None:
     """From bench/privacy.py (seed 5042): a date down the middle of an MR head, beside a ventricle. The detector's
     region of it bulges onto the ventricle at one end; redacted as its box (four times the date's width all along),
@@ -772,6 +800,25 @@ def test_reading_lines_the_detector_saw_nothing_in_is_bounded(
     x, y, width, height = burn_in(long_line, Burn(("DOB 1989-12-15 ID 81789 " * 3,), (0.5, 0.5), size=12))
     text_detector._unseen_text(long_line, np.array([(x, y, width, height)], np.int64), [])
     assert read == [(x, y, 16 * height, height)]
+
+
+def test_each_unseen_place_is_read_before_any_place_again(text_detector: TextDetector) -> None:
+    """From bench/privacy.py (seed 17005): the line search finds a name running down a PET's edge as two overlapping
+    lines, and a date beside it that the detector does not see. Read most stroke-like first, the name's two lines
+    took all four readings (two each, both ways up) and the date went unread: it is read before the name's second
+    line is, and redacted."""
+    case = Case("pet-vertical-name-and-unseen-date", "pet", (468, 502), (
+        Burn(("Mikkel Vestergaard", "ID 67024"), "bottom", "green", "DejaVuSansCondensed", 15),
+        Burn(("DOB 1943-10-08",), "right", "white", "DejaVuSansCondensed", 15),
+        Burn(("Vestergaard ACC963183",), "bottom-right", "yellow", "DejaVuSerif-Italic", 13, turn=3),
+    ), seed=(17005, 1))  # fmt: skip
+    redaction = _redaction(case, text_detector)
+    assert redaction.ink_redacted(1) == 1.0
+    pixels, boxes = scene(case)
+    burn = case.burns[1]
+    leaked, before = tokens_read([attacker_views(redaction.after, boxes[1], burn),
+                                  attacker_views(pixels, boxes[1], burn)], list(burn.lines))
+    assert before & patient_tokens(burn.lines) and not leaked, (sorted(before), sorted(leaked))
 
 
 def test_the_first_part_of_a_long_line_is_its_start_along_it() -> None:
