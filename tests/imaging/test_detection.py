@@ -821,6 +821,24 @@ def test_each_unseen_place_is_read_before_any_place_again(text_detector: TextDet
     assert before & patient_tokens(burn.lines) and not leaked, (sorted(before), sorted(leaked))
 
 
+def test_two_rows_the_line_search_sees_as_one_line_are_read_row_by_row(text_detector: TextDetector) -> None:
+    """From bench/privacy.py (seed 19005): a name above its ID, 9 px capitals running down a PET's body, is one line
+    24 px thick to the line search, in a proposal scaled for the body, where the detector sees nothing. Read as one
+    line, it read `Z` at 0.53; its two rows read the name and the ID at 0.88 and 0.97, and are redacted."""
+    case = Case("pet-two-rows-down-the-body", "pet", (481, 1034), (
+        Burn(("Jose Garcia Nunez", "ID 79238"), "bottom", "light-grey", "DejaVuSansMono-Bold", 9, turn=3),
+        Burn(("DOB 1998-01-02",), "top", "yellow", "DejaVuSans-Oblique", 19, contrast=43),
+    ), seed=(19005, 1))  # fmt: skip
+    redaction = _redaction(case, text_detector)
+    assert redaction.ink_redacted(0) == 1.0
+    pixels, boxes = scene(case)
+    burn = case.burns[0]
+    leaked, before = tokens_read([attacker_views(redaction.after, boxes[0], burn),
+                                  attacker_views(pixels, boxes[0], burn)], list(burn.lines))
+    assert before & patient_tokens(burn.lines) and not leaked, (sorted(before), sorted(leaked))
+    assert redaction.kept >= MIN_KEPT_SHARE
+
+
 def test_the_first_part_of_a_long_line_is_its_start_along_it() -> None:
     assert detection._first_part((5, 7, 400, 10), 16) == (5, 7, 160, 10)
     assert detection._first_part((5, 7, 10, 400), 16) == (5, 7, 10, 160)
