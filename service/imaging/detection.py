@@ -585,7 +585,6 @@ class TextDetector:
                         reads_left -= spent
                         if read_as_text:
                             continue
-                    # A marker letter not kept is redacted like any text.
                     kinds[index] = "beside" if _reads_as_text(joined, confidence) else "anatomy"
         return kinds
 

@@ -343,6 +343,15 @@ def _redaction(case: Case, detector: TextDetector) -> _Redaction:
     return _Redaction(case, boxes, blur_text_regions(pixels, boxes))
 
 
+def _assert_read_before_not_after(case: Case, index: int, after: np.ndarray) -> None:
+    """The OCR oracle reads patient tokens of the case's `index`-th burn in its image, and none in `after`."""
+    pixels, boxes = scene(case)
+    burn = case.burns[index]
+    views = [attacker_views(after, boxes[index], burn), attacker_views(pixels, boxes[index], burn)]
+    leaked, before = tokens_read(views, list(burn.lines))
+    assert before & patient_tokens(burn.lines) and not leaked, (burn.lines, sorted(before), sorted(leaked))
+
+
 # ------------------------------------------------------------------------------------------------------ tests
 
 
@@ -516,14 +525,9 @@ def test_a_region_far_taller_than_the_word_it_reads_with_is_redacted_only_in_the
     case = Case("mr-ventricles-beside-a-name", "mr", (757, 611), (
         Burn(("Wei Zhang", "ID 76549"), "left", "white", "DejaVuSans-Oblique", 26),
     ), bits=12, seed=(16030, 1))  # fmt: skip
-    pixels, (box,) = scene(case)
-    after = blur_text_regions(pixels, text_detector.find(pixels).redact)
-    kept = float(_unchanged(pixels, after)[_away_from_text(case)].mean())
-    assert kept >= MIN_KEPT_SHARE, f"only {kept:.2%} of the pixels away from the text are unchanged"
-    burn = case.burns[0]
-    leaked, before = tokens_read([attacker_views(after, box, burn), attacker_views(pixels, box, burn)],
-                                 list(burn.lines))
-    assert before & patient_tokens(burn.lines) and not leaked, (sorted(before), sorted(leaked))
+    redaction = _redaction(case, text_detector)
+    assert redaction.kept >= MIN_KEPT_SHARE, f"only {redaction.kept:.2%} of the pixels away from the text are unchanged"
+    _assert_read_before_not_after(case, 0, redaction.after)
 
 
 def test_the_rows_of_text_beside_a_far_taller_region_are_its_bands() -> None:
@@ -814,11 +818,7 @@ def test_each_unseen_place_is_read_before_any_place_again(text_detector: TextDet
     ), seed=(17005, 1))  # fmt: skip
     redaction = _redaction(case, text_detector)
     assert redaction.ink_redacted(1) == 1.0
-    pixels, boxes = scene(case)
-    burn = case.burns[1]
-    leaked, before = tokens_read([attacker_views(redaction.after, boxes[1], burn),
-                                  attacker_views(pixels, boxes[1], burn)], list(burn.lines))
-    assert before & patient_tokens(burn.lines) and not leaked, (sorted(before), sorted(leaked))
+    _assert_read_before_not_after(case, 1, redaction.after)
 
 
 def test_two_rows_the_line_search_sees_as_one_line_are_read_row_by_row(text_detector: TextDetector) -> None:
@@ -831,11 +831,7 @@ def test_two_rows_the_line_search_sees_as_one_line_are_read_row_by_row(text_dete
     ), seed=(19005, 1))  # fmt: skip
     redaction = _redaction(case, text_detector)
     assert redaction.ink_redacted(0) == 1.0
-    pixels, boxes = scene(case)
-    burn = case.burns[0]
-    leaked, before = tokens_read([attacker_views(redaction.after, boxes[0], burn),
-                                  attacker_views(pixels, boxes[0], burn)], list(burn.lines))
-    assert before & patient_tokens(burn.lines) and not leaked, (sorted(before), sorted(leaked))
+    _assert_read_before_not_after(case, 0, redaction.after)
     assert redaction.kept >= MIN_KEPT_SHARE
 
 
@@ -850,11 +846,7 @@ def test_a_line_far_thicker_than_unseen_text_is_not_read(text_detector: TextDete
     ), bits=12, seed=(21028, 1))  # fmt: skip
     redaction = _redaction(case, text_detector)
     assert redaction.kept >= MIN_KEPT_SHARE, f"only {redaction.kept:.2%} of the pixels away from the text are unchanged"
-    pixels, boxes = scene(case)
-    burn = case.burns[2]
-    leaked, before = tokens_read([attacker_views(redaction.after, boxes[2], burn),
-                                  attacker_views(pixels, boxes[2], burn)], list(burn.lines))
-    assert before & patient_tokens(burn.lines) and not leaked, (sorted(before), sorted(leaked))
+    _assert_read_before_not_after(case, 2, redaction.after)
 
 
 def test_the_first_part_of_a_long_line_is_its_start_along_it() -> None:
