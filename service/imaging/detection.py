@@ -398,16 +398,16 @@ class TextDetector:
                 lines.append(glyph)
         markers: list[Box] = []
         too_thick = {line for line, seen in found.items() if seen.too_thick}
-        kinds = self._kinds(image, lines, readings, too_thick)
-        text_lines = [line for line, kind in zip(lines, kinds, strict=True) if kind == "text"]
-        for line, kind in zip(lines, kinds, strict=True):
+        kinds, word_mates = self._kinds(image, lines, readings, too_thick)
+        for index, (line, kind) in enumerate(zip(lines, kinds, strict=True)):
             if kind == "marker":
                 markers.append(line)
             elif kind == "text":
                 pieces = found[line].pieces if line in found else (line,)
                 redact += _padded_pieces(line, pieces, proposed_lines, image.shape)
             elif kind == "beside":
-                for band in _bands_through(line, text_lines):
+                text_beside = [lines[mate] for mate in word_mates[index] if kinds[mate] == "text"]
+                for band in _bands_through(line, text_beside):
                     redact += _padded_pieces(band, (band,), proposed_lines, image.shape)
         for line in self._unseen_text(image, proposed_lines, [*redact, *markers]):
             redact += _padded_pieces(line, (line,), proposed_lines, image.shape)
@@ -521,9 +521,10 @@ class TextDetector:
 
     def _kinds(
         self, image: np.ndarray, lines: list[Box], known: dict[Box, tuple[str, float]], too_thick: set[Box]
-    ) -> list[str]:
+    ) -> tuple[list[str], dict[int, list[int]]]:
         """"text", "marker" (an orientation marker, kept), "beside" (anatomy that text beside it runs up to: redacted
-        in that text's rows, see _MAX_LETTER_HEIGHTS) or "anatomy" for each line found.
+        in that text's rows, see _MAX_LETTER_HEIGHTS) or "anatomy" for each line found; and for each "beside" line,
+        the other lines of its word.
 
         A line the detector finds is text, but for two kinds the recognizer decides: squat regions (a block of
         regular stripes such as ribs, or a round organ, can look like text to the detector; a real line is wide,
@@ -532,6 +533,7 @@ class TextDetector:
         short lines standing apart from any other text, which are orientation markers if each of their rows reads as
         one (`A-P` above an `R`, even when `A` and `P` were found apart)."""
         kinds = ["text"] * len(lines)
+        word_mates: dict[int, list[int]] = {}
         shapes = [sorted(line[2:]) for line in lines]
         squat = [long < _MIN_LINE_ASPECT * short or line in too_thick
                  for (short, long), line in zip(shapes, lines, strict=True)]
@@ -586,7 +588,9 @@ class TextDetector:
                         if read_as_text:
                             continue
                     kinds[index] = "beside" if _reads_as_text(joined, confidence) else "anatomy"
-        return kinds
+                    if kinds[index] == "beside":
+                        word_mates[index] = [mate for mate in words[index] if mate != index]
+        return kinds, word_mates
 
     def _rows_read_as_text(self, image: np.ndarray, line: Box, reads_left: int) -> tuple[bool, int]:
         """Whether `line`, cut in two rows (_row_parts), reads as text in either: at least two characters with
@@ -1230,16 +1234,14 @@ def _towers_over(index: int, word: list[int], lines: list[Box]) -> bool:
 
 
 def _bands_through(region: Box, text_lines: list[Box]) -> list[Box]:
-    """The parts of `region` that the rows of `text_lines` beside it run through, as close as one letter to the next
-    (_LETTER_GAP) and much shorter (_MAX_LETTER_HEIGHTS): text running up to anatomy may run on into it (a faint name
-    crossing a brain's ventricles is found as part of them)."""
+    """The parts of `region` that the rows of `text_lines` (the text of its word, beside it in its row) run through:
+    text running up to anatomy may run on into it (a faint name crossing a brain's ventricles is found as part of
+    them)."""
     x, y, width, height = region
     bands = []
-    for tx, ty, twidth, theight in text_lines:
-        gap = max(tx - (x + width), x - (tx + twidth))
-        beside = min(y + height, ty + theight) - max(y, ty) >= 0.5 * theight
-        if beside and gap <= _LETTER_GAP * theight and height > _MAX_LETTER_HEIGHTS * theight:
-            top, bottom = max(y, ty), min(y + height, ty + theight)
+    for _, text_y, _, text_height in text_lines:
+        top, bottom = max(y, text_y), min(y + height, text_y + text_height)
+        if bottom > top:
             bands.append((x, top, width, bottom - top))
     return bands
 

@@ -532,10 +532,13 @@ def test_a_region_far_taller_than_the_word_it_reads_with_is_redacted_only_in_the
 
 def test_the_rows_of_text_beside_a_far_taller_region_are_its_bands() -> None:
     region = (100, 40, 60, 120)
-    beside = [(20, 60, 75, 30), (165, 130, 50, 20)]  # 5 px to its left; 5 px to its right, its lower rows
-    assert detection._bands_through(region, beside) == [(100, 60, 60, 30), (100, 130, 60, 20)]
-    # Too far (more than half the text's height away), not beside it, or not much shorter than it: no band.
-    assert detection._bands_through(region, [(20, 60, 60, 30), (20, 0, 75, 30), (20, 60, 75, 70)]) == []
+    lines = [region, (20, 60, 75, 30), (165, 130, 50, 20), (20, 60, 75, 70)]
+    # Its word's other lines, left and right of it, the second reaching below it: their rows through it.
+    assert detection._bands_through(region, lines[1:3]) == [(100, 60, 60, 30), (100, 130, 60, 20)]
+    assert detection._bands_through(region, [(20, 0, 75, 30)]) == []
+    # It towers over a word's lines only if it is more than twice as tall as each of them.
+    assert detection._towers_over(0, [0, 1, 2], lines)
+    assert not detection._towers_over(0, [0, 1, 3], lines) and not detection._towers_over(0, [0], lines)
 
 
 def test_a_line_whose_region_bulges_onto_anatomy_costs_only_the_bulge(text_detector: TextDetector) -> None:
