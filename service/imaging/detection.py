@@ -199,15 +199,12 @@ _MAX_UNSEEN_THICKNESS_PX = 64
 #: reading one line at a time, reads too little of either. A line at least _MIN_ROWS_PX thick whose reading fails
 #: but reads something with at least _MIN_ROWS_HINT_CONFIDENCE (two rows read as one give a few characters at
 #: 0.53-0.77; grain along a film's edge a digit or five at 0.26-0.58) is read again as two rows (_row_parts), cut at its
-#: quietest row: at most _MAX_UNSEEN_ROW_READS readings more an image. Only a line less than _MAX_ROWS_SEEN_SHARE
-#: inside what is redacted already: the rows of a line running on far beyond a name found read the name again,
-#: and a character more from the anatomy after it. Over sixteen sets of bench/privacy.py (768 images): 10 blocks
-#: of 9 images more redacted (0.21-1.0 of their ink; 19005's leaking name and ID now whole), none less, no anatomy
-#: lost; 0.45 readings an image more.
+#: quietest row: at most _MAX_UNSEEN_ROW_READS readings more an image. Over eighteen sets of bench/privacy.py (864
+#: images): 12 blocks of 11 images more redacted (0.21-1.0 of their ink; 19005's leaking name and ID now whole), none
+#: less, no anatomy lost; about 0.45 readings an image more.
 _MAX_UNSEEN_ROW_READS = 4
 _MIN_ROWS_PX = 16
 _MIN_ROWS_HINT_CONFIDENCE = 0.5
-_MAX_ROWS_SEEN_SHARE = 0.25
 _MAX_STROKE_TESTS = 64
 #: Lines whose windows overlap by more than this share of the smaller are one place: each place is read (its most
 #: stroke-like line) before any is read again, or a vertical name's two lines take all four readings and a date
@@ -469,11 +466,9 @@ class TextDetector:
         thin = np.minimum(proposed_lines[:, 2], proposed_lines[:, 3]) <= _MAX_UNSEEN_THICKNESS_PX
         shaped = _line_shaped(proposed_lines) & thin
         lines = np.unique(proposed_lines[shaped], axis=0) if shaped.any() else proposed_lines[:0]
-        shares = _covered_shares(lines, seen)
-        lines, shares = lines[shares < _MAX_SEEN_SHARE], shares[shares < _MAX_SEEN_SHARE]
+        lines = lines[_covered_shares(lines, seen) < _MAX_SEEN_SHARE]
         # The most elongated first: a texture's lines can be many, and each test costs about 0.1 ms.
-        order = np.argsort(-lines[:, 2:4].max(axis=1) / lines[:, 2:4].min(axis=1), kind="stable")
-        lines, shares = lines[order], shares[order]
+        lines = lines[np.argsort(-lines[:, 2:4].max(axis=1) / lines[:, 2:4].min(axis=1), kind="stable")]
         boxes = [tuple(int(value) for value in line) for line in lines[:_MAX_STROKE_TESTS]]
         windows = [_first_part(box, _MAX_READ_THICKNESSES) for box in boxes]
         changes = [_stroke_changes(_reading_piece(image, window, _READ_MARGIN)) for window in windows]
@@ -497,7 +492,7 @@ class TextDetector:
             if _reads_as_unseen_text(reading):
                 text += self._unless_marker(image.shape, window, turn, reading)
             elif (reading.confidence >= _MIN_ROWS_HINT_CONFIDENCE and min(window[2:]) >= _MIN_ROWS_PX
-                  and shares[index] < _MAX_ROWS_SEEN_SHARE and 2 * len(turns) <= row_readings_left):
+                  and 2 * len(turns) <= row_readings_left):
                 # Two lines of text set close together are one line to the line search, and the recognizer reads one
                 # at a time: see _MAX_UNSEEN_ROW_READS.
                 row_readings_left -= 2 * len(turns)
