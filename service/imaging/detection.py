@@ -24,6 +24,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -169,25 +170,34 @@ _MAX_SECOND_LOOKS = 4
 #: it in those boxes) is one in which the detector saw nothing. Thin, faint or light text (an extra-light or serif
 #: italic name under ~30 px, faint over an MR's floor) makes such lines, as the edges of ribs and organs do: the
 #: detector's text probability on it is nil, but the recognizer, reading the line's piece stretched on its own, reads
-#: it. In bench/privacy.py's twelve sets (3861 such lines), 85 of the 175 on text read as at least
-#: _MIN_UNSEEN_CHARACTERS characters with confidence _MIN_UNSEEN_CONFIDENCE, 3 of the 3463 on anatomy. A reading costs
+#: it. In bench/privacy.py's eighteen sets (5004 such lines), 132 of the 376 on text read as at least
+#: _MIN_UNSEEN_CHARACTERS characters with confidence _MIN_UNSEEN_CONFIDENCE, 2 of the 4515 on anatomy. A reading costs
 #: about 5 ms (a line is 100-300 columns at 32 px), so only a line whose piece looks like a row of letters is read.
-#: Scaled to _STROKE_TEST_HEIGHT_PX tall and split into ink and background (Otsu): its middle rows change from one to
-#: the other at least _MIN_STROKE_CHANGES times per height of length (text 4.3 at the median, anatomy 1.1); its columns,
+#: Scaled to _STROKE_TEST_HEIGHT_PX tall and split into ink and background: its middle rows change from one to the
+#: other at least _MIN_STROKE_CHANGES times per height of length (text 4.3 at the median, anatomy 1.1); its columns,
 #: at least _MIN_COLUMN_CHANGES times on average (letters' bowls, bars and serifs: text 3.1, anatomy 1.6, a spine's
 #: vertebrae, bars across the line, 1.8); and its edges run every way, as letters' do: those across the line
 #: _MIN_ACROSS_EDGES to _MAX_ACROSS_EDGES times those along it (text 1.1; a rib's or an organ's edge runs along the
-#: line, anatomy 0.76, a chest film 0.6). That passes 52 of the 85 lines that read as text, none of the 3 on anatomy,
-#: and 7 % of the lines on anatomy (a reading per image of the twelve sets; a third of one per chest film). At most
-#: _MAX_UNSEEN_READS readings per image (a line down an edge takes two), those with the most changes along them first,
-#: of the _MAX_STROKE_TESTS most elongated lines. Where one reads as text (and not as a marker kept) is redacted: the
-#: part of the line its characters were read in, not all of it (the line search's line may run on over anatomy).
+#: line, anatomy 0.76, a chest film 0.6). The split is one threshold for the whole piece (Otsu), in grey and, in
+#: colour, in each channel (grey text over a PET's black strip and red floor is plain in blue); failing that, on a
+#: line at least _MIN_LOCAL_SPLIT_THICKNESSES of its thicknesses long, each pixel against the mean of the
+#: _LOCAL_SPLIT_PX square around it (about a text height): text crossing from one background onto another, or over
+#: brighter anatomy, is split by one threshold into its backgrounds, not into letters. Otsu in grey alone passed 80
+#: of the 132 lines that read as text and 7.2 % of the lines on anatomy; with the channels and the local split, 102
+#: and 8.3 % (shorter lines split locally are mostly anatomy: 0.36 -> 0.74 readings per CT scout without the length
+#: limit, 0.52 with it, for two lines of text more), none of the 2 on anatomy that read as text. At most
+#: _MAX_UNSEEN_READS readings per image (a line down an edge takes two): lines split by one threshold first (see
+#: _reading_order), those with the most changes along them first, of the _MAX_STROKE_TESTS most elongated lines. Where
+#: one reads as text (and not as a marker kept) is redacted: the part of the line its characters were read in, not all
+#: of it (the line search's line may run on over anatomy).
 _MAX_SEEN_SHARE = 0.5
 _STROKE_TEST_HEIGHT_PX = 32
 _MIN_STROKE_CHANGES = 2.5
 _MIN_ACROSS_EDGES = 0.8
 _MAX_ACROSS_EDGES = 1.5
 _MIN_COLUMN_CHANGES = 2.0
+_LOCAL_SPLIT_PX = 31
+_MIN_LOCAL_SPLIT_THICKNESSES = 5
 _MIN_UNSEEN_CHARACTERS = 4
 _MIN_UNSEEN_CONFIDENCE = 0.7
 _MAX_UNSEEN_READS = 4
@@ -471,17 +481,12 @@ class TextDetector:
         lines = lines[np.argsort(-lines[:, 2:4].max(axis=1) / lines[:, 2:4].min(axis=1), kind="stable")]
         boxes = [tuple(int(value) for value in line) for line in lines[:_MAX_STROKE_TESTS]]
         windows = [_first_part(box, _MAX_READ_THICKNESSES) for box in boxes]
-        changes = [_stroke_changes(_reading_piece(image, window, _READ_MARGIN)) for window in windows]
-        stroked = [index for _, index in sorted((-count, index) for index, count in enumerate(changes)
-                                                if count is not None)]
-        # Each place before any place again: the line search finds one line of text at several thresholds.
-        places: list[int] = []
-        again: list[int] = []
-        for index in stroked:
-            (again if any(_same_place(windows[index], windows[other]) for other in places) else places).append(index)
+        tests = [_stroke_test(_reading_piece(image, window, _READ_MARGIN),
+                              locally=max(window[2:]) >= _MIN_LOCAL_SPLIT_THICKNESSES * min(window[2:]))
+                 for window in windows]
         text: list[Box] = []
         readings_left, row_readings_left = _MAX_UNSEEN_READS, _MAX_UNSEEN_ROW_READS
-        for index in places + again:
+        for index in _reading_order(windows, tests):
             window = windows[index]
             # Text running down an edge reads either way up (two readings); upside down it reads as nothing.
             turns = _READING_TURNS if _runs_vertically(window) else _READING_TURNS[:1]
@@ -681,27 +686,78 @@ def _first_part(line: Box, thicknesses: float) -> Box:
     return (x, y, min(width, length), height) if width >= height else (x, y, width, min(height, length))
 
 
-def _stroke_changes(piece: np.ndarray) -> float | None:
-    """How much `piece` (BGR, one line of text upright, or not text at all) looks like a row of strokes: the changes
-    between ink and background per height of length along its middle rows. None when they are fewer than
-    _MIN_STROKE_CHANGES, when its columns change fewer than _MIN_COLUMN_CHANGES times on average, or when its edges
-    across the line are not _MIN_ACROSS_EDGES to _MAX_ACROSS_EDGES times those along it (see _MAX_SEEN_SHARE)."""
+class _Strokes(NamedTuple):
+    """A piece that looks like a row of strokes (see _stroke_test)."""
+
+    #: One threshold for the whole piece (Otsu) split its ink from its background; else only a local one did.
+    split_whole: bool
+    #: Changes between ink and background per height of length along its middle rows.
+    changes: float
+
+
+def _stroke_test(piece: np.ndarray, *, locally: bool) -> _Strokes | None:
+    """Whether `piece` (BGR, one line of text upright, or not text at all) looks like a row of strokes, in grey or, if
+    it is in colour, in any of its channels: split into ink and background by one threshold for the whole piece
+    (Otsu) or, failing that and if `locally`, by each pixel's neighbourhood (see _LOCAL_SPLIT_PX). None if no split of
+    any plane passes _strokes_in (see _MAX_SEEN_SHARE)."""
     grey = cv2.cvtColor(piece, cv2.COLOR_BGR2GRAY)
+    planes = [grey]
+    if int(cv2.absdiff(piece, cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR)).max()) > _COLOUR_LEVELS:
+        planes += cv2.split(piece)
     scale = _STROKE_TEST_HEIGHT_PX / grey.shape[0]
     width = max(1, round(grey.shape[1] * scale))
-    grey = cv2.resize(grey, (width, _STROKE_TEST_HEIGHT_PX),
-                      interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
-    ink = cv2.threshold(grey, 0, 1, cv2.THRESH_BINARY + cv2.THRESH_OTSU)[1]
+    interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    planes = [cv2.resize(plane, (width, _STROKE_TEST_HEIGHT_PX), interpolation=interpolation) for plane in planes]
+    for split_whole in (True, False) if locally else (True,):
+        changes = [_strokes_in(plane, _split(plane, split_whole)) for plane in planes]
+        passed = [count for count in changes if count is not None]
+        if passed:
+            return _Strokes(split_whole, max(passed))
+    return None
+
+
+def _split(plane: np.ndarray, whole: bool) -> np.ndarray:
+    """`plane` split into ink and background (0/1, either side may be the ink): by one threshold for all of it (Otsu),
+    or each pixel against the mean of its neighbourhood (see _LOCAL_SPLIT_PX)."""
+    if whole:
+        return cv2.threshold(plane, 0, 1, cv2.THRESH_BINARY + cv2.THRESH_OTSU)[1]
+    return cv2.adaptiveThreshold(plane, 1, cv2.ADAPTIVE_THRESH_MEAN_C, cv2.THRESH_BINARY, _LOCAL_SPLIT_PX, 0)
+
+
+def _strokes_in(plane: np.ndarray, ink: np.ndarray) -> float | None:
+    """The changes between `ink` and background per height of length along the middle rows of `plane` (scaled to
+    _STROKE_TEST_HEIGHT_PX tall). None when they are fewer than _MIN_STROKE_CHANGES, when its columns change fewer than
+    _MIN_COLUMN_CHANGES times on average, or when its edges across the line are not _MIN_ACROSS_EDGES to
+    _MAX_ACROSS_EDGES times those along it (see _MAX_SEEN_SHARE)."""
+    width = plane.shape[1]
     middle = ink[_STROKE_TEST_HEIGHT_PX // 4 : 3 * _STROKE_TEST_HEIGHT_PX // 4]
-    # Whichever side Otsu made ink, each change is one edge of a stroke.
+    # Whichever side is ink, each change is one edge of a stroke.
     changes = np.count_nonzero(middle[:, 1:] != middle[:, :-1]) / len(middle) / width * _STROKE_TEST_HEIGHT_PX
     if changes < _MIN_STROKE_CHANGES or np.count_nonzero(ink[1:] != ink[:-1]) < _MIN_COLUMN_CHANGES * width:
         return None
-    across = float(np.abs(cv2.Sobel(grey, cv2.CV_32F, 1, 0)).sum())
-    along = float(np.abs(cv2.Sobel(grey, cv2.CV_32F, 0, 1)).sum())
+    across = float(np.abs(cv2.Sobel(plane, cv2.CV_32F, 1, 0)).sum())
+    along = float(np.abs(cv2.Sobel(plane, cv2.CV_32F, 0, 1)).sum())
     if not _MIN_ACROSS_EDGES * along <= across <= _MAX_ACROSS_EDGES * along:
         return None
     return float(changes)
+
+
+def _reading_order(windows: list[Box], tests: list[_Strokes | None]) -> list[int]:
+    """The order in which to read `windows` that passed their stroke `tests` (see _MAX_UNSEEN_READS): those split by
+    one threshold (the surer sign) before those split only locally; within each, each place before any place again
+    (the line search finds one line of text at several thresholds: see _SAME_PLACE_SHARE), the most changes along
+    first."""
+    stroked = sorted(((test, index) for index, test in enumerate(tests) if test is not None),
+                     key=lambda item: -item[0].changes)
+    order: list[int] = []
+    for split_whole in (True, False):
+        places: list[int] = []
+        again: list[int] = []
+        for index in (index for test, index in stroked if test.split_whole is split_whole):
+            read_before = any(_same_place(windows[index], windows[other]) for other in order + places)
+            (again if read_before else places).append(index)
+        order += places + again
+    return order
 
 
 def _same_place(first: Box, second: Box) -> bool:
