@@ -200,6 +200,13 @@ _LOCAL_SPLIT_PX = 31
 _MIN_LOCAL_SPLIT_THICKNESSES = 5
 _MIN_UNSEEN_CHARACTERS = 4
 _MIN_UNSEEN_CONFIDENCE = 0.7
+#: A reading of at least this many different characters counts with less confidence: names, IDs and dates are made of
+#: many, while anatomy read as characters is a few round or straight ones again and again (`OLOLALALO`, `222222222`,
+#: `AABABAO`). Over eighteen sets of bench/privacy.py, no line on anatomy read as 6 different characters with
+#: confidence 0.55 or more (the most sure, `ALAVYUO` at 0.54), and 15 of the 36 lines on text that read at 0.55-0.7
+#: did, 13 at 0.6 or more (`EAC96242` at 0.68 down a PET's edge, `103797881042` at 0.69).
+_MIN_DISTINCT_CHARACTERS = 6
+_MIN_DISTINCT_CONFIDENCE = 0.6
 _MAX_UNSEEN_READS = 4
 #: Only lines at most this thick are looked at: the detector misses thin, faint and small text, not large, and the
 #: lines of text it did not see that the recognizer read were 10-40 px thick over sixteen sets of bench/privacy.py;
@@ -1269,7 +1276,10 @@ def _words(row: list[int], lines: list[Box]) -> list[list[int]]:
 
 
 def _reads_as_unseen_text(reading: Reading) -> bool:
-    """Whether a line the detector saw nothing in reads as text (see _MIN_UNSEEN_CHARACTERS)."""
+    """Whether a line the detector saw nothing in reads as text (see _MIN_UNSEEN_CHARACTERS and
+    _MIN_DISTINCT_CHARACTERS)."""
+    if len(set(reading.text)) >= _MIN_DISTINCT_CHARACTERS:
+        return reading.confidence >= _MIN_DISTINCT_CONFIDENCE
     return len(reading.text) >= _MIN_UNSEEN_CHARACTERS and reading.confidence >= _MIN_UNSEEN_CONFIDENCE
 
 

@@ -907,6 +907,28 @@ def test_a_name_crossing_brighter_anatomy_that_the_detector_did_not_see_is_read(
     assert redaction.kept >= MIN_KEPT_SHARE
 
 
+def test_an_unseen_line_reading_many_different_characters_needs_less_confidence() -> None:
+    """Names, IDs and dates are made of many different characters; anatomy read as characters repeats a few."""
+    reads = detection._reads_as_unseen_text
+    assert reads(Reading("EAC96242", 0.68)) and reads(Reading("D97622", 0.77)) and reads(Reading("AB12", 0.7))
+    assert not reads(Reading("OLOLALALO", 0.68)) and not reads(Reading("AB12", 0.68))
+    assert not reads(Reading("ALAVYUO", 0.54)) and not reads(Reading("OAO", 0.9))
+
+
+def test_a_faint_id_read_with_little_confidence_but_many_characters_is_redacted(text_detector: TextDetector) -> None:
+    """From bench/privacy.py (seed 15041): a faint green name and accession number, 13 px, running up a PET's left
+    edge, is read as `EAC96242` at 0.68 (turned counter-clockwise): less sure than the 0.7 asked of four characters, but
+    six different characters or more are no anatomy (see _MIN_DISTINCT_CHARACTERS), so it is redacted."""
+    case = Case("pet-faint-id-up-the-edge", "pet", (830, 739), (
+        Burn(("Anna-Lena Berg", "ID 52191"), "left", "white", "DejaVuSerifCondensed-Bold", 29),
+        Burn(("DOB 1943-01-25",), "bottom", "light-grey", "DejaVuSansMono-Bold", 15, turn=3),
+        Burn(("Berg ACC696242",), "bottom-left", "green", "DejaVuSans", 13, contrast=-37, turn=3),
+    ), seed=(15041, 1))  # fmt: skip
+    redaction = _redaction(case, text_detector)
+    _assert_read_before_not_after(case, 2, redaction.after)
+    assert redaction.kept >= MIN_KEPT_SHARE
+
+
 def test_the_first_part_of_a_long_line_is_its_start_along_it() -> None:
     assert detection._first_part((5, 7, 400, 10), 16) == (5, 7, 160, 10)
     assert detection._first_part((5, 7, 10, 400), 16) == (5, 7, 10, 160)
