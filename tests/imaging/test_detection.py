@@ -929,6 +929,19 @@ def test_a_faint_id_read_with_little_confidence_but_many_characters_is_redacted(
     assert redaction.kept >= MIN_KEPT_SHARE
 
 
+def test_a_line_of_upright_strokes_the_detector_did_not_see_is_read(text_detector: TextDetector) -> None:
+    """From bench/privacy.py (seed 17028): a green name above its ID, 12 px, over a CT scout's edge, partly on the
+    bright body and partly beside it. The detector finds only pieces; the lines it did not see have 1.55-1.74 times
+    more edges across them than along (capitals' and digits' upright strokes), which the stroke test took for
+    anatomy's with its bound at 1.5, and the name leaked."""
+    case = Case("ct-scout-green-name-over-the-edge", "ct-scout", (905, 678), (
+        Burn(("Oystein Aeroe", "ID 82705"), "bottom-right", "green", "DejaVuSansCondensed", 12),
+    ), bits=12, colour=True, seed=(17028, 1))  # fmt: skip
+    redaction = _redaction(case, text_detector)
+    _assert_read_before_not_after(case, 0, redaction.after)
+    assert redaction.kept >= MIN_KEPT_SHARE
+
+
 def test_the_first_part_of_a_long_line_is_its_start_along_it() -> None:
     assert detection._first_part((5, 7, 400, 10), 16) == (5, 7, 160, 10)
     assert detection._first_part((5, 7, 10, 400), 16) == (5, 7, 10, 160)
