@@ -794,8 +794,8 @@ def test_reading_lines_the_detector_saw_nothing_in_is_bounded(
     text_detector: TextDetector, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Lines of the line search mostly outside the boxes redacted or kept are read only if they look like rows of
-    strokes, in at most _MAX_UNSEEN_READS readings (a line down an edge takes two), the most stroke-like first; those
-    that read as text are redacted."""
+    strokes, in at most _MAX_UNSEEN_READS readings (a line down an edge takes two), and _MORE_UNSEEN_READS more once
+    one reads as text, the most stroke-like first; those that read as text are redacted."""
     read: list[Box] = []
     reading = TextDetector._reading
 
@@ -804,11 +804,11 @@ def test_reading_lines_the_detector_saw_nothing_in_is_bounded(
         return reading(self, image, line, *args)
 
     monkeypatch.setattr(TextDetector, "_reading", counted)
-    pixels = np.full((600, 800), 90, np.uint8)
-    lines = [burn_in(pixels, Burn((f"DOB 19{index}8-0{index}-21",), (0.3, (index + 0.5) / 6), size=18))
-             for index in range(6)]
+    pixels = np.full((800, 800), 90, np.uint8)
+    lines = [burn_in(pixels, Burn((f"DOB 19{index}8-0{index}-21",), (0.3, (index + 0.5) / 8), size=18))
+             for index in range(8)]
     found = text_detector._unseen_text(pixels, np.array(lines, np.int64), [])
-    assert len(read) == detection._MAX_UNSEEN_READS == len(found)
+    assert len(read) == detection._MAX_UNSEEN_READS + detection._MORE_UNSEEN_READS == len(found) == 6
     # Each redacted where it was read: within its line, and most of it.
     for part in found:
         line = next(line for line in lines if _overlap(part, line))
@@ -819,11 +819,17 @@ def test_reading_lines_the_detector_saw_nothing_in_is_bounded(
     assert text_detector._unseen_text(pixels, np.array(lines[:1], np.int64), [(0, 0, x + (width + 1) // 2, 600)]) == []
     assert text_detector._unseen_text(np.full_like(pixels, 90), np.array(lines[:1], np.int64), []) == []
     assert read == []
-    # Lines running down: each is read both ways up, so two of them use up the readings.
+    # Lines running down: each is read both ways up, so three of them use up the readings.
     turned = np.full((800, 600), 90, np.uint8)
-    down = [burn_in(turned, Burn((f"DOB 19{index}8-0{index}-21",), ((index + 0.5) / 3, 0.5), size=18, turn=1))
-            for index in range(3)]
-    assert len(text_detector._unseen_text(turned, np.array(down, np.int64), [])) == 2
+    down = [burn_in(turned, Burn((f"DOB 19{index}8-0{index}-21",), ((index + 0.5) / 4, 0.5), size=18, turn=1))
+            for index in range(4)]
+    assert len(text_detector._unseen_text(turned, np.array(down, np.int64), [])) == 3
+    assert len(read) == 6
+    read.clear()
+    # Where nothing reads as text (rows of strokes, but no characters the recognizer knows), no readings more.
+    marks = np.full((600, 800), 90, np.uint8)
+    rows = [burn_in(marks, Burn(("&&&& #### @@@@",), (0.3, (index + 0.5) / 6), size=18)) for index in range(6)]
+    assert text_detector._unseen_text(marks, np.array(rows, np.int64), []) == []
     assert len(read) == detection._MAX_UNSEEN_READS
     read.clear()
     # Of a line across the whole image, only its first 16 thicknesses are read.
