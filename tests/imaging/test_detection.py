@@ -796,7 +796,8 @@ def test_reading_lines_the_detector_saw_nothing_in_is_bounded(
 ) -> None:
     """Lines of the line search mostly outside the boxes redacted or kept are read only if they look like rows of
     strokes, in at most _MAX_UNSEEN_READS readings (a line down an edge takes two), and _MORE_UNSEEN_READS more once
-    one reads as text, the most stroke-like first; those that read as text are redacted."""
+    one reads as text, the most stroke-like first; those that read as text are redacted, and their rows read on beyond
+    them in at most _MAX_ONWARD_READS readings more."""
     read: list[Box] = []
     reading = TextDetector._reading
 
@@ -809,7 +810,9 @@ def test_reading_lines_the_detector_saw_nothing_in_is_bounded(
     lines = [burn_in(pixels, Burn((f"DOB 19{index}8-0{index}-21",), (0.3, (index + 0.5) / 8), size=18))
              for index in range(8)]
     found = text_detector._unseen_text(pixels, np.array(lines, np.int64), [])
-    assert len(read) == detection._MAX_UNSEEN_READS + detection._MORE_UNSEEN_READS == len(found) == 6
+    assert detection._MAX_UNSEEN_READS + detection._MORE_UNSEEN_READS == len(found) == 6
+    # Nothing but plain background beyond them: the rows read on read nothing.
+    assert len(read) == len(found) + detection._MAX_ONWARD_READS
     # Each redacted where it was read: within its line, and most of it.
     for part in found:
         line = next(line for line in lines if _overlap(part, line))
@@ -825,7 +828,7 @@ def test_reading_lines_the_detector_saw_nothing_in_is_bounded(
     down = [burn_in(turned, Burn((f"DOB 19{index}8-0{index}-21",), ((index + 0.5) / 4, 0.5), size=18, turn=1))
             for index in range(4)]
     assert len(text_detector._unseen_text(turned, np.array(down, np.int64), [])) == 3
-    assert len(read) == 6
+    assert len(read) == 6 + detection._MAX_ONWARD_READS
     read.clear()
     # Where nothing reads as text (rows of strokes, but no characters the recognizer knows), no readings more.
     marks = np.full((600, 800), 90, np.uint8)
@@ -833,11 +836,13 @@ def test_reading_lines_the_detector_saw_nothing_in_is_bounded(
     assert text_detector._unseen_text(marks, np.array(rows, np.int64), []) == []
     assert len(read) == detection._MAX_UNSEEN_READS
     read.clear()
-    # Of a line across the whole image, only its first 16 thicknesses are read.
+    # Of a line across the whole image, only its first 16 thicknesses are read
     long_line = np.full((100, 1000), 90, np.uint8)
     x, y, width, height = burn_in(long_line, Burn(("DOB 1989-12-15 ID 81789 " * 3,), (0.5, 0.5), size=12))
     text_detector._unseen_text(long_line, np.array([(x, y, width, height)], np.int64), [])
-    assert read == [(x, y, 16 * height, height)]
+    # (and then its row on beyond the part read, at most _ONWARD_THICKNESSES at a time).
+    assert read[0] == (x, y, 16 * height, height)
+    assert all(line[2] <= detection._ONWARD_THICKNESSES * height for line in read[1:])
 
 
 def test_each_unseen_place_is_read_before_any_place_again(text_detector: TextDetector) -> None:
@@ -947,6 +952,43 @@ def test_a_line_of_upright_strokes_the_detector_did_not_see_is_read(text_detecto
     redaction = _redaction(case, text_detector)
     _assert_read_before_not_after(case, 0, redaction.after)
     assert redaction.kept >= MIN_KEPT_SHARE
+
+
+def test_a_name_whose_line_stops_short_is_read_on_along_its_row(text_detector: TextDetector) -> None:
+    """From bench/privacy.py (seed 21011): a light-grey name above its ID on a grainy film, crossed by a faint
+    rectangle of the film, where the line search's lines stop: they read `ANNA` and `ID23`, and the rest of the name
+    leaked. Their rows are read on beyond what was read, and the rest is redacted too."""
+    case = Case("chest-grain-name-crossed-by-a-faint-rectangle", "chest-grain", (1041, 1753), (
+        Burn(("Anna-Lena Berg", "ID 23386"), "bottom", "light-grey", "DejaVuSans-ExtraLight", 26),
+        Burn(("DOB 1998-07-19",), "top", "cyan", "DejaVuSansCondensed-BoldOblique", 18),
+    ), colour=True, seed=(21011, 1))  # fmt: skip
+    redaction = _redaction(case, text_detector)
+    _assert_read_before_not_after(case, 0, redaction.after)
+    assert redaction.kept >= MIN_KEPT_SHARE
+
+
+def test_a_line_reading_as_text_is_read_on_beyond_where_the_line_search_stopped(text_detector: TextDetector) -> None:
+    """The line search saw the first half of the line only: the rest, within _ONWARD_THICKNESSES, is read and redacted
+    too."""
+    pixels = np.full((100, 900), 90, np.uint8)
+    x, y, width, height = burn_in(pixels, Burn(("Nordmann ID 54321",), (0.5, 0.5), size=18))
+    assert width // 2 <= detection._ONWARD_THICKNESSES * height
+    first_half = (x, y, width // 2, height)
+    found = text_detector._unseen_text(pixels, np.array([first_half], np.int64), [])
+    covered = np.zeros(pixels.shape, bool)
+    for left, top, part_width, part_height in found:
+        covered[top : top + part_height, left : left + part_width] = True
+    assert covered[y : y + height, x : x + width].mean() >= 0.9
+
+
+def test_the_row_beyond_a_part_read_reaches_eight_thicknesses_each_way_within_the_image() -> None:
+    shape = (400, 1000)
+    assert detection._onward(shape, (300, 50, 100, 10), vertical=False) == [(220, 50, 80, 10), (400, 50, 80, 10)]
+    # Clipped at the image's edge; a stretch under two thicknesses long is none.
+    assert detection._onward(shape, (15, 50, 100, 10), vertical=False) == [(115, 50, 80, 10)]
+    assert detection._onward(shape, (30, 50, 100, 10), vertical=False) == [(0, 50, 30, 10), (130, 50, 80, 10)]
+    # A part of a line running down, as long as it is thick, goes on down its column.
+    assert detection._onward(shape, (40, 100, 12, 12), vertical=True) == [(40, 4, 12, 96), (40, 112, 12, 96)]
 
 
 def test_the_first_part_of_a_long_line_is_its_start_along_it() -> None:
