@@ -210,6 +210,12 @@ _MIN_UNSEEN_CONFIDENCE = 0.7
 #: did, 13 at 0.6 or more (`EAC96242` at 0.68 down a PET's edge, `103797881042` at 0.69).
 _MIN_DISTINCT_CHARACTERS = 6
 _MIN_DISTINCT_CONFIDENCE = 0.6
+_MAX_UNSEEN_READS = 4
+#: Once a line reads as text, an image gets this many readings more (once): the text the detector did not see comes
+#: in blocks (a name above its ID, both running down an edge: two readings each), and an image with one such line
+#: likely has more. Over eighteen sets of bench/privacy.py, 4 lines of text more read (one of them the name of a
+#: leaking block), for 0.04-0.12 readings more an image (none more on images without such text).
+_MORE_UNSEEN_READS = 2
 #: Where a line reads as text, its row (column) is read on beyond the part read, up to this many of its thicknesses
 #: each way, at most _MAX_ONWARD_READS readings per image: the line search's line can stop short of its text (a faint
 #: rectangle across 21011's name and ID stopped their lines after `ANNA` and `ID23`, and the rest leaked). Beside text
@@ -219,12 +225,6 @@ _MIN_DISTINCT_CONFIDENCE = 0.6
 _ONWARD_THICKNESSES = 8
 _MAX_ONWARD_READS = 4
 _MIN_ONWARD_CHARACTERS = 3
-_MAX_UNSEEN_READS = 4
-#: Once a line reads as text, an image gets this many readings more (once): the text the detector did not see comes
-#: in blocks (a name above its ID, both running down an edge: two readings each), and an image with one such line
-#: likely has more. Over eighteen sets of bench/privacy.py, 4 lines of text more read (one of them the name of a
-#: leaking block), for 0.04-0.12 readings more an image (none more on images without such text).
-_MORE_UNSEEN_READS = 2
 #: Only lines at most this thick are looked at: the detector misses thin, faint and small text, not large, and the
 #: lines of text it did not see that the recognizer read were 10-40 px thick over sixteen sets of bench/privacy.py;
 #: half a CT scout's rib cage, a line 109 px thick, read as `LCCC` at 0.74 and took 22 % of the image (seed 21028).
