@@ -893,8 +893,8 @@ def test_lines_split_by_one_threshold_are_read_before_lines_split_only_locally()
     windows = [(0, 0, 100, 10), (0, 2, 100, 10), (0, 50, 100, 10), (0, 100, 100, 10), (0, 150, 100, 10)]
     tests = [detection._Strokes(True, 3.0), detection._Strokes(True, 4.0), detection._Strokes(False, 9.0),
              None, detection._Strokes(True, 2.6)]
-    # Window 1 (4.0) first; window 0 overlaps it, so the other place split whole (4) comes before it; then window 2,
-    # split only locally, whatever its changes; window 3 failed the test.
+    # Window 1 (4.0) first; window 0 overlaps it, so window 4, another place split whole, comes before it; then
+    # window 2, split only locally, whatever its changes; window 3 failed the test.
     assert detection._reading_order(windows, tests) == [1, 4, 0, 2]
     # A line split only locally at a place read already is read after every other place.
     tests[2] = None
@@ -945,7 +945,7 @@ def test_a_line_of_upright_strokes_the_detector_did_not_see_is_read(text_detecto
     """From bench/privacy.py (seed 17028): a green name above its ID, 12 px, over a CT scout's edge, partly on the
     bright body and partly beside it. The detector finds only pieces; the lines it did not see have 1.55-1.74 times
     more edges across them than along (capitals' and digits' upright strokes), which the stroke test took for
-    anatomy's with its bound at 1.5, and the name leaked."""
+    anatomy's with its bound at 1.5, and the name leaked; with the bound at 1.8 they are read and redacted."""
     case = Case("ct-scout-green-name-over-the-edge", "ct-scout", (905, 678), (
         Burn(("Oystein Aeroe", "ID 82705"), "bottom-right", "green", "DejaVuSansCondensed", 12),
     ), bits=12, colour=True, seed=(17028, 1))  # fmt: skip
