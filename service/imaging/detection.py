@@ -673,7 +673,7 @@ class TextDetector:
         piece = _reading_piece(image, line, margin_fraction, upright)
         grey = cv2.cvtColor(cv2.cvtColor(piece, cv2.COLOR_BGR2GRAY), cv2.COLOR_GRAY2BGR)
         readings = [self._recognizer.read(_stretched(grey))]
-        if readings[0].confidence < _MARKER_MIN_CONFIDENCE and int(cv2.absdiff(piece, grey).max()) > _COLOUR_LEVELS:
+        if readings[0].confidence < _MARKER_MIN_CONFIDENCE and _in_colour(piece, grey):
             # In colour the recognizer is less sure of white text on a colour map (an `R` on a PET read at 0.55
             # in colour, 0.86 in grey), but only colour shows text as bright as its background: what grey does
             # not read with conviction is read in colour too.
@@ -756,7 +756,7 @@ def _stroke_test(piece: np.ndarray, *, locally: bool) -> _Strokes | None:
     any plane passes _strokes_in (see _MAX_SEEN_SHARE)."""
     grey = cv2.cvtColor(piece, cv2.COLOR_BGR2GRAY)
     planes = [grey]
-    if int(cv2.absdiff(piece, cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR)).max()) > _COLOUR_LEVELS:
+    if _in_colour(piece, cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR)):
         planes += cv2.split(piece)
     scale = _STROKE_TEST_HEIGHT_PX / grey.shape[0]
     width = max(1, round(grey.shape[1] * scale))
@@ -887,6 +887,11 @@ def _bgr(eight_bit: np.ndarray) -> np.ndarray:
     if eight_bit.ndim == 2:
         return cv2.cvtColor(eight_bit, cv2.COLOR_GRAY2BGR)
     return np.ascontiguousarray(eight_bit[:, :, :3])
+
+
+def _in_colour(piece: np.ndarray, grey: np.ndarray) -> bool:
+    """Whether BGR `piece` is in colour: a channel differs from `grey` (its grey, BGR) by over _COLOUR_LEVELS."""
+    return int(cv2.absdiff(piece, grey).max()) > _COLOUR_LEVELS
 
 
 def _stretched(piece: np.ndarray) -> np.ndarray:
